@@ -1,0 +1,35 @@
+"""zdepth: Depth Anything V2 over ZeroMQ for a lab's cameras.
+
+Importing zdepth never imports torch: the client runs on robots without CUDA.
+"""
+
+from .errors import (
+    BadRequest,
+    ConfigError,
+    DeadlineExceeded,
+    InternalError,
+    Overloaded,
+    ServiceError,
+    Unauthorized,
+    UnknownModel,
+    WeightsNotFound,
+    WorkerLost,
+    ZdepthError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "BadRequest",
+    "ConfigError",
+    "DeadlineExceeded",
+    "InternalError",
+    "Overloaded",
+    "ServiceError",
+    "Unauthorized",
+    "UnknownModel",
+    "WeightsNotFound",
+    "WorkerLost",
+    "ZdepthError",
+]

@@ -1,0 +1,107 @@
+"""Settings of the broker and the worker as frozen dataclasses, validated up front.
+
+Defaults are what a lab LAN wants; the CLI maps its options (and ``ZDEPTH_*``
+environment variables) onto these fields.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_CLIENT_PORT = 5555
+DEFAULT_WORKER_PORT = 5556
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def read_key(key: str | None = None, key_file: str | os.PathLike | None = None) -> str | None:
+    """The shared secret: given directly, else from a key file, else ``ZDEPTH_KEY``, else ``ZDEPTH_KEY_FILE``.
+
+    Keys never need to appear on a command line, where ``ps`` would show them.
+    """
+    if key:
+        return key
+    if not key_file and os.environ.get("ZDEPTH_KEY"):
+        return os.environ["ZDEPTH_KEY"]
+    key_file = key_file or os.environ.get("ZDEPTH_KEY_FILE")
+    if not key_file:
+        return None
+    try:
+        text = Path(key_file).expanduser().read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {key_file}: {exc.strerror}") from exc
+    if not text:
+        raise ConfigError(f"key file {key_file} is empty")
+    return text
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Both sides send one every ``interval_s``; a peer silent for ``liveness`` intervals is dead."""
+
+    interval_s: float = 1.0
+    liveness: int = 3
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0 or self.liveness < 1:
+            raise ConfigError(f"heartbeat interval must be > 0 and liveness >= 1, got {self.interval_s}, {self.liveness}")
+
+    @property
+    def expiry_s(self) -> float:
+        return self.interval_s * self.liveness
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    clients: str = f"tcp://*:{DEFAULT_CLIENT_PORT}"
+    workers: str = f"tcp://*:{DEFAULT_WORKER_PORT}"
+    key: str | None = None
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
+    max_queue: int = 1024  # waiting requests, all models together; past it: overloaded
+    default_timeout_s: float = 30.0  # deadline for requests that name none
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 1:
+            raise ConfigError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.default_timeout_s <= 0:
+            raise ConfigError(f"default_timeout_s must be > 0, got {self.default_timeout_s}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    broker: str = f"tcp://localhost:{DEFAULT_WORKER_PORT}"
+    models: tuple[str, ...] = ("vits",)
+    key: str | None = None
+    device: str = "cpu"
+    precision: str | None = None  # None: fp16 on CUDA, fp32 on CPU
+    weights_dir: str | None = None
+    download: bool = False
+    compile: bool = False
+    max_batch: int = 8
+    max_wait_ms: float = 2.0  # how long a partial batch waits for company
+    capacity: int | None = None  # requests the broker may give at once; default 2 x max_batch
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
+    reconnect_min_s: float = 0.25
+    reconnect_max_s: float = 8.0
+    warmup_sizes: tuple[tuple[int, int], ...] = ((480, 640),)
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("a worker needs at least one model, for example --model vits")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.capacity is not None and self.capacity < 1:
+            raise ConfigError(f"capacity must be >= 1, got {self.capacity}")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ConfigError("reconnect back-off needs 0 < reconnect_min_s <= reconnect_max_s")
+
+    @property
+    def effective_capacity(self) -> int:
+        return self.capacity or 2 * self.max_batch
