@@ -7,7 +7,7 @@ normative description; this module is its executable half.
 
 Client (DEALER) <-> broker frontend (ROUTER)::
 
-    request: [header{v, id, key, op, model, timeout_ms}, params(msgpack), image bytes]
+    request: [header{v, id, key, op, model?, timeout_ms?}, params(msgpack), image bytes]
     health:  [header{v, id, key, op="health"}]
     reply:   [header{v, id, status="ok", arrays=[{name, dtype, shape}], ...}, array bytes...]
     error:   [header{v, id, status=<error code>, message, details}]
@@ -99,6 +99,16 @@ def keys_match(given: Any, expected: str | None) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+def is_metric_model(model_id: str) -> bool:
+    """Metric model ids name their training set after a dash (``vitl-hypersim``); relative ids do not (``vitl``)."""
+    return "-" in model_id
+
+
+def op_accepts_model(op: str, model_id: str) -> bool:
+    """Relative depth needs a relative model; metric depth and point clouds need a metric one."""
+    return is_metric_model(model_id) == (op != OP_RELATIVE)
+
+
 @dataclass(frozen=True)
 class RequestHeader:
     """What the broker reads of a client request: never the body."""
@@ -142,9 +152,9 @@ def parse_request_header(frame: bytes | memoryview) -> RequestHeader:
     if op not in OPS:
         raise BadRequest(f"unknown op {op!r}; expected one of {sorted(OPS)}")
     model = header.get("model")
-    if op in MODEL_OPS:
+    if op in MODEL_OPS and model is not None:
         if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_CHARS:
-            raise BadRequest(f"op {op!r} needs a 'model' string such as 'vits' or 'vitl-hypersim'")
+            raise BadRequest(f"'model' must be a model id such as 'vits' or 'vitl-hypersim', got {model!r}")
     timeout_ms = header.get("timeout_ms")
     if timeout_ms is not None:
         if (
