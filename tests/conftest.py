@@ -1,0 +1,58 @@
+"""Shared fixtures: generated checkpoints (random weights, official key names and shapes).
+
+Real weights cannot be downloaded where the tests run, so every test that needs
+a checkpoint uses ``weights_dir``; ``golden_weights_dir`` holds the golden
+checkpoint of shared/golden under the names the engine looks for.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+GOLDEN = SHARED / "golden"
+DATA = SHARED / "data"
+
+# One vits state dict serves all three ids: relative and metric share every key.
+GENERATED_FILES = (
+    "depth_anything_v2_vits.pth",
+    "depth_anything_v2_metric_hypersim_vits.pth",
+    "depth_anything_v2_metric_vkitti_vits.pth",
+)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights dir with a random vits checkpoint (fp16, seed 0) as vits, vits-hypersim and vits-vkitti."""
+    import torch
+
+    from depth_anything_v2 import build_model
+
+    directory = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    state = {k: v.half() for k, v in build_model("vits").state_dict().items()}
+    first = directory / GENERATED_FILES[0]
+    torch.save(state, first)
+    for name in GENERATED_FILES[1:]:
+        _link_or_copy(first, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def golden_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """shared/golden's checkpoint as both vits and vits-hypersim (symlinks, no copy)."""
+    directory = tmp_path_factory.mktemp("golden_weights")
+    for name in GENERATED_FILES[:2]:
+        (directory / name).symlink_to(GOLDEN / "depth_anything_v2_vits.pth")
+    return directory

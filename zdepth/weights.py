@@ -1,0 +1,194 @@
+"""Checkpoint names, local lookup and the optional hub download.
+
+Weights are never fetched behind the user's back: ``find_checkpoint`` looks in
+one directory and, only when asked (``download=True``, the CLI's
+``--download``), fetches the official file with ``huggingface_hub``. When the
+file is missing the error says exactly which file, where to get it and where
+to put it, because on many lab machines the download has to be done by hand.
+
+Licenses differ per encoder: Small (vits) is Apache-2.0; Base, Large and Giant
+are CC-BY-NC-4.0 (non-commercial). Tell users where they choose a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from zdepth.errors import UnknownModel, WeightsNotFound
+
+__all__ = [
+    "ModelSpec",
+    "MODELS",
+    "WEIGHTS_DIR_ENV",
+    "get_spec",
+    "default_weights_dir",
+    "checkpoint_url",
+    "find_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR_ENV = "ZDEPTH_WEIGHTS_DIR"
+HUB_URL = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable checkpoint.
+
+    ``repo_id`` is None where no public release exists (vitg). ``size_bytes``
+    is checked after a download when known; None skips the check.
+    """
+
+    id: str
+    encoder: str
+    dataset: str | None
+    metric: bool
+    default_max_depth: float | None
+    filename: str
+    repo_id: str | None
+    license: str
+    size_bytes: int | None = None
+
+    @property
+    def url(self) -> str | None:
+        """Where a person can download the file by hand; None if unreleased."""
+        return checkpoint_url(self.repo_id, self.filename) if self.repo_id else None
+
+
+_SIZE_NAMES = {"vits": "Small", "vitb": "Base", "vitl": "Large", "vitg": "Giant"}
+_LICENSES = {"vits": "Apache-2.0", "vitb": "CC-BY-NC-4.0", "vitl": "CC-BY-NC-4.0", "vitg": "CC-BY-NC-4.0"}
+_METRIC_DATASETS = {"hypersim": ("Hypersim", 20.0), "vkitti": ("VKITTI", 80.0)}
+
+
+def _build_table() -> dict[str, ModelSpec]:
+    table: dict[str, ModelSpec] = {}
+    for enc, size in _SIZE_NAMES.items():
+        table[enc] = ModelSpec(
+            id=enc,
+            encoder=enc,
+            dataset=None,
+            metric=False,
+            default_max_depth=None,
+            filename=f"depth_anything_v2_{enc}.pth",
+            # The Giant model was announced but never released.
+            repo_id=None if enc == "vitg" else f"depth-anything/Depth-Anything-V2-{size}",
+            license=_LICENSES[enc],
+        )
+    for enc in ("vits", "vitb", "vitl"):
+        for dataset, (hub_name, max_depth) in _METRIC_DATASETS.items():
+            model_id = f"{enc}-{dataset}"
+            table[model_id] = ModelSpec(
+                id=model_id,
+                encoder=enc,
+                dataset=dataset,
+                metric=True,
+                default_max_depth=max_depth,
+                filename=f"depth_anything_v2_metric_{dataset}_{enc}.pth",
+                repo_id=f"depth-anything/Depth-Anything-V2-Metric-{hub_name}-{_SIZE_NAMES[enc]}",
+                license=_LICENSES[enc],
+            )
+    return table
+
+
+MODELS: dict[str, ModelSpec] = _build_table()
+
+
+def get_spec(model_id: str) -> ModelSpec:
+    """The spec for ``model_id``; UnknownModel lists the valid ids."""
+    try:
+        return MODELS[model_id]
+    except (KeyError, TypeError):
+        raise UnknownModel(
+            f"unknown model {model_id!r}; valid models: {', '.join(MODELS)}",
+            details={"model": str(model_id), "valid": list(MODELS)},
+        ) from None
+
+
+def default_weights_dir() -> Path:
+    """``$ZDEPTH_WEIGHTS_DIR``, else ``$XDG_CACHE_HOME/zdepth/weights``, else ``~/.cache/zdepth/weights``."""
+    env = os.environ.get(WEIGHTS_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME")
+    base = Path(cache).expanduser() if cache else Path.home() / ".cache"
+    return base / "zdepth" / "weights"
+
+
+def checkpoint_url(repo_id: str, filename: str) -> str:
+    """The direct download URL of a file in a hub model repository."""
+    return f"{HUB_URL}/{repo_id}/resolve/main/{filename}"
+
+
+def find_checkpoint(model_id: str, weights_dir: str | os.PathLike[str] | None = None, *, download: bool = False) -> Path:
+    """The local path of ``model_id``'s checkpoint, downloading it if allowed.
+
+    Raises UnknownModel for a bad id and WeightsNotFound, with the file name,
+    URL and target directory, when the file is missing and cannot be fetched.
+    """
+    spec = get_spec(model_id)
+    directory = Path(weights_dir).expanduser() if weights_dir is not None else default_weights_dir()
+    path = directory / spec.filename
+    if path.is_file():
+        return path
+    if not download:
+        raise WeightsNotFound(_missing_message(spec, directory, _DOWNLOAD_HINT))
+    if spec.repo_id is None:
+        raise WeightsNotFound(_missing_message(spec, directory))
+    logger.info("downloading %s (%s, license %s) into %s", spec.filename, spec.repo_id, spec.license, directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        downloaded = _hub_download(spec.repo_id, spec.filename, directory)
+    except WeightsNotFound:
+        raise
+    except Exception as exc:  # network, HTTP and disk errors all mean the same here
+        raise WeightsNotFound(_missing_message(spec, directory, f"The download failed: {exc}")) from exc
+    _verify_size(spec, downloaded)
+    return downloaded
+
+
+def _hub_download(repo_id: str, filename: str, directory: Path) -> Path:
+    """The one network call (tests replace it); huggingface_hub draws the progress bar."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:
+        raise WeightsNotFound(
+            f"downloading {filename} needs huggingface_hub: pip install huggingface_hub "
+            f"(or download {checkpoint_url(repo_id, filename)} into {directory} by hand)"
+        ) from exc
+    return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_dir=directory))
+
+
+def _verify_size(spec: ModelSpec, path: Path) -> None:
+    """Remove and reject a downloaded file whose size is not the published one."""
+    if spec.size_bytes is None:
+        return
+    size = path.stat().st_size
+    if size != spec.size_bytes:
+        path.unlink(missing_ok=True)
+        raise WeightsNotFound(
+            f"downloaded {path} has {size} bytes, expected {spec.size_bytes}; "
+            "the file was removed, try the download again"
+        )
+
+
+_DOWNLOAD_HINT = "Or let zdepth fetch it: pass --download (download=True); that needs `pip install huggingface_hub`."
+
+
+def _missing_message(spec: ModelSpec, directory: Path, hint: str = "") -> str:
+    lines = [f"checkpoint for model {spec.id!r} not found: {directory / spec.filename}"]
+    if spec.url is None:
+        lines.append(
+            f"{spec.encoder} ({_SIZE_NAMES[spec.encoder]}) has no public release; "
+            f"if you have the file, put it in {directory} as {spec.filename}"
+        )
+    else:
+        lines.append(f"Download {spec.url}")
+        lines.append(f"and put it in {directory} (or point {WEIGHTS_DIR_ENV} at the folder that holds it).")
+        if hint:
+            lines.append(hint)
+        lines.append(f"License: {spec.license}.")
+    return "\n".join(lines)
