@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.05  # longest the loop sleeps: bounds stop() latency and timer drift
 IN_FLIGHT_GRACE_S = 1.0  # a dispatched request past its deadline gets this long before the broker answers for it
-DRAIN_TIMEOUT_S = 5.0  # on shutdown, how long to wait for replies already in flight
 MAX_ATTEMPTS = 2  # a request whose worker dies is re-queued once, then fails with worker_lost
 
 
@@ -478,7 +477,7 @@ class Broker:
             while queue:
                 self._queued -= 1
                 self._fail(queue.popleft(), "overloaded", "the broker is shutting down; retry in a moment")
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        deadline = time.monotonic() + self.config.drain_timeout_s
         while self._dispatched and time.monotonic() < deadline:
             if dict(poller.poll(TICK_S * 1000)).get(self._workers):
                 self._drain_socket(self._workers, self._on_worker_message)

@@ -63,6 +63,7 @@ class BrokerConfig:
     max_queue: int = 1024  # waiting requests, all models together; past it: overloaded
     default_timeout_s: float = 30.0  # deadline for requests that name none
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    drain_timeout_s: float = 5.0  # on shutdown, how long replies already in flight are awaited
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
