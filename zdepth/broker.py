@@ -23,6 +23,7 @@ import zmq
 
 from . import __version__
 from .config import BrokerConfig
+from .curve import apply_server, start_authenticator
 from .errors import BadRequest
 from .protocol import (
     DISCONNECT,
@@ -105,6 +106,7 @@ class Broker:
     def __init__(self, config: BrokerConfig, *, context: zmq.Context | None = None) -> None:
         self.config = config
         self._context = context or zmq.Context.instance()
+        self._auth = start_authenticator(self._context, config.curve) if config.curve else None
         self._clients = self._router(config.max_message_bytes)
         self._workers = self._router(config.max_message_bytes)
         self._stop = threading.Event()
@@ -126,6 +128,8 @@ class Broker:
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
+        if self.config.curve:
+            apply_server(sock, self.config.curve)
         return sock
 
     def bind(self) -> tuple[str, str]:
@@ -136,6 +140,8 @@ class Broker:
         self.worker_endpoint = self._workers.getsockopt_string(zmq.LAST_ENDPOINT)
         if self.config.key is None:
             log.warning("no key set: any client and worker that can reach the broker is accepted")
+        if self.config.curve is None:
+            log.info("CurveZMQ is off: keys and images cross the network in clear")
         log.info("broker listening: clients %s, workers %s", self.client_endpoint, self.worker_endpoint)
         return self.client_endpoint, self.worker_endpoint
 
@@ -162,6 +168,8 @@ class Broker:
         finally:
             self._clients.close(linger=0)
             self._workers.close(linger=0)
+            if self._auth is not None:
+                self._auth.stop()
 
     def _drain_socket(self, sock: zmq.Socket, handler) -> None:
         """Handle what is waiting now, a bounded number at a time so neither side starves."""

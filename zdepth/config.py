@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .curve import CurveClient, CurveServer
 from .errors import ConfigError
 
 DEFAULT_CLIENT_PORT = 5555
@@ -64,6 +65,7 @@ class BrokerConfig:
     default_timeout_s: float = 30.0  # deadline for requests that name none
     max_message_bytes: int = MAX_MESSAGE_BYTES
     drain_timeout_s: float = 5.0  # on shutdown, how long replies already in flight are awaited
+    curve: CurveServer | None = None  # encryption and an allow-list of peers; see zdepth.curve
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
@@ -90,6 +92,7 @@ class WorkerConfig:
     reconnect_max_s: float = 8.0
     warmup_sizes: tuple[tuple[int, int], ...] = ((480, 640),)
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    curve: CurveClient | None = None
 
     def __post_init__(self) -> None:
         if not self.models:
