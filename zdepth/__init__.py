@@ -3,6 +3,8 @@
 Importing zdepth never imports torch: the client runs on robots without CUDA.
 """
 
+from .aio import AsyncClient
+from .client import Client
 from .errors import (
     BadRequest,
     ConfigError,
@@ -16,11 +18,16 @@ from .errors import (
     WorkerLost,
     ZdepthError,
 )
+from .results import DepthResult, PointCloudResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "AsyncClient",
+    "Client",
+    "DepthResult",
+    "PointCloudResult",
     "BadRequest",
     "ConfigError",
     "DeadlineExceeded",

@@ -1,0 +1,618 @@
+"""The client's sans-IO half, shared by ``Client`` and ``AsyncClient``.
+
+Everything here is independent of how the socket is driven: building request
+frames from images and options, the bookkeeping of requests in flight on one
+socket (ids, deadlines, retries, matching replies, in-order delivery), and
+decoding replies into results. ``client.py`` drives it with blocking polls and
+``aio.py`` with asyncio; neither decides anything the other does not.
+
+numpy, cv2 and msgpack only: never torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import os
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import zmq
+
+from .codec import DEPTH_DTYPES, decode_arrays, image_descriptor, params_frame
+from .config import read_key
+from .errors import BadRequest, DeadlineExceeded, InternalError, error_from_code
+from .imageio import decode_image, encode_jpeg
+from .pointcloud import Intrinsics, depth_to_points
+from .protocol import (
+    MAX_TIMEOUT_MS,
+    OP_HEALTH,
+    OP_METRIC,
+    OP_POINTCLOUD,
+    OP_RELATIVE,
+    STATUS_OK,
+    VERSION,
+    request_header,
+    unpack_map,
+)
+from .results import DepthResult, PointCloudResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "tcp://localhost:5555"
+DEFAULT_DATASET = "hypersim"
+WIRE_FORMATS = ("raw", "jpeg")
+JPEG_QUALITY = 90
+STREAM_OPS = (OP_RELATIVE, OP_METRIC, OP_POINTCLOUD)
+MAX_REPLY_HEADER_BYTES = 1024 * 1024  # a health map of a big cluster outgrows the 4 KiB request limit
+SOCKET_HWM = 1000  # messages queued each way before sends report "would block"
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 2000  # back off up to 2 s against a broker that is down
+
+
+class ClientState(enum.Enum):
+    """``UNOPENED`` until the first request (or ``with``), ``OPENED`` with a socket, ``CLOSED`` for good."""
+
+    UNOPENED = "unopened"
+    OPENED = "opened"
+    CLOSED = "closed"
+
+
+def new_request_id() -> str:
+    """16 hex characters of a random uuid4: unique enough to match replies, short on the wire."""
+    return uuid.uuid4().hex[:16]
+
+
+def configure_socket(socket: zmq.Socket, curve: Any = None) -> None:
+    """Options of every client DEALER.
+
+    LINGER 0: a closed socket drops its unsent requests at once (a retry or
+    ``close()`` never waits on a broker that is gone, and never delivers work
+    the caller gave up on). IMMEDIATE stays off on purpose: with it a DEALER
+    has no pipe until the TCP connection is up, so a request made while the
+    broker is still connecting (or down) would block the send; without it the
+    request waits in the pipe, and the deadline and a linger-0 close bound how
+    long. ``curve``: a ``zdepth.curve.CurveClient`` for a broker that encrypts.
+    """
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, SOCKET_HWM)
+    socket.setsockopt(zmq.RCVHWM, SOCKET_HWM)
+    socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    if curve is not None:
+        from .curve import apply_client  # lazy: most clients run without CurveZMQ
+
+        apply_client(socket, curve)
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request ready to send but for its header; ``finish`` turns the reply into a result."""
+
+    op: str
+    model: str | None
+    body: tuple[Any, ...]  # frames after the header: params, image
+    finish: Callable[[dict[str, Any], dict[str, np.ndarray], float, int | None], Any]
+
+
+def model_id(op: str, encoder: str | None, dataset: str | None) -> str | None:
+    """``vits`` for relative depth, ``vits-hypersim`` for metric depth; None lets the broker pick."""
+    if encoder is None:
+        return None
+    if op == OP_RELATIVE:
+        return encoder
+    return f"{encoder}-{dataset or DEFAULT_DATASET}"
+
+
+def split_model_id(model: str | None) -> tuple[str | None, str | None]:
+    """``vitl-hypersim`` -> (``vitl``, ``hypersim``); ``vits`` -> (``vits``, None)."""
+    if not model:
+        return None, None
+    encoder, _, dataset = model.partition("-")
+    return encoder, dataset or None
+
+
+def prepare_image(image: Any, wire_format: str) -> tuple[dict[str, Any], Any]:
+    """The image descriptor for the params frame and the image frame.
+
+    Arrays travel raw (``wire_format="raw"``) or as JPEG at quality 90
+    (``"jpeg"``, smaller on the wire, lossy); encoded bytes and files travel
+    as they are.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return image_descriptor(Path(image).read_bytes())
+    if isinstance(image, np.ndarray):
+        if wire_format == "jpeg":
+            return image_descriptor(encode_jpeg(image, JPEG_QUALITY))
+        return image_descriptor(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return image_descriptor(image)
+    raise TypeError(
+        f"image must be a BGR uint8 numpy array, JPEG/PNG bytes or a file path, got {type(image).__name__}"
+    )
+
+
+def image_pixels(image: Any) -> np.ndarray:
+    """The image as HxWx3 uint8 BGR on this side (for point cloud colours and sizes)."""
+    if isinstance(image, (str, os.PathLike)):
+        image = Path(image).read_bytes()
+    return decode_image(image, max_pixels=None)
+
+
+def coerce_intrinsics(intrinsics: Any) -> Intrinsics:
+    """Intrinsics from an ``Intrinsics``, a mapping with fx, fy, cx, cy, a 4-sequence or a 3x3 matrix."""
+    if isinstance(intrinsics, Intrinsics):
+        return intrinsics
+    if isinstance(intrinsics, Mapping):
+        missing = [name for name in ("fx", "fy", "cx", "cy") if name not in intrinsics]
+        if missing:
+            raise BadRequest(f"intrinsics mapping lacks {missing}; give fx, fy, cx and cy in pixels")
+        return Intrinsics(*(intrinsics[name] for name in ("fx", "fy", "cx", "cy")))
+    try:
+        array = np.asarray(intrinsics, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"intrinsics must be fx, fy, cx, cy or a 3x3 matrix, got {intrinsics!r}") from exc
+    if array.shape == (3, 3):
+        return Intrinsics.from_matrix(array)
+    if array.shape == (4,):
+        return Intrinsics(*array.tolist())
+    raise BadRequest(
+        f"intrinsics must be an Intrinsics, a dict with fx, fy, cx, cy, a 4-sequence or a 3x3 matrix; got shape {array.shape}"
+    )
+
+
+# ----------------------------------------------------------------------------- replies
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def depth_from_reply(header: dict[str, Any], arrays: dict[str, np.ndarray], round_trip_ms: float, index: int | None) -> DepthResult:
+    """The DepthResult of a reply: the ``depth`` array as writable float32, min/max, model, worker, timings."""
+    wire = arrays.get("depth")
+    if wire is None or wire.ndim != 2:
+        raise InternalError(f"the reply has no HxW 'depth' array (arrays: {sorted(arrays)})")
+    depth = np.array(wire, dtype=np.float32)  # owned and writable, float32 even from float16 on the wire
+    return _depth_result(depth, header, round_trip_ms, index)
+
+
+def _depth_result(depth: np.ndarray, header: dict[str, Any], round_trip_ms: float, index: int | None) -> DepthResult:
+    low, high = _number(header.get("min")), _number(header.get("max"))
+    if low is None or high is None:
+        finite = depth[np.isfinite(depth)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (math.nan, math.nan)
+    raw_timings = header.get("timings")
+    timings = {}
+    if isinstance(raw_timings, dict):
+        timings = {str(k): float(v) for k, v in raw_timings.items() if _number(v) is not None}
+    timings["round_trip_ms"] = round_trip_ms
+    return DepthResult(
+        depth=depth,
+        min=low,
+        max=high,
+        model=str(header.get("model") or ""),
+        worker=str(header.get("worker") or ""),
+        timings=timings,
+        index=index,
+    )
+
+
+def finish_depth(header: dict[str, Any], arrays: dict[str, np.ndarray], round_trip_ms: float, index: int | None) -> DepthResult:
+    return depth_from_reply(header, arrays, round_trip_ms, index)
+
+
+def finish_health(header: dict[str, Any], arrays: dict[str, np.ndarray], round_trip_ms: float, index: int | None) -> dict:
+    health = header.get("health")
+    if not isinstance(health, dict):
+        raise InternalError("the health reply has no 'health' map; is the address a zdepth broker?")
+    return health
+
+
+@dataclass(frozen=True)
+class _PointCloudFinisher:
+    """Builds a PointCloudResult from a depth reply (client side) or a points reply (server side)."""
+
+    image: Any
+    intrinsics: Intrinsics
+    colors: bool
+    on_server: bool
+
+    def __call__(self, header: dict[str, Any], arrays: dict[str, np.ndarray], round_trip_ms: float, index: int | None) -> PointCloudResult:
+        pixels = image_pixels(self.image) if self.colors else None
+        if not self.on_server:
+            depth = depth_from_reply(header, arrays, round_trip_ms, index)
+            points, rgb = depth_to_points(depth.depth, self.intrinsics, colors=pixels)
+            return PointCloudResult(points=points, colors=rgb, depth=depth)
+        wire = arrays.get("points")
+        if wire is None or wire.ndim != 2 or wire.shape[1] != 3:
+            raise InternalError(f"the pointcloud reply has no (N, 3) 'points' array (arrays: {sorted(arrays)})")
+        points = np.array(wire, dtype=np.float32)
+        if "depth" in arrays:
+            depth = depth_from_reply(header, arrays, round_trip_ms, index)
+        else:  # Z is the depth: rebuild the map from the points and the image's size
+            height, width = (pixels if pixels is not None else image_pixels(self.image)).shape[:2]
+            if height * width != len(points):
+                raise InternalError(f"{len(points)} points do not match the {height}x{width} image")
+            depth = _depth_result(points[:, 2].reshape(height, width).copy(), header, round_trip_ms, index)
+        rgb = None
+        if self.colors:
+            wire_colors = arrays.get("colors")
+            if wire_colors is not None and wire_colors.shape == points.shape and wire_colors.dtype == np.uint8:
+                rgb = np.array(wire_colors)
+            else:
+                rgb = np.ascontiguousarray(pixels[..., ::-1]).reshape(-1, 3)
+            if len(rgb) != len(points):
+                raise InternalError(f"{len(points)} points but {len(rgb)} colours: the image and the reply disagree")
+        return PointCloudResult(points=points, colors=rgb, depth=depth)
+
+
+# ----------------------------------------------------------------------------- options and request building
+
+
+class ClientBase:
+    """Options, lifecycle state and request building shared by Client and AsyncClient."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        key: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 1,
+        encoder: str | None = "vits",
+        dataset: str | None = DEFAULT_DATASET,
+        input_size: int | None = None,
+        max_depth: float | None = None,
+        depth_dtype: str = "float32",
+        wire_format: str = "raw",
+        curve: Any = None,
+    ) -> None:
+        if not isinstance(address, str) or "://" not in address:
+            raise ValueError(f"address must be a ZeroMQ endpoint such as 'tcp://gpu-box:5555', got {address!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        if depth_dtype not in DEPTH_DTYPES:
+            raise ValueError(f"depth_dtype must be one of {sorted(DEPTH_DTYPES)}, got {depth_dtype!r}")
+        if wire_format not in WIRE_FORMATS:
+            raise ValueError(f"wire_format must be one of {list(WIRE_FORMATS)}, got {wire_format!r}")
+        self.address = address
+        self.timeout = float(timeout)
+        self.retries = retries
+        self.encoder = encoder
+        self.dataset = dataset
+        self.input_size = input_size
+        self.max_depth = max_depth
+        self.depth_dtype = depth_dtype
+        self.wire_format = wire_format
+        self.curve = curve
+        self._state = ClientState.UNOPENED
+        self._pipeline = Pipeline(address=address, key=read_key(key), timeout=self.timeout, retries=retries)
+
+    @staticmethod
+    def _profile_kwargs(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments from a saved server profile (zdepth.profiles), overridden by ``overrides``."""
+        from .profiles import load_profile  # lazy: profiles are optional for plain clients
+
+        profile = load_profile(name)
+        kwargs: dict[str, Any] = {"address": profile.address, "key": getattr(profile, "key", None)}
+        encoder, dataset = split_model_id(getattr(profile, "model", None))
+        if encoder is not None:
+            kwargs["encoder"] = encoder
+            if dataset is not None:
+                kwargs["dataset"] = dataset
+        timeout = getattr(profile, "timeout", None)
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        kwargs.update(overrides)
+        return kwargs
+
+    @property
+    def state(self) -> ClientState:
+        return self._state
+
+    @property
+    def closed(self) -> bool:
+        return self._state is ClientState.CLOSED
+
+    def _check_usable(self) -> None:
+        if self._state is ClientState.CLOSED:
+            raise RuntimeError(f"this client for {self.address} is closed; create a new one")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.address!r}, state={self._state.value})"
+
+    # Requests. A call's None falls back to the constructor's value, and then the server's.
+
+    def _depth_request(
+        self,
+        op: str,
+        image: Any,
+        *,
+        encoder: str | None = None,
+        dataset: str | None = None,
+        max_depth: float | None = None,
+        input_size: int | None = None,
+        intrinsics: Intrinsics | None = None,
+        finish: Callable[..., Any] = finish_depth,
+    ) -> Request:
+        desc, payload = prepare_image(image, self.wire_format)
+        params = params_frame(
+            desc,
+            input_size=input_size if input_size is not None else self.input_size,
+            max_depth=None if op == OP_RELATIVE else (max_depth if max_depth is not None else self.max_depth),
+            intrinsics=(intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy) if intrinsics is not None else None,
+            depth_dtype=self.depth_dtype,
+        )
+        model = model_id(op, encoder or self.encoder, dataset or self.dataset)
+        return Request(op=op, model=model, body=(params, payload), finish=finish)
+
+    def _relative_request(self, image: Any, *, encoder: str | None = None, input_size: int | None = None) -> Request:
+        return self._depth_request(OP_RELATIVE, image, encoder=encoder, input_size=input_size)
+
+    def _metric_request(self, image: Any, **kwargs: Any) -> Request:
+        return self._depth_request(OP_METRIC, image, **kwargs)
+
+    def _pointcloud_request(
+        self, image: Any, intrinsics: Any, *, colors: bool = True, on_server: bool = False, **kwargs: Any
+    ) -> Request:
+        intr = coerce_intrinsics(intrinsics)
+        finish = _PointCloudFinisher(image=image, intrinsics=intr, colors=bool(colors), on_server=bool(on_server))
+        if on_server:
+            return self._depth_request(OP_POINTCLOUD, image, intrinsics=intr, finish=finish, **kwargs)
+        return self._depth_request(OP_METRIC, image, finish=finish, **kwargs)
+
+    def _health_request(self) -> Request:
+        return Request(op=OP_HEALTH, model=None, body=(), finish=finish_health)
+
+    def _stream_builder(self, op: str, max_in_flight: int, kwargs: dict[str, Any]) -> Callable[[Any], Request]:
+        """Validate a stream's arguments up front; returns frame -> Request."""
+        if op not in STREAM_OPS:
+            raise ValueError(f"stream op must be one of {list(STREAM_OPS)}, got {op!r}")
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
+        allowed = {"encoder", "input_size"}
+        if op != OP_RELATIVE:
+            allowed |= {"dataset", "max_depth"}
+        if op == OP_POINTCLOUD:
+            allowed |= {"intrinsics", "colors", "on_server"}
+            if "intrinsics" not in kwargs:
+                raise TypeError("stream(op='pointcloud') needs intrinsics=")
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise TypeError(f"stream(op={op!r}) got unexpected keyword arguments {unknown}; it takes {sorted(allowed)}")
+        if op == OP_POINTCLOUD:
+            kwargs = {**kwargs, "intrinsics": coerce_intrinsics(kwargs["intrinsics"])}
+            return lambda frame: self._pointcloud_request(frame, **kwargs)
+        return lambda frame: self._depth_request(op, frame, **kwargs)
+
+
+# ----------------------------------------------------------------------------- requests in flight
+
+
+class Exchange:
+    """One request on the wire: its id, attempts, deadline and, once done, its outcome."""
+
+    __slots__ = ("id", "request", "index", "retries_left", "attempts", "first_sent", "sent_at", "deadline", "done", "value", "error", "waiter")
+
+    def __init__(self, request: Request, retries: int, index: int | None) -> None:
+        self.id = new_request_id()
+        self.request = request
+        self.index = index
+        self.retries_left = retries
+        self.attempts = 0
+        self.first_sent: float | None = None
+        self.sent_at = 0.0
+        self.deadline = math.inf
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.waiter: Any = None  # for the driver: an asyncio future in aio.py
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class Pipeline:
+    """Requests in flight on one socket, in the order they were opened.
+
+    Sans-IO: the driver sends what ``message`` returns, feeds every received
+    message to ``receive``, calls ``expire`` when ``next_deadline`` passes,
+    and, when ``expire`` asks for it, replaces the socket and sends
+    ``message(ex)`` again for every exchange in ``pending()``. A request whose
+    reply is lost is sent ``retries`` more times, each attempt on a fresh
+    socket (a new identity, so a late reply to the old attempt cannot arrive)
+    and waiting ``timeout`` seconds; then it fails with DeadlineExceeded.
+    """
+
+    def __init__(self, *, address: str, key: str | None, timeout: float, retries: int) -> None:
+        self.address = address
+        self.key = key
+        self.timeout = timeout
+        self.retries = retries
+        self._table: dict[str, Exchange] = {}
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def open(self, request: Request, *, index: int | None = None) -> Exchange:
+        exchange = Exchange(request, self.retries, index)
+        self._table[exchange.id] = exchange
+        return exchange
+
+    def forget(self, exchange: Exchange) -> None:
+        """Stop tracking a request (its result was taken, or its caller gave up); a late reply is dropped."""
+        self._table.pop(exchange.id, None)
+
+    def message(self, exchange: Exchange, now: float) -> list[Any]:
+        """The frames of the next attempt; starts its deadline. ``timeout_ms`` tells the broker when to give up."""
+        exchange.attempts += 1
+        exchange.sent_at = now
+        exchange.deadline = now + self.timeout
+        if exchange.first_sent is None:
+            exchange.first_sent = now
+        request = exchange.request
+        timeout_ms = None if request.op == OP_HEALTH else max(1, min(MAX_TIMEOUT_MS, int(self.timeout * 1000)))
+        header = request_header(id=exchange.id, key=self.key, op=request.op, model=request.model, timeout_ms=timeout_ms)
+        return [header, *request.body]
+
+    def pending(self) -> list[Exchange]:
+        return [ex for ex in self._table.values() if not ex.done]
+
+    def next_deadline(self) -> float:
+        return min((ex.deadline for ex in self._table.values() if not ex.done), default=math.inf)
+
+    def receive(self, frames: Sequence[Any], now: float) -> Exchange | None:
+        """Match a reply to its request and settle it; returns the exchange, or None if the reply was dropped."""
+        try:
+            header = unpack_map(memoryview(frames[0]), what="reply header", limit=MAX_REPLY_HEADER_BYTES)
+        except BadRequest as exc:
+            log.warning("dropping a malformed reply from %s: %s", self.address, exc)
+            return None
+        request_id, status = header.get("id"), header.get("status")
+        exchange = self._table.get(request_id) if isinstance(request_id, str) else None
+        if exchange is None and request_id is None and status != STATUS_OK:
+            pending = self.pending()  # an error the server could not pin on an id: unambiguous only alone
+            exchange = pending[0] if len(pending) == 1 else None
+        if exchange is None or exchange.done:
+            log.debug("dropping a reply for an unknown or settled request %r from %s", request_id, self.address)
+            return None
+        exchange.done = True
+        if header.get("v") != VERSION:
+            exchange.error = InternalError(
+                f"{self.address} speaks protocol version {header.get('v')!r}; this client speaks {VERSION}: "
+                "upgrade the older side"
+            )
+        elif status != STATUS_OK:
+            details = header.get("details")
+            exchange.error = error_from_code(
+                str(status), str(header.get("message") or "the server gave no message"), details if isinstance(details, dict) else None
+            )
+        else:
+            round_trip_ms = (now - exchange.sent_at) * 1000.0
+            try:
+                arrays = decode_arrays(header.get("arrays", []), [memoryview(f) for f in frames[1:]])
+                exchange.value = exchange.request.finish(header, arrays, round_trip_ms, exchange.index)
+            except Exception as exc:
+                error = InternalError(f"could not decode the {exchange.request.op} reply from {self.address}: {exc}")
+                error.__cause__ = exc
+                exchange.error = error
+        return exchange
+
+    def expire(self, now: float) -> tuple[bool, list[Exchange]]:
+        """Settle what is past its deadline: (whether to reset the socket and resend, exchanges that failed)."""
+        reset, failed = False, []
+        for exchange in self._table.values():
+            if exchange.done or exchange.deadline > now:
+                continue
+            if exchange.retries_left > 0:
+                exchange.retries_left -= 1
+                exchange.deadline = math.inf  # until it is sent again
+                reset = True
+                log.info(
+                    "no reply from %s to %s %s in %.3g s; resending on a fresh socket",
+                    self.address, exchange.request.op, exchange.id, self.timeout,
+                )
+                continue
+            waited = now - (exchange.first_sent if exchange.first_sent is not None else now)
+            exchange.done = True
+            exchange.error = DeadlineExceeded(
+                f"no reply from {self.address} after {waited:.1f} s ({exchange.attempts} attempt(s) of {self.timeout:g} s); "
+                "check that the broker runs there (zdepth health) and the address, or raise timeout=",
+                details={"address": self.address, "waited_s": waited, "attempts": exchange.attempts, "op": exchange.request.op},
+            )
+            failed.append(exchange)
+        return reset, failed
+
+
+class StreamState:
+    """In-order delivery for ``stream``: which requests are out, whether there is room, what is ready."""
+
+    def __init__(self, pipeline: Pipeline, build: Callable[[Any], Request], max_in_flight: int, return_exceptions: bool) -> None:
+        self.pipeline = pipeline
+        self.build = build
+        self.max_in_flight = max_in_flight
+        self.return_exceptions = return_exceptions
+        self.out: deque[Exchange] = deque()
+
+    def room(self) -> bool:
+        return len(self.out) < self.max_in_flight
+
+    @property
+    def head(self) -> Exchange | None:
+        return self.out[0] if self.out else None
+
+    def submit(self, index: int, frame: Any) -> Exchange:
+        exchange = self.pipeline.open(self.build(frame), index=index)
+        self.out.append(exchange)
+        return exchange
+
+    def ready(self) -> Iterator[Any]:
+        """Settled results at the head, in order; a failure raises unless ``return_exceptions``."""
+        while self.out and self.out[0].done:
+            exchange = self.out.popleft()
+            self.pipeline.forget(exchange)
+            if exchange.error is not None and self.return_exceptions:
+                yield exchange.error
+            else:
+                yield exchange.result()
+
+    def abandon(self) -> None:
+        """The consumer stopped: forget what is still out, so late replies are dropped."""
+        for exchange in self.out:
+            self.pipeline.forget(exchange)
+        self.out.clear()
+
+
+class LatestSlot:
+    """The newest frame not yet sent. A newer frame replaces it, and the replaced one is dropped.
+
+    Filled by a reader (a thread in client.py, a task in aio.py) that drains
+    the caller's frame source as fast as it produces frames; taken by the
+    stream loop whenever there is room in flight.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._item: tuple[int, Any] | None = None
+        self.dropped = 0
+        self.closed = False
+        self.error: BaseException | None = None
+
+    def put(self, index: int, frame: Any) -> None:
+        with self._lock:
+            if self._item is not None:
+                self.dropped += 1
+                log.debug("latest_only: dropping unsent frame %d for frame %d", self._item[0], index)
+            self._item = (index, frame)
+
+    def take(self) -> tuple[int, Any] | None:
+        with self._lock:
+            item, self._item = self._item, None
+            return item
+
+    def close(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            self.closed = True
+            self.error = error
+
+    @property
+    def exhausted(self) -> bool:
+        with self._lock:
+            return self.closed and self._item is None
+

@@ -1,0 +1,374 @@
+"""The asyncio client: ``async with AsyncClient("tcp://gpu-box:5555") as c: await c.metric_depth(frame)``.
+
+The same API as ``zdepth.client.Client``, as coroutines, with the same
+timeouts, retries and errors (request building and reply decoding are shared
+in ``zdepth._requests``). One socket carries every call: any number of tasks
+may await calls on one AsyncClient at once, and a background task matches
+replies to them by request id. Use it from one event loop. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterable, AsyncIterator, Iterable, Sequence
+
+import zmq
+import zmq.asyncio
+
+from ._requests import (
+    DEFAULT_ADDRESS,
+    DEFAULT_DATASET,
+    ClientBase,
+    ClientState,
+    Exchange,
+    LatestSlot,
+    Request,
+    StreamState,
+    configure_socket,
+)
+from .client import Client, StreamItem
+from .pointcloud import Intrinsics
+
+if TYPE_CHECKING:
+    from .curve import CurveClient
+from .protocol import OP_RELATIVE
+from .results import DepthResult, PointCloudResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AsyncClient"]
+
+IDLE_WAIT_S = 1.0
+_END = object()
+
+
+class AsyncClient(ClientBase):
+    """An asyncio zdepth client: arguments, defaults, timeouts, retries and errors as ``zdepth.Client``.
+
+    Use ``async with``, or ``await client.aclose()``.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        key: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 1,
+        encoder: str | None = "vits",
+        dataset: str | None = DEFAULT_DATASET,
+        input_size: int | None = None,
+        max_depth: float | None = None,
+        depth_dtype: str = "float32",
+        wire_format: str = "raw",
+        curve: CurveClient | None = None,
+    ) -> None:
+        super().__init__(
+            address,
+            key=key,
+            timeout=timeout,
+            retries=retries,
+            encoder=encoder,
+            dataset=dataset,
+            input_size=input_size,
+            max_depth=max_depth,
+            depth_dtype=depth_dtype,
+            wire_format=wire_format,
+            curve=curve,
+        )
+        self._context = zmq.asyncio.Context.instance()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._receiver: asyncio.Task | None = None
+
+    @classmethod
+    def from_profile(cls, name: str, **overrides: Any) -> AsyncClient:
+        """A client for a saved server profile (address, key, model); ``overrides`` win over the profile."""
+        return cls(**cls._profile_kwargs(name, overrides))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> AsyncClient:
+        """Connect now (otherwise the first call connects); needs a running event loop."""
+        self._open()
+        return self
+
+    def _open(self) -> zmq.asyncio.Socket:
+        self._check_usable()
+        if self._socket is None:
+            sock = self._context.socket(zmq.DEALER)
+            try:
+                configure_socket(sock, self.curve)
+                sock.connect(self.address)
+            except BaseException:
+                sock.close(linger=0)
+                raise
+            self._socket = sock
+            self._receiver = asyncio.get_running_loop().create_task(self._receive(self._socket))
+            self._state = ClientState.OPENED
+        return self._socket
+
+    async def aclose(self) -> None:
+        """Drop the socket and anything unsent; calls still waiting fail. Idempotent."""
+        self.close()
+
+    def close(self) -> None:
+        self._drop_socket()
+        self._state = ClientState.CLOSED
+        for exchange in self._pipeline.pending():
+            exchange.done = True
+            exchange.error = RuntimeError(f"the client for {self.address} was closed while this request was out")
+            _wake(exchange)
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ calls (see Client for the details)
+
+    async def relative_depth(self, image: Any, *, encoder: str | None = None, input_size: int | None = None) -> DepthResult:
+        return await self._call(self._relative_request(image, encoder=encoder, input_size=input_size))
+
+    async def metric_depth(
+        self,
+        image: Any,
+        *,
+        encoder: str | None = None,
+        dataset: str | None = None,
+        max_depth: float | None = None,
+        input_size: int | None = None,
+    ) -> DepthResult:
+        return await self._call(
+            self._metric_request(image, encoder=encoder, dataset=dataset, max_depth=max_depth, input_size=input_size)
+        )
+
+    async def legacy_relative_depth(
+        self,
+        image: Any,
+        *,
+        encoder: str | None = None,
+        dataset: str | None = None,
+        input_size: int | None = None,
+    ) -> DepthResult:
+        return await self._call(
+            self._metric_request(image, encoder=encoder, dataset=dataset, max_depth=1.0, input_size=input_size)
+        )
+
+    async def pointcloud(
+        self,
+        image: Any,
+        intrinsics: Intrinsics | Any,
+        *,
+        encoder: str | None = None,
+        dataset: str | None = None,
+        max_depth: float | None = None,
+        input_size: int | None = None,
+        colors: bool = True,
+        on_server: bool = False,
+    ) -> PointCloudResult:
+        return await self._call(
+            self._pointcloud_request(
+                image,
+                intrinsics,
+                colors=colors,
+                on_server=on_server,
+                encoder=encoder,
+                dataset=dataset,
+                max_depth=max_depth,
+                input_size=input_size,
+            )
+        )
+
+    async def health(self) -> dict[str, Any]:
+        return await self._call(self._health_request())
+
+    def stream(
+        self,
+        frames: Iterable[Any] | AsyncIterable[Any],
+        *,
+        op: str = OP_RELATIVE,
+        max_in_flight: int = 4,
+        latest_only: bool = False,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> AsyncIterator[StreamItem]:
+        """``Client.stream`` as an async generator: ``async for result in client.stream(frames): ...``.
+
+        ``frames`` may be an async iterable, or a plain one (a list or tuple is
+        read in the loop; any other iterable, such as a camera generator, is
+        read in a worker thread so a blocking read never stalls the loop). With
+        ``latest_only=True`` a task reads the frames as fast as they come. Close
+        the generator when leaving early (``contextlib.aclosing``) so the
+        reader stops at once.
+        """
+        build = self._stream_builder(op, max_in_flight, kwargs)
+        state = StreamState(self._pipeline, build, max_in_flight, return_exceptions)
+        return self._stream(_aiter_frames(frames), state, latest_only)
+
+    # ------------------------------------------------------------------ driving the socket
+
+    async def _call(self, request: Request) -> Any:
+        self._open()
+        exchange = self._pipeline.open(request)
+        exchange.waiter = asyncio.get_running_loop().create_future()
+        try:
+            self._send(exchange)
+            while not exchange.done:
+                await self._wait([exchange.waiter], self._pipeline.next_deadline())
+            return exchange.result()
+        finally:
+            self._pipeline.forget(exchange)
+
+    def _send(self, exchange: Exchange) -> None:
+        if exchange.waiter is None:
+            exchange.waiter = asyncio.get_running_loop().create_future()
+        frames = self._pipeline.message(exchange, time.monotonic())
+        # With NOBLOCK the future is already settled: sending never awaits.
+        sent = self._open().send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        if sent.exception() is not None:
+            if not isinstance(sent.exception(), zmq.Again):
+                raise sent.exception()  # type: ignore[misc]
+            log.warning("send queue to %s is full; %s %s waits for its deadline", self.address, exchange.request.op, exchange.id)
+
+    async def _wait(self, waitables: Sequence[asyncio.Future], until: float) -> None:
+        """Wait for any of ``waitables`` until ``until``; then settle expired deadlines."""
+        timeout = max(0.0, min(until - time.monotonic(), IDLE_WAIT_S))
+        if waitables:
+            await asyncio.wait(waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(timeout)
+        self._expire()
+
+    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+        """Match every reply on ``sock`` to its waiter, until the socket is replaced or closed."""
+        try:
+            while True:
+                frames = await sock.recv_multipart(copy=False)
+                exchange = self._pipeline.receive(frames, time.monotonic())
+                if exchange is not None:
+                    _wake(exchange)
+        except asyncio.CancelledError:
+            raise
+        except zmq.ZMQError as exc:  # the socket was closed under us
+            log.debug("receiver for %s stopped: %s", self.address, exc)
+
+    def _expire(self) -> None:
+        reset, failed = self._pipeline.expire(time.monotonic())
+        for exchange in failed:
+            _wake(exchange)
+        if reset and not self.closed:
+            self._drop_socket()
+            self._open()
+            for exchange in self._pipeline.pending():
+                self._send(exchange)
+
+    def _drop_socket(self) -> None:
+        """Close the socket (linger 0): unsent requests and late replies to it are gone."""
+        if self._receiver is not None:
+            try:
+                self._receiver.cancel()
+            except RuntimeError:  # its event loop has already closed
+                pass
+            self._receiver = None
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    # ------------------------------------------------------------------ streams
+
+    async def _stream(self, frames: AsyncIterator[Any], state: StreamState, latest_only: bool) -> AsyncIterator[StreamItem]:
+        self._open()
+        slot = reader = arrived = None
+        if latest_only:
+            slot, arrived = LatestSlot(), asyncio.Event()
+            reader = asyncio.get_running_loop().create_task(_read_latest(frames, slot, arrived))
+        index = 0
+        exhausted = False
+        try:
+            while True:
+                for item in state.ready():
+                    yield item
+                if slot is not None:
+                    if slot.error is not None:
+                        raise slot.error
+                    arrived.clear()  # before take(): a frame put after it sets the event again
+                    while state.room() and (item := slot.take()) is not None:
+                        self._check_usable()
+                        self._send(state.submit(*item))
+                    exhausted = slot.exhausted
+                else:
+                    while state.room() and not exhausted:
+                        frame = await anext(frames, _END)
+                        if frame is _END:
+                            exhausted = True
+                        else:
+                            self._check_usable()
+                            self._send(state.submit(index, frame))
+                            index += 1
+                if exhausted and state.head is None:
+                    return
+                if state.head is not None and state.head.done:
+                    continue
+                waitables = [state.head.waiter] if state.head is not None else []
+                frame_wait = None
+                if slot is not None and state.room() and not exhausted:
+                    frame_wait = asyncio.ensure_future(arrived.wait())
+                    waitables.append(frame_wait)
+                try:
+                    await self._wait(waitables, self._pipeline.next_deadline())
+                finally:
+                    if frame_wait is not None:
+                        frame_wait.cancel()
+        finally:
+            state.abandon()
+            if reader is not None:
+                reader.cancel()
+            else:
+                await frames.aclose()
+
+
+# The calls mirror Client's, so they share its docstrings.
+for _name in ("relative_depth", "metric_depth", "legacy_relative_depth", "pointcloud", "health"):
+    getattr(AsyncClient, _name).__doc__ = getattr(Client, _name).__doc__
+del _name
+
+
+def _wake(exchange: Exchange) -> None:
+    if exchange.waiter is not None and not exchange.waiter.done():
+        exchange.waiter.set_result(None)
+
+
+async def _aiter_frames(frames: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    """Frames as an async iterator; a blocking iterable (not a list or tuple) is read in a worker thread."""
+    if isinstance(frames, AsyncIterable):
+        async for frame in frames:
+            yield frame
+    elif isinstance(frames, (list, tuple)):
+        for frame in frames:
+            yield frame
+    else:
+        iterator = iter(frames)
+        while (frame := await asyncio.to_thread(next, iterator, _END)) is not _END:
+            yield frame
+
+
+async def _read_latest(frames: AsyncIterator[Any], slot: LatestSlot, arrived: asyncio.Event) -> None:
+    """Drain ``frames`` into the slot (latest wins), signalling each arrival."""
+    index = 0
+    try:
+        async for frame in frames:
+            slot.put(index, frame)
+            index += 1
+            arrived.set()
+            await asyncio.sleep(0)  # let the stream take it between frames of a fast source
+    except asyncio.CancelledError:
+        slot.close()
+        raise
+    except BaseException as exc:
+        slot.close(exc)
+    else:
+        slot.close()
+    arrived.set()
