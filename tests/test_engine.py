@@ -1,0 +1,243 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import zdepth.engine
+from zdepth.engine import Engine
+from zdepth.errors import BadRequest, UnknownModel, WeightsNotFound
+from zdepth.imageio import read_image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+GOLDEN, DATA = SHARED / "golden", SHARED / "data"
+SMALL = 28  # a fast input size: 60x80 frames become 28x42 network inputs
+RNG = np.random.default_rng(0)
+
+
+def frame(height, width):
+    return RNG.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def rel_l2(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def engine(weights_dir):
+    return Engine(weights_dir=weights_dir)
+
+
+@pytest.fixture(scope="module")
+def golden_engine(golden_weights_dir):
+    return Engine(weights_dir=golden_weights_dir)
+
+
+GOLDEN_CASES = json.loads((GOLDEN / "cases.json").read_text())["cases"]
+
+
+def _golden_param(case):
+    # Two 518 cases on the larger-aspect frame add ~10 s on two cores; the other six pin the pipeline.
+    slow = case["image"] == "frame_300x500.png" and case["input_size"] == 518
+    return pytest.param(case, id=case["output"], marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("case", [_golden_param(case) for case in GOLDEN_CASES])
+def test_golden_cpu_fp32(golden_engine, case):
+    image = read_image(GOLDEN / case["image"])
+    model_id = "vits" if case["model"] == "relative" else "vits-hypersim"
+    (depth,) = golden_engine.infer([image], model_id, input_size=case["input_size"], max_depth=case.get("max_depth"))
+    reference = np.load(GOLDEN / case["output"])
+    assert depth.shape == tuple(case["shape"]) and depth.dtype == np.float32
+    assert rel_l2(depth, reference) < 1e-5
+
+
+def test_tensor_path_matches_golden_on_cpu(golden_weights_dir):
+    """The GPU pipeline (torch resize + normalise, batched upload) run on the CPU."""
+    engine = Engine(weights_dir=golden_weights_dir)
+    engine._cv2_preprocess = False
+    case = next(c for c in GOLDEN_CASES if c["input_size"] == 364 and c["model"] == "metric")
+    (depth,) = engine.infer([read_image(GOLDEN / case["image"])], "vits-hypersim", input_size=364, max_depth=20.0)
+    assert rel_l2(depth, np.load(GOLDEN / case["output"])) < 1e-4
+
+
+# Heights 60 and 61 share the network size 28x42 at input_size 28; 80x60 and 35x35 do not.
+MIXED_SIZES = [(60, 80), (80, 60), (61, 80), (60, 80), (35, 35)]
+
+
+@pytest.mark.parametrize("tensor_path", [False, True], ids=["cv2", "tensor"])
+def test_mixed_batch_equals_one_by_one(engine, tensor_path, monkeypatch):
+    monkeypatch.setattr(engine, "_cv2_preprocess", not tensor_path)
+    images = [frame(h, w) for h, w in MIXED_SIZES]
+    forwards = []
+    model = engine.model("vits-hypersim")
+
+    def counting_model(x, max_depth):
+        forwards.append(tuple(x.shape))
+        return model(x, max_depth)
+
+    monkeypatch.setattr(engine, "model", lambda model_id: counting_model)
+    depths = [5.0, None, 7.0, 9.0, 11.0]
+    together = engine.infer(images, "vits-hypersim", input_size=SMALL, max_depth=depths)
+    assert sorted(forwards) == sorted([(3, 3, 28, 42), (1, 3, 42, 28), (1, 3, 28, 28)])
+    for image, max_depth, depth in zip(images, depths, together):
+        (alone,) = engine.infer([image], "vits-hypersim", input_size=SMALL, max_depth=max_depth)
+        assert depth.shape == image.shape[:2] and depth.dtype == np.float32 and depth.flags.c_contiguous
+        np.testing.assert_allclose(depth, alone, rtol=1e-4, atol=1e-5 * (max_depth or 20.0))
+
+
+def test_max_depth_scales_exactly(engine):
+    image = frame(60, 80)
+
+    def run(model_id, max_depth=None):
+        return engine.infer([image], model_id, input_size=SMALL, max_depth=max_depth)[0]
+
+    base = run("vits-hypersim")  # default range, 20 m
+    assert 0 < base.max() <= 20.0
+    np.testing.assert_array_equal(run("vits-hypersim", 40), 2 * base)
+    np.testing.assert_array_equal(run("vits-hypersim", [10.0]), base / 2)
+    # Same weights under the vkitti id, whose default range is 80 m.
+    np.testing.assert_array_equal(run("vits-vkitti"), 4 * base)
+    # Per-image values in one batch (batch position may change rounding, not the scale).
+    default, tripled = engine.infer([image] * 2, "vits-hypersim", input_size=SMALL, max_depth=[None, 60.0])
+    np.testing.assert_allclose(default, base, rtol=1e-5)
+    np.testing.assert_allclose(tripled, 3 * base, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_depth", [5.0, [None, 3.0]])
+def test_relative_with_max_depth_is_bad_request(engine, max_depth):
+    with pytest.raises(BadRequest, match="relative"):
+        engine.infer([frame(60, 80)] * 2, "vits", input_size=SMALL, max_depth=max_depth)
+
+
+def test_relative_accepts_all_none(engine):
+    (depth,) = engine.infer([frame(60, 80)], "vits", input_size=SMALL, max_depth=[None])
+    assert depth.shape == (60, 80) and depth.min() >= 0
+
+
+@pytest.mark.parametrize("max_depth", [0.0, -1.0, float("nan"), float("inf"), True, "20", [1.0], [1.0, 2.0, 3.0]])
+def test_bad_max_depth(engine, max_depth):
+    with pytest.raises(BadRequest, match="max_depth"):
+        engine.infer([frame(60, 80)] * 2, "vits-hypersim", input_size=SMALL, max_depth=max_depth)
+
+
+@pytest.mark.parametrize("input_size", [0, 13, 15, 2072, 70.0, True, "518", None])
+def test_bad_input_size(engine, input_size):
+    with pytest.raises(BadRequest, match="input_size"):
+        engine.infer([frame(60, 80)], "vits", input_size=input_size)
+
+
+@pytest.mark.parametrize(
+    "image", [np.zeros((60, 80), np.uint8), np.zeros((60, 80, 3), np.float32), np.zeros((0, 80, 3), np.uint8), b"jpeg"]
+)
+def test_bad_images(engine, image):
+    with pytest.raises(BadRequest, match="image 1"):
+        engine.infer([frame(60, 80), image], "vits", input_size=SMALL)
+
+
+def test_empty_batch(engine):
+    assert engine.infer([], "vits", input_size=SMALL) == []
+
+
+def test_model_cache_is_per_model_not_per_size(weights_dir, monkeypatch):
+    builds = []
+    real_build = zdepth.engine.build_model
+    monkeypatch.setattr(zdepth.engine, "build_model", lambda *a, **k: builds.append(a) or real_build(*a, **k))
+    engine = Engine(weights_dir=weights_dir)
+    assert engine.loaded == ()
+    spec = engine.load("vits")
+    assert spec.id == "vits" and not spec.metric and engine.loaded == ("vits",)
+    model = engine.model("vits")
+    assert engine.load("vits") is spec and engine.model("vits") is model
+    engine.infer([frame(60, 80)], "vits", input_size=SMALL)
+    engine.infer([frame(60, 80)], "vits", input_size=42)
+    assert builds == [("vits",)]
+    engine.warmup("vits-hypersim", sizes=[(30, 40)], input_size=14)
+    assert engine.loaded == ("vits", "vits-hypersim") and len(builds) == 2
+    assert next(model.parameters()).dtype == torch.float32 and not model.training
+
+
+def test_unknown_model_and_missing_weights(engine, tmp_path):
+    with pytest.raises(UnknownModel, match="vits-hypersim"):
+        engine.infer([frame(60, 80)], "vitz", input_size=SMALL)
+    with pytest.raises(WeightsNotFound, match="depth_anything_v2_vitb.pth"):
+        Engine(weights_dir=tmp_path).load("vitb")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(precision="fp16"), "fp32"),
+        (dict(precision="bf16"), "fp32"),
+        (dict(precision="fp64"), "fp64"),
+        (dict(device="nonsense"), "nonsense"),
+    ],
+)
+def test_bad_engine_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Engine(**kwargs)
+
+
+def test_cpu_defaults_and_cuda_unavailable():
+    engine = Engine()
+    assert engine.precision == "fp32" and engine.dtype == torch.float32
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Engine(device="cuda")
+
+
+# --- CUDA: skipped where there is none ------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [read_image(DATA / "demo01.jpg"), read_image(DATA / "demo04.jpg"), read_image(GOLDEN / "frame_480x640.png")]
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp16", 2e-3), ("bf16", 1e-2)])
+@pytest.mark.parametrize("model_id", ["vits", "vits-hypersim"])
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_half_close_to_fp32(golden_weights_dir, photos, precision, tolerance, model_id):
+    reference = Engine(device="cuda", precision="fp32", weights_dir=golden_weights_dir).infer(photos, model_id)
+    half = Engine(device="cuda", precision=precision, weights_dir=golden_weights_dir).infer(photos, model_id)
+    for got, ref in zip(half, reference):
+        assert got.shape == ref.shape and got.dtype == np.float32
+        assert rel_l2(got, ref) <= tolerance
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_matches_golden(golden_weights_dir):
+    engine = Engine(device="cuda", weights_dir=golden_weights_dir)
+    assert engine.precision == "fp16"
+    for case in GOLDEN_CASES:
+        model_id = "vits" if case["model"] == "relative" else "vits-hypersim"
+        (depth,) = engine.infer([read_image(GOLDEN / case["image"])], model_id, input_size=case["input_size"])
+        assert rel_l2(depth, np.load(GOLDEN / case["output"])) < 3e-3, case["output"]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_mixed_batch_order(weights_dir):
+    engine = Engine(device="cuda", weights_dir=weights_dir)
+    images = [frame(h, w) for h, w in MIXED_SIZES]
+    together = engine.infer(images, "vits-hypersim", input_size=SMALL, max_depth=[5.0, None, 7.0, 9.0, 11.0])
+    for image, max_depth, depth in zip(images, [5.0, None, 7.0, 9.0, 11.0], together):
+        (alone,) = engine.infer([image], "vits-hypersim", input_size=SMALL, max_depth=max_depth)
+        assert depth.shape == image.shape[:2]
+        assert rel_l2(depth, alone) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@needs_cuda
+def test_cuda_compile(golden_weights_dir, photos):
+    eager = Engine(device="cuda", weights_dir=golden_weights_dir).infer(photos[2:], "vits")
+    engine = Engine(device="cuda", weights_dir=golden_weights_dir, compile=True)
+    engine.warmup("vits", sizes=[photos[2].shape[:2]])
+    (depth,) = engine.infer(photos[2:], "vits")
+    assert rel_l2(depth, eager[0]) < 2e-3

@@ -1,0 +1,257 @@
+"""The only torch code on the serving side: device, precision, batched forward.
+
+``Engine.infer`` takes decoded BGR images of any sizes and returns one float32
+depth map per image at that image's own size, in input order. Images whose
+network input sizes agree run in one forward pass.
+
+Two preprocessing paths, chosen by device:
+
+- CPU (fp32): ``preprocess_cv2`` per image, exactly the official pipeline, so
+  outputs reproduce the official ``infer_image`` (shared/golden) to ~1e-5.
+- CUDA (fp16 by default): uint8 frames go up once through pinned memory;
+  colour order, resize and normalisation run on the GPU (``preprocess_tensor``),
+  so do the forward and the resize back; one host copy comes back per batch of
+  equally sized images. torch's bicubic differs from cv2's by float rounding only.
+
+One Engine serves one device from one thread; ``torch.set_num_threads`` is the
+caller's business.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import os
+import time
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from depth_anything_v2 import build_model, load_checkpoint, network_input_size, preprocess_cv2, preprocess_tensor, resize_depth
+from zdepth.errors import BadRequest
+from zdepth.weights import ModelSpec, find_checkpoint, get_spec
+
+__all__ = ["Engine", "PRECISIONS", "MIN_INPUT_SIZE", "MAX_INPUT_SIZE"]
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIN_INPUT_SIZE = 14
+MAX_INPUT_SIZE = 2058  # 147 patches a side; 518 (the training size) is the default
+
+MaxDepth = float | Sequence[float | None] | None
+
+
+class Engine:
+    """Loads Depth Anything V2 models on one device and runs batched inference.
+
+    ``precision``: "fp32", "fp16" or "bf16"; default fp16 on CUDA, fp32 elsewhere
+    (half precision on the CPU is refused: slow, and not what the golden tests pin).
+    ``weights_dir`` and ``download`` are passed to ``find_checkpoint``.
+    ``compile=True`` wraps each model in ``torch.compile``; call ``warmup`` with
+    the sizes you expect, since every new input shape compiles again.
+    """
+
+    def __init__(
+        self,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str | None = None,
+        weights_dir: str | os.PathLike[str] | None = None,
+        download: bool = False,
+        compile: bool = False,
+    ) -> None:
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"invalid device {device!r}: {exc}") from exc
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+        if precision is None:
+            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.device.type == "cpu" and precision != "fp32":
+            raise ValueError(f"precision {precision!r} is not supported on the CPU; use precision='fp32'")
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+        self.weights_dir = weights_dir
+        self.download = download
+        self.compile = compile
+        # The official cv2 pipeline on the CPU; the batched torch pipeline elsewhere.
+        self._cv2_preprocess = self.device.type == "cpu"
+        self._models: dict[str, torch.nn.Module] = {}
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """Ids of the models held on the device, in load order."""
+        return tuple(self._models)
+
+    def load(self, model_id: str) -> ModelSpec:
+        """Build, strictly load and place ``model_id`` once; later calls return at once.
+
+        Raises UnknownModel, WeightsNotFound, or CheckpointError (a ValueError)
+        for a file that does not fit.
+        """
+        spec = get_spec(model_id)
+        if spec.id in self._models:
+            return spec
+        path = find_checkpoint(spec.id, self.weights_dir, download=self.download)
+        start = time.perf_counter()
+        if spec.metric:
+            model = build_model(spec.encoder, metric=True, max_depth=spec.default_max_depth)
+        else:
+            model = build_model(spec.encoder)
+        load_checkpoint(model, path)
+        model = model.eval().requires_grad_(False).to(self.device, self.dtype)
+        if self.compile:
+            model = torch.compile(model)
+        self._models[spec.id] = model
+        logger.info(
+            "loaded %s from %s on %s (%s) in %.1f s; license %s",
+            spec.id, path, self.device, self.precision, time.perf_counter() - start, spec.license,
+        )  # fmt: skip
+        return spec
+
+    def model(self, model_id: str) -> torch.nn.Module:
+        """The loaded (possibly compiled) module for ``model_id``, loading it if needed."""
+        return self._models[self.load(model_id).id]
+
+    def infer(
+        self,
+        images: Sequence[np.ndarray],
+        model_id: str,
+        *,
+        input_size: int = 518,
+        max_depth: MaxDepth = None,
+    ) -> list[np.ndarray]:
+        """Depth for each HxWx3 uint8 BGR image, as float32 HxW at the image's own size.
+
+        ``input_size``: the network's short side, a multiple of 14 in
+        [14, 2058]. ``max_depth`` (metric models only): one value for all
+        images or one per image, None meaning the model's default (20 m
+        hypersim, 80 m vkitti). Relative models return disparity-like values
+        (larger is nearer). Bad arguments raise BadRequest.
+        """
+        spec = get_spec(model_id)
+        _check_input_size(input_size)
+        images = list(images)
+        for index, image in enumerate(images):
+            _check_image(index, image)
+        scales = _max_depths(spec, max_depth, len(images))
+        if not images:
+            return []
+        model = self.model(spec.id)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(network_input_size(*image.shape[:2], input_size), []).append(index)
+        results: dict[int, np.ndarray] = {}
+        with torch.inference_mode():
+            for size, indices in groups.items():
+                batch = [images[i] for i in indices]
+                scale = None if scales is None else torch.tensor([scales[i] for i in indices], dtype=torch.float32)
+                if self._cv2_preprocess:
+                    depths = self._forward_cv2(model, batch, input_size, scale)
+                else:
+                    depths = self._forward_tensor(model, batch, size, scale)
+                results.update(zip(indices, depths))
+        return [results[i] for i in range(len(images))]
+
+    def warmup(self, model_id: str, sizes: Iterable[tuple[int, int]] = ((480, 640),), *, input_size: int = 518, batch_size: int = 1) -> float:
+        """Load ``model_id`` and run ``batch_size`` black images of each (height, width).
+
+        Moves first-call costs (cuDNN autotuning, torch.compile) out of the
+        first request. Returns the seconds it took.
+        """
+        start = time.perf_counter()
+        for height, width in sizes:
+            self.infer([np.zeros((height, width, 3), np.uint8)] * batch_size, model_id, input_size=input_size)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        logger.info("warmed up %s in %.1f s", model_id, elapsed)
+        return elapsed
+
+    def _forward_cv2(
+        self, model: torch.nn.Module, batch: list[np.ndarray], input_size: int, scale: torch.Tensor | None
+    ) -> list[np.ndarray]:
+        x = torch.cat([preprocess_cv2(image, input_size) for image in batch]).to(self.device, self.dtype)
+        depth = model(x, scale).float()
+        return [resize_depth(depth[i : i + 1], image.shape[:2])[0].cpu().numpy() for i, image in enumerate(batch)]
+
+    def _forward_tensor(
+        self, model: torch.nn.Module, batch: list[np.ndarray], size: tuple[int, int], scale: torch.Tensor | None
+    ) -> list[np.ndarray]:
+        # Equally sized images share one upload and one resize back.
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for j, image in enumerate(batch):
+            by_shape.setdefault(image.shape[:2], []).append(j)
+        pinned = self.device.type == "cuda"
+        inputs = []
+        for shape, members in by_shape.items():
+            host = torch.empty((len(members), *shape, 3), dtype=torch.uint8, pin_memory=pinned)
+            for k, j in enumerate(members):
+                host[k].numpy()[...] = batch[j]
+            frames = host.to(self.device, non_blocking=pinned)
+            rgb = frames.permute(0, 3, 1, 2).flip(1)  # NHWC BGR -> NCHW RGB
+            inputs.append(preprocess_tensor(rgb, size))
+        x = (inputs[0] if len(inputs) == 1 else torch.cat(inputs)).to(self.dtype)
+        order = [j for members in by_shape.values() for j in members]
+        if scale is not None:
+            scale = scale[order].to(self.device, non_blocking=pinned)
+        depth = model(x, scale).float()
+        out: dict[int, np.ndarray] = {}
+        start = 0
+        for shape, members in by_shape.items():
+            resized = resize_depth(depth[start : start + len(members)], shape).cpu().numpy()
+            start += len(members)
+            out.update(zip(members, resized))
+        return [out[j] for j in range(len(batch))]
+
+
+def _check_input_size(input_size: object) -> None:
+    if (
+        not isinstance(input_size, numbers.Integral)
+        or isinstance(input_size, bool)
+        or not MIN_INPUT_SIZE <= input_size <= MAX_INPUT_SIZE
+        or input_size % 14
+    ):
+        raise BadRequest(
+            f"input_size must be a multiple of 14 within [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}] "
+            f"(518 is the default, 364 a faster choice), got {input_size!r}"
+        )
+
+
+def _check_image(index: int, image: object) -> None:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        described = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise BadRequest(f"image {index}: expected an HxWx3 uint8 BGR array (see zdepth.imageio.decode_image), got {described}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise BadRequest(f"image {index} is empty, shape {image.shape}")
+
+
+def _max_depths(spec: ModelSpec, max_depth: MaxDepth, count: int) -> list[float] | None:
+    """One max_depth per image for a metric model, None for a relative one."""
+    if isinstance(max_depth, (str, bytes)):
+        raise BadRequest(f"max_depth must be a number or a list of numbers, got {max_depth!r}")
+    single = max_depth is None or isinstance(max_depth, numbers.Real)
+    values: list[object] = [max_depth] * count if single else list(max_depth)  # type: ignore[arg-type]
+    if not spec.metric:
+        if (single and max_depth is not None) or any(value is not None for value in values):
+            raise BadRequest(
+                f"model {spec.id!r} is relative and has no max_depth; "
+                f"use a metric model (e.g. {spec.encoder}-hypersim) or leave max_depth out"
+            )
+        return None
+    if len(values) != count:
+        raise BadRequest(f"got {len(values)} max_depth values for {count} images; give one per image or a single one")
+    scales = []
+    for value in values:
+        if value is None:
+            value = spec.default_max_depth
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+            raise BadRequest(f"max_depth must be a positive number of metres, got {value!r}")
+        scales.append(float(value))
+    return scales
