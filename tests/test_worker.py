@@ -1,0 +1,581 @@
+"""The worker against a fake broker: a raw ROUTER socket on a random loopback port.
+
+The worker runs the real Engine on a generated vits checkpoint, with tiny
+images (48x64) and network sizes (28, 42) so CPU inference takes milliseconds.
+Timing tests wrap the engine in ``GatedEngine``, which holds a forward pass
+until the test lets it go: a test double for a busy GPU, nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import zdepth
+from zdepth import codec, protocol
+from zdepth.config import Heartbeat, WorkerConfig
+from zdepth.errors import ConfigError, Unauthorized, WeightsNotFound
+from zdepth.imageio import encode_jpeg
+from zdepth.worker import Worker, backoff_delay, run_worker
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[1]
+H, W = 48, 64
+IMAGE = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+JPEG = encode_jpeg(IMAGE)
+STEADY = Heartbeat(interval_s=0.05, liveness=200)  # beats often, but never gives up on a quiet test broker
+WAIT_S = 10.0  # ceiling for anything the worker should do "soon"
+
+
+# ----------------------------------------------------------------------------- the fake broker
+
+
+class FakeBroker:
+    """The broker's side of the wire, driven step by step from the test."""
+
+    def __init__(self, ctx: zmq.Context, port: int | None = None, *, curve=None) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        if curve is not None:
+            from zdepth.curve import apply_server
+
+            apply_server(self.sock, curve)
+        if port is None:
+            self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        else:
+            self.sock.bind(f"tcp://127.0.0.1:{port}")
+            self.port = port
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.heartbeats: dict[bytes, int] = {}
+        self.keepalive = False  # when set, heartbeat every worker heard from, as a live broker does
+        self._peers: set[bytes] = set()
+        self._next_beat = 0.0
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def recv(self, *, timeout: float = WAIT_S, skip_heartbeats: bool = True) -> tuple[bytes, dict, list[bytes]]:
+        """(identity, header, body) of the next message; heartbeats are counted and skipped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._beat()
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise AssertionError(f"the worker sent nothing within {timeout} s")
+            if not self.sock.poll(min(left_ms, 20) if self.keepalive else left_ms):
+                continue
+            identity, *frames = self.sock.recv_multipart()
+            self._peers.add(identity)
+            header = protocol.parse_command(frames[0])
+            if header["cmd"] == protocol.HEARTBEAT and skip_heartbeats:
+                self.heartbeats[identity] = self.heartbeats.get(identity, 0) + 1
+                continue
+            return identity, header, frames[1:]
+
+    def _beat(self) -> None:
+        if self.keepalive and time.monotonic() >= self._next_beat:
+            for identity in self._peers:
+                self.send(identity, protocol.HEARTBEAT)
+            self._next_beat = time.monotonic() + 0.04
+
+    def expect(self, cmd: str, *, timeout: float = WAIT_S) -> tuple[bytes, dict, list[bytes]]:
+        identity, header, body = self.recv(timeout=timeout)
+        assert header["cmd"] == cmd, header
+        return identity, header, body
+
+    def send(self, identity: bytes, cmd: str, *body: bytes, **fields) -> None:
+        self.sock.send_multipart([identity, protocol.command(cmd, **fields), *body])
+
+    def request(self, identity: bytes, rid: int, *, op: str = protocol.OP_RELATIVE, model: str | None = "vits",
+                image=JPEG, timeout_ms: float = 30_000, input_size: int | None = 28, params: bytes | None = None,
+                **options) -> None:  # fmt: skip
+        desc, payload = codec.image_descriptor(image)
+        if params is None:
+            params = codec.params_frame(desc, input_size=input_size, **options)
+        fields = {"rid": rid, "id": f"req-{rid}", "op": op, "model": model, "timeout_ms": timeout_ms, "client": "test"}
+        self.send(identity, protocol.REQUEST, params, payload, **fields)
+
+    def replies(self, count: int, *, timeout: float = WAIT_S) -> dict[int, tuple[dict, dict, dict]]:
+        """``count`` REPLY messages by rid: (command header, client header, arrays)."""
+        out = {}
+        while len(out) < count:
+            _, header, body = self.expect(protocol.REPLY, timeout=timeout)
+            client = msgpack.unpackb(body[0])
+            arrays = codec.decode_arrays(client["arrays"], body[1:]) if client["status"] == "ok" else {}
+            out[header["rid"]] = (header, client, arrays)
+        return out
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def broker(ctx):
+    fake = FakeBroker(ctx)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(scope="session")
+def engine(weights_dir):
+    from zdepth.engine import Engine
+
+    real = Engine(device="cpu", weights_dir=weights_dir)
+    real.load("vits")
+    real.load("vits-hypersim")
+    return real
+
+
+class GatedEngine:
+    """The real engine, but each forward pass waits for the test to open the gate."""
+
+    def __init__(self, engine, *, fail_on_shape: tuple[int, int] | None = None) -> None:
+        self.engine = engine
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.calls: list[int] = []  # batch sizes
+        self.fail_on_shape = fail_on_shape
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def infer(self, images, model_id, **kwargs):
+        self.calls.append(len(images))
+        self.started.set()
+        assert self.gate.wait(WAIT_S), "the test never opened the gate"
+        if any(image.shape[:2] == self.fail_on_shape for image in images):
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+        return self.engine.infer(images, model_id, **kwargs)
+
+
+def make_config(endpoint: str, **overrides) -> WorkerConfig:
+    fields = {
+        "broker": endpoint,
+        "models": ("vits", "vits-hypersim"),
+        "key": "sesame",
+        "max_batch": 4,
+        "max_wait_ms": 20,
+        "heartbeat": STEADY,
+        "reconnect_min_s": 0.05,
+        "reconnect_max_s": 0.2,
+        "warmup_sizes": (),
+    }
+    return WorkerConfig(**{**fields, **overrides})
+
+
+class Running:
+    """A Worker serving in a thread; ``error`` holds what run() raised."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self.error = exc
+
+    def join(self, timeout: float = WAIT_S) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "run() did not return"
+
+
+@pytest.fixture
+def start():
+    running: list[Running] = []
+
+    def _start(config: WorkerConfig, engine) -> Running:
+        running.append(Running(Worker(config, engine=engine)))
+        return running[-1]
+
+    yield _start
+    for r in running:
+        r.worker.stop()
+        r.worker.stop()  # the second stop abandons anything left
+        r.join()
+
+
+# ----------------------------------------------------------------------------- announcing and serving
+
+
+def test_ready_announces_models_capacity_info_and_key(broker, engine, start):
+    config = make_config(broker.endpoint, capacity=5)
+    start(config, engine)
+    _, header, body = broker.expect(protocol.READY)
+    assert body == []
+    assert header["v"] == protocol.VERSION
+    assert header["key"] == "sesame"
+    assert header["models"] == ["vits", "vits-hypersim"]
+    assert header["capacity"] == 5
+    info = header["info"]
+    assert info["pid"] == os.getpid() and info["host"]
+    assert info["device"] == "cpu" and info["precision"] == "fp32"
+    assert info["version"] == zdepth.__version__ and info["max_batch"] == 4
+
+
+class RecordingEngine:
+    """Records what the worker asks of its engine; answers zeros. For call order only."""
+
+    device, precision = "cpu", "fp32"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def load(self, model_id):
+        self.calls.append(("load", model_id))
+
+    def infer(self, images, model_id, **kwargs):
+        self.calls.append(("infer", model_id, [image.shape for image in images]))
+        return [np.zeros(image.shape[:2], np.float32) for image in images]
+
+
+def test_models_are_loaded_and_warmed_before_ready(broker, start):
+    recording = RecordingEngine()
+    start(make_config(broker.endpoint, warmup_sizes=((H, W), (30, 40))), recording)
+    broker.expect(protocol.READY)
+    assert recording.calls == [
+        ("load", "vits"),
+        ("infer", "vits", [(H, W, 3)]),
+        ("infer", "vits", [(30, 40, 3)]),
+        ("load", "vits-hypersim"),
+        ("infer", "vits-hypersim", [(H, W, 3)]),
+        ("infer", "vits-hypersim", [(30, 40, 3)]),
+    ]
+
+
+def test_stop_while_loading_returns_without_announcing(broker, start):
+    recording = RecordingEngine()
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_load(model_id):
+        loading.set()
+        assert release.wait(WAIT_S)
+
+    recording.load = slow_load
+    running = start(make_config(broker.endpoint), recording)
+    assert loading.wait(WAIT_S)
+    running.worker.stop()
+    release.set()
+    running.join()
+    assert running.error is None
+    with pytest.raises(AssertionError, match="sent nothing"):
+        broker.recv(timeout=0.2)
+
+
+def test_a_missing_checkpoint_makes_run_raise(broker, engine, start):
+    running = start(make_config(broker.endpoint, models=("vitb",)), engine)  # only vits was generated
+    running.join()
+    assert isinstance(running.error, WeightsNotFound)
+    assert "depth_anything_v2_vitb.pth" in str(running.error)
+
+
+def test_relative_depth_reply(broker, engine, start):
+    start(make_config(broker.endpoint), engine)
+    identity, _, _ = broker.expect(protocol.READY)
+    broker.request(identity, 7)
+    ((rid, (command, header, arrays)),) = broker.replies(1).items()
+    assert rid == 7 and command["status"] == "ok"
+    assert header["id"] == "req-7" and header["status"] == "ok" and header["model"] == "vits"
+    assert header["worker"].endswith(f":{os.getpid()}:cpu")
+    depth = arrays["depth"]
+    assert depth.shape == (H, W) and depth.dtype == np.float32
+    expected = engine.infer([_decoded_jpeg()], "vits", input_size=28)[0]
+    np.testing.assert_allclose(depth, expected, rtol=1e-5, atol=1e-5)
+    assert header["min"] == pytest.approx(float(depth.min())) and header["max"] == pytest.approx(float(depth.max()))
+    assert set(header["timings"]) == {"queue_ms", "infer_ms", "worker_ms"}
+    assert all(v >= 0 for v in header["timings"].values())
+
+
+def _decoded_jpeg() -> np.ndarray:
+    from zdepth.imageio import decode_image
+
+    return decode_image(JPEG)
+
+
+def test_raw_image_and_float16_depth(broker, engine, start):
+    start(make_config(broker.endpoint), engine)
+    identity, _, _ = broker.expect(protocol.READY)
+    broker.request(identity, 1, image=IMAGE, depth_dtype="float16", input_size=42)
+    _, header, arrays = broker.replies(1)[1]
+    assert header["arrays"] == [{"name": "depth", "dtype": "<f2", "shape": [H, W]}]
+    expected = engine.infer([IMAGE], "vits", input_size=42)[0]
+    np.testing.assert_allclose(arrays["depth"].astype(np.float32), expected, rtol=2e-3, atol=1e-3)
+
+
+def test_pointcloud_from_a_metric_model(broker, engine, start):
+    start(make_config(broker.endpoint), engine)
+    identity, _, _ = broker.expect(protocol.READY)
+    fx, fy, cx, cy = 50.0, 55.0, 31.5, 23.5
+    broker.request(identity, 3, op=protocol.OP_POINTCLOUD, model="vits-hypersim", image=IMAGE,
+                   intrinsics=[fx, fy, cx, cy], max_depth=5.0)  # fmt: skip
+    _, header, arrays = broker.replies(1)[3]
+    depth, points = arrays["depth"], arrays["points"]
+    assert header["model"] == "vits-hypersim"
+    assert depth.shape == (H, W) and points.shape == (H * W, 3) and points.dtype == np.float32
+    assert 0 < header["max"] <= 5.0
+    np.testing.assert_array_equal(points[:, 2], depth.reshape(-1))
+    v, u = divmod(100, W)
+    np.testing.assert_allclose(points[100, :2], [(u - cx) * depth[v, u] / fx, (v - cy) * depth[v, u] / fy], rtol=1e-5)
+
+
+def test_bad_requests_fail_alone_while_good_ones_in_the_batch_succeed(broker, engine, start):
+    start(make_config(broker.endpoint, max_batch=8, max_wait_ms=300), engine)
+    identity, _, _ = broker.expect(protocol.READY)
+    broker.request(identity, 1)
+    broker.request(identity, 2, image=b"\xff\xd8\xff\xe0 this is not really a jpeg")  # fails in the batch
+    broker.request(identity, 3, input_size=30)  # not a multiple of 14
+    broker.request(identity, 4, op=protocol.OP_METRIC, model="vits")  # metric op, relative model
+    broker.request(identity, 5, model="vitl")  # not served here
+    broker.request(identity, 6, params=b"\xc1")  # not msgpack
+    broker.request(identity, 7, image=IMAGE)
+    replies = broker.replies(7)
+    for rid in (1, 7):
+        command, header, arrays = replies[rid]
+        assert command["status"] == "ok" and arrays["depth"].shape == (H, W)
+        assert header["batch"] == 2  # they ran together, the undecodable image beside them did not
+    expected = {2: "bad_request", 3: "bad_request", 4: "bad_request", 5: "unknown_model", 6: "bad_request"}
+    for rid, code in expected.items():
+        command, header, _ = replies[rid]
+        assert command["status"] == code and header["status"] == code and header["id"] == f"req-{rid}", header
+        assert header["message"]
+    assert "input_size" in replies[3][1]["message"]
+    assert "metric" in replies[4][1]["message"]
+
+
+def test_an_engine_failure_fails_only_its_own_request(broker, engine, start, caplog):
+    gated = GatedEngine(engine, fail_on_shape=(32, 32))
+    gated.gate.set()
+    start(make_config(broker.endpoint, max_wait_ms=300), gated)
+    identity, _, _ = broker.expect(protocol.READY)
+    poison = np.zeros((32, 32, 3), np.uint8)
+    with caplog.at_level(logging.ERROR, logger="zdepth.worker"):
+        broker.request(identity, 1, image=IMAGE)
+        broker.request(identity, 2, image=poison)
+        broker.request(identity, 3, image=IMAGE)
+        replies = broker.replies(3)
+    assert [replies[r][0]["status"] for r in (1, 2, 3)] == ["ok", "internal", "ok"]
+    assert "illegal memory access" in replies[2][1]["message"]
+    assert gated.calls[0] == 3  # the batch failed as a whole, then each was retried alone
+    assert any(r.exc_info for r in caplog.records), "the traceback is logged"
+    broker.request(identity, 4)  # and the worker keeps serving
+    assert broker.replies(1)[4][0]["status"] == "ok"
+
+
+def test_an_expired_deadline_times_out_without_inference(broker, engine, start):
+    gated = GatedEngine(engine)
+    start(make_config(broker.endpoint, max_batch=1), gated)
+    identity, _, _ = broker.expect(protocol.READY)
+    broker.request(identity, 1)  # occupies the "GPU"
+    assert gated.started.wait(WAIT_S)
+    broker.request(identity, 2, timeout_ms=50)  # will expire while waiting behind it
+    time.sleep(0.2)
+    gated.gate.set()
+    replies = broker.replies(2)
+    assert replies[1][0]["status"] == "ok"
+    assert replies[2][0]["status"] == "timeout" and "deadline" in replies[2][1]["message"]
+    assert gated.calls == [1], "the late request never reached the model"
+
+
+# ----------------------------------------------------------------------------- heartbeats and reconnection
+
+
+def test_heartbeats_keep_flowing_while_a_batch_runs(broker, engine, start):
+    gated = GatedEngine(engine)
+    start(make_config(broker.endpoint), gated)
+    identity, _, _ = broker.expect(protocol.READY)
+    broker.request(identity, 1)
+    assert gated.started.wait(WAIT_S)
+    before = broker.heartbeats.get(identity, 0)
+    deadline = time.monotonic() + 0.6
+    while time.monotonic() < deadline:  # the model is "busy" all this time
+        with pytest.raises(AssertionError, match="sent nothing"):
+            broker.recv(timeout=max(0.01, deadline - time.monotonic()))
+    assert broker.heartbeats[identity] - before >= 6  # about 12 at 50 ms
+    gated.gate.set()
+    assert broker.replies(1)[1][0]["status"] == "ok"
+
+
+def test_reconnects_and_announces_again_after_the_broker_restarts(ctx, broker, engine, start):
+    config = make_config(broker.endpoint, heartbeat=Heartbeat(interval_s=0.05, liveness=4))
+    start(config, engine)
+    broker.keepalive = True
+    first, _, _ = broker.expect(protocol.READY)
+    broker.request(first, 1)
+    assert broker.replies(1)[1][0]["status"] == "ok"
+    broker.close()  # the broker dies; its port stays free for the next one
+    time.sleep(0.3)
+    reborn = FakeBroker(ctx, broker.port)
+    reborn.keepalive = True
+    try:
+        # Until the first heartbeat lands, a fresh link may still time out and announce itself once more.
+        identity, header, _ = reborn.expect(protocol.READY)
+        for _attempt in range(3):
+            assert identity != first, "a fresh socket, as the Paranoid Pirate worker does"
+            assert header["key"] == "sesame"
+            reborn.request(identity, 2)
+            identity, header, _ = reborn.recv()
+            if header["cmd"] == protocol.REPLY:
+                assert header["rid"] == 2 and header["status"] == "ok"
+                break
+            assert header["cmd"] == protocol.READY
+        else:
+            pytest.fail("no request served after the broker came back")
+    finally:
+        reborn.close()
+
+
+def test_unknown_worker_disconnect_makes_it_announce_again(broker, engine, start):
+    start(make_config(broker.endpoint), engine)
+    first, _, _ = broker.expect(protocol.READY)
+    broker.send(first, protocol.DISCONNECT, reason=protocol.REASON_UNKNOWN_WORKER)
+    second, header, _ = broker.expect(protocol.READY)
+    assert second != first and header["key"] == "sesame"
+    broker.request(second, 1)
+    assert broker.replies(1)[1][0]["status"] == "ok"
+
+
+def test_unauthorized_disconnect_makes_run_raise(broker, engine, start, caplog):
+    with caplog.at_level(logging.ERROR, logger="zdepth.worker"):
+        running = start(make_config(broker.endpoint, key="wrong"), engine)
+        identity, header, _ = broker.expect(protocol.READY)
+        assert header["key"] == "wrong"
+        broker.send(identity, protocol.DISCONNECT, reason=protocol.REASON_UNAUTHORIZED)
+        running.join()
+    assert isinstance(running.error, Unauthorized)
+    assert any("key" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+
+
+def test_run_worker_returns_1_on_a_wrong_key(broker, weights_dir):
+    """run_worker builds its own Engine from the config and reports failure as its exit status."""
+    config = make_config(broker.endpoint, key="wrong", models=("vits",), weights_dir=str(weights_dir))
+    status: list[int] = []
+    thread = threading.Thread(target=lambda: status.append(run_worker(config)), daemon=True)
+    thread.start()
+    identity, _, _ = broker.expect(protocol.READY)
+    broker.send(identity, protocol.DISCONNECT, reason=protocol.REASON_UNAUTHORIZED)
+    thread.join(WAIT_S)
+    assert status == [1]
+
+
+def test_backoff_doubles_with_jitter_within_bounds():
+    assert backoff_delay(0, 0.25, 8.0) == 0.25
+    for failures in range(12):
+        ceiling = min(8.0, 0.25 * 2**failures)
+        delays = [backoff_delay(failures, 0.25, 8.0) for _ in range(50)]
+        assert all(max(0.25, ceiling / 2) <= d <= ceiling for d in delays)
+    assert len({backoff_delay(10, 0.25, 8.0) for _ in range(20)}) > 1  # jittered
+    assert backoff_delay(10_000, 0.25, 8.0) <= 8.0
+
+
+def test_announces_itself_over_curvezmq(ctx, engine, start, tmp_path):
+    from zdepth.curve import CurveClient, CurveServer, generate, start_authenticator
+
+    server_public, server_secret = generate(tmp_path / "server", "broker")
+    _, worker_secret = generate(tmp_path / "allowed", "gpu-box")
+    server = CurveServer(server_secret, tmp_path / "allowed")
+    auth = start_authenticator(ctx, server)
+    secure = FakeBroker(ctx, curve=server)
+    try:
+        start(make_config(secure.endpoint, curve=CurveClient(worker_secret, server_public)), engine)
+        identity, header, _ = secure.expect(protocol.READY)
+        assert header["key"] == "sesame"
+        secure.request(identity, 1)
+        assert secure.replies(1)[1][0]["status"] == "ok"
+    finally:
+        secure.close()
+        auth.stop()
+
+
+def test_a_missing_certificate_fails_before_loading(engine, tmp_path):
+    from zdepth.curve import CurveClient
+
+    curve = CurveClient(tmp_path / "nope.key_secret", tmp_path / "broker.key")
+    with pytest.raises(ConfigError, match="certificate"):
+        Worker(make_config("tcp://127.0.0.1:1", curve=curve), engine=engine)
+
+
+# ----------------------------------------------------------------------------- draining
+
+
+def test_stop_drains_everything_held_then_returns(broker, engine, start):
+    gated = GatedEngine(engine)
+    running = start(make_config(broker.endpoint, max_batch=2, max_wait_ms=50), gated)
+    identity, _, _ = broker.expect(protocol.READY)
+    for rid in range(1, 6):
+        broker.request(identity, rid)
+    assert gated.started.wait(WAIT_S)
+    running.worker.stop()
+    _, header, _ = broker.expect(protocol.DISCONNECT)
+    assert header["reason"] == "draining"
+    gated.gate.set()
+    replies = broker.replies(5)
+    assert sorted(replies) == [1, 2, 3, 4, 5]
+    assert all(command["status"] == "ok" for command, _, _ in replies.values())
+    running.join()
+    assert running.error is None
+
+
+def test_stop_without_a_broker_returns_promptly(engine, start):
+    running = start(make_config("tcp://127.0.0.1:1"), engine)  # nobody listens there
+    time.sleep(0.2)
+    started = time.monotonic()
+    running.worker.stop()
+    running.join()
+    assert time.monotonic() - started < 2.0 and running.error is None
+
+
+def test_worker_process_drains_on_sigterm(broker, weights_dir, tmp_path):
+    """The real thing: a worker process, its signal handlers, its exit status."""
+    script = textwrap.dedent(f"""
+        import logging, sys
+        from zdepth.config import Heartbeat, WorkerConfig
+        from zdepth.worker import run_worker
+        logging.basicConfig(level=logging.INFO)
+        config = WorkerConfig(broker={broker.endpoint!r}, models=("vits",), key="sesame", weights_dir={str(weights_dir)!r},
+                              warmup_sizes=(), heartbeat=Heartbeat(0.05, 200))
+        sys.exit(run_worker(config))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=log_file)
+    try:
+        identity, header, _ = broker.expect(protocol.READY, timeout=60)
+        assert header["info"]["pid"] == proc.pid
+        broker.request(identity, 1)
+        assert broker.replies(1)[1][0]["status"] == "ok"
+        broker.request(identity, 2)
+        proc.send_signal(signal.SIGTERM)
+        seen = {}
+        while "disconnect" not in seen or 2 not in seen:
+            _, header, _ = broker.recv()
+            seen[header.get("rid", header["cmd"])] = header
+        assert seen["disconnect"]["reason"] == "draining"
+        assert seen[2]["status"] == "ok"
+        assert proc.wait(timeout=WAIT_S) == 0
+        assert "drained" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        print(log_path.read_text())  # shown by pytest when the test fails

@@ -1,0 +1,717 @@
+"""The worker: one process per GPU, serving depth requests that the broker hands it.
+
+Two threads, so that heartbeats keep flowing while the GPU is busy::
+
+    broker <--DEALER--> I/O loop (run(), the caller's thread)
+                          |  owns the socket: READY, heartbeats, liveness,
+                          |  reconnect with back-off, drain on stop()
+                   jobs   v           ^  results (queue) + a wake-up byte
+                        compute thread
+                          load + warm up, then: collect_batch -> engine.infer -> reply frames
+
+Only the I/O loop touches ZeroMQ; only the compute thread touches the engine
+(CUDA state stays on one thread). The compute thread hands finished replies
+back through a queue and writes one byte to a socket pair that the I/O loop
+polls beside the DEALER, so replies go out at once without busy polling. (A
+socket pair rather than an inproc PAIR: any thread, and a signal handler,
+may write to it, where a ZeroMQ socket belongs to one thread.) Images are
+decoded by a small thread pool as they arrive, overlapping the batch in
+progress (cv2 releases the GIL).
+
+Reliability follows the ZeroMQ Guide's Paranoid Pirate worker: a broker silent
+for ``heartbeat.expiry_s`` is presumed dead; the worker closes its socket,
+waits with exponential back-off and jitter, connects a fresh one and
+announces itself again. Requests from a dropped connection are abandoned (the
+broker re-queues or fails them), never answered late on the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import __version__, codec, imageio, protocol
+from .batching import collect_batch
+from .config import WorkerConfig
+from .curve import apply_client
+from .errors import BadRequest, ConfigError, InternalError, ServiceError, Unauthorized, UnknownModel, ZdepthError
+from .pointcloud import Intrinsics, depth_to_points
+
+__all__ = ["Worker", "backoff_delay", "run_worker"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INPUT_SIZE = 518  # the engine's default network input size
+FLUSH_LINGER_MS = 1000  # after a drain, how long close() may spend sending the last replies
+DRAIN_GRACE_S = 0.25  # after DISCONNECT, requests the broker sent before reading it may still arrive
+MAX_READS_PER_WAKE = 64  # broker messages read before replies get their turn again
+DECODE_THREADS = min(4, os.cpu_count() or 1)
+KEEPALIVE = {zmq.TCP_KEEPALIVE: 1, zmq.TCP_KEEPALIVE_IDLE: 30, zmq.TCP_KEEPALIVE_INTVL: 10, zmq.TCP_KEEPALIVE_CNT: 3}
+
+
+# ----------------------------------------------------------------------------- jobs and messages
+
+
+@dataclass(eq=False)
+class Job:
+    """One request between the I/O loop and the compute thread.
+
+    ``image`` is the image frame's payload (encoded bytes or a raw array
+    view); ``decoded`` its HxWx3 BGR uint8 pixels, on their way from the
+    decode pool. ``generation`` names the connection it came on; a job from
+    an older connection is abandoned.
+    """
+
+    rid: Any
+    request_id: str | None
+    op: str
+    model: str
+    params: codec.DepthParams
+    image: Any
+    received: float  # time.monotonic()
+    deadline: float | None
+    generation: int
+    decoded: Future[np.ndarray] | None = None
+    done: bool = False
+
+    @property
+    def batch_key(self) -> Hashable:
+        """Jobs share a forward pass only with the same model and network input size."""
+        return (self.model, self.params.input_size or DEFAULT_INPUT_SIZE)
+
+
+class _Stop:
+    """Tells the compute thread to return; its key matches no job's, so it is never batched with one."""
+
+    @property
+    def batch_key(self) -> Hashable:
+        return id(self)
+
+
+def ready_frame(config: WorkerConfig, *, name: str, device: str, precision: str | None) -> bytes:
+    info = {
+        "name": name,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": device,
+        "precision": precision,
+        "version": __version__,
+        "max_batch": config.max_batch,
+    }
+    return protocol.command(
+        protocol.READY, key=config.key, models=list(config.models), capacity=config.effective_capacity, info=info
+    )
+
+
+def error_frames(rid: Any, request_id: str | None, code: str, message: str) -> list[bytes]:
+    """A REPLY carrying an error: the broker forwards the second frame to the client."""
+    return [protocol.command(protocol.REPLY, rid=rid, status=code), protocol.error_header(request_id, code, message)]
+
+
+def reply_frames(job: Job, depth: np.ndarray, *, worker: str, timings: dict[str, float], batch: int) -> list[Any]:
+    """A REPLY with the depth map (and points for a point cloud) as raw array frames.
+
+    ``depth``: HxW float32 from the engine; sent as float32 or float16 as the
+    request asked. ``min``/``max`` are taken before any cast.
+    """
+    depth = np.asarray(depth, dtype=np.float32)
+    arrays = {"depth": depth.astype(codec.DEPTH_DTYPES[job.params.depth_dtype], copy=False)}
+    if job.op == protocol.OP_POINTCLOUD:
+        arrays["points"], _ = depth_to_points(depth, Intrinsics(*job.params.intrinsics))
+    descs, buffers = codec.array_frames(arrays)
+    low, high = _nan_min_max(depth)
+    header = protocol.reply_header(
+        job.request_id,
+        model=job.model,
+        worker=worker,
+        min=low,
+        max=high,
+        timings=timings,
+        batch=batch,
+        arrays=descs,
+    )
+    return [protocol.command(protocol.REPLY, rid=job.rid, status=protocol.STATUS_OK), header, *buffers]
+
+
+def _nan_min_max(depth: np.ndarray) -> tuple[float, float]:
+    """Min and max ignoring NaN (NaN only if all of it is), without numpy's all-NaN warning."""
+    low, high = float(depth.min()), float(depth.max())
+    if math.isnan(low) or math.isnan(high):
+        finite = depth[~np.isnan(depth)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (math.nan, math.nan)
+    return low, high
+
+
+def parse_request(
+    header: dict[str, Any], body: list[zmq.Frame], *, models: tuple[str, ...], now: float, generation: int, max_image_bytes: int
+) -> Job:
+    """A Job from a broker REQUEST; raises a ServiceError that fails only this request."""
+    op = header.get("op")
+    if op not in protocol.MODEL_OPS:
+        raise BadRequest(f"op {op!r} is not a model op; workers serve {sorted(protocol.MODEL_OPS)}")
+    model = header.get("model")
+    if model is None:  # the broker normally picks one; take the first that fits
+        model = next((m for m in models if protocol.op_accepts_model(op, m)), None)
+    if model not in models:
+        raise UnknownModel(f"this worker serves {list(models)}, not {model!r}", details={"served": list(models)})
+    if not protocol.op_accepts_model(op, model):
+        kind = "metric (such as 'vits-hypersim')" if op != protocol.OP_RELATIVE else "relative (such as 'vits')"
+        raise BadRequest(f"op {op!r} needs a {kind} model; {model!r} is not one")
+    if len(body) != 2:
+        raise BadRequest(f"a {op} request has two body frames (params, image), got {len(body)}")
+    params = codec.parse_params(op, body[0].buffer)
+    image = codec.decode_image_frame(params.image, body[1].buffer, max_bytes=max_image_bytes)
+    timeout_ms = header.get("timeout_ms")
+    has_timeout = isinstance(timeout_ms, (int, float)) and not isinstance(timeout_ms, bool) and math.isfinite(timeout_ms)
+    request_id = header.get("id")
+    return Job(
+        rid=header.get("rid"),
+        request_id=request_id if isinstance(request_id, str) else None,
+        op=op,
+        model=model,
+        params=params,
+        image=image,
+        received=now,
+        deadline=now + timeout_ms / 1000 if has_timeout else None,
+        generation=generation,
+    )
+
+
+def backoff_delay(failures: int, low: float, high: float, *, rand: random.Random | None = None) -> float:
+    """Seconds to wait before reconnect number ``failures + 1``: doubling from ``low``, at most ``high``, jittered.
+
+    Jitter (a uniform draw from the upper half) keeps many workers from
+    reconnecting in lock step after a broker restart.
+    """
+    ceiling = min(high, low * 2 ** min(failures, 60))
+    return (rand or random).uniform(max(low, ceiling / 2), ceiling)
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+class _Wakeup:
+    """A self-pipe: any thread, or a signal handler, can wake the I/O loop's poll."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def set(self) -> None:
+        try:
+            self._writer.send(b"\0")
+        except OSError:  # full: a wake-up is already pending; closed: the loop is gone
+            pass
+
+    def clear(self) -> None:
+        try:
+            while self._reader.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
+class _BrokerLink:
+    """The DEALER to the broker, with heartbeats, liveness and reconnect back-off (Paranoid Pirate)."""
+
+    def __init__(self, ctx: zmq.Context, config: WorkerConfig, ready: bytes) -> None:
+        self._ctx, self._config, self._ready = ctx, config, ready
+        self.sock: zmq.Socket | None = None
+        self.generation = 0  # bumped on every connect and close: jobs remember theirs
+        self.expires_at = math.inf
+        self.next_heartbeat = math.inf
+        self.reconnect_at = 0.0
+        self.answered = False  # whether the broker spoke on this connection: only then is a flush worth waiting for
+        self._failures = 0
+
+    def connect(self, now: float) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        hwm = max(100, 4 * self._config.effective_capacity)
+        options = {
+            zmq.LINGER: 0,
+            zmq.MAXMSGSIZE: self._config.max_message_bytes,
+            zmq.RCVHWM: hwm,
+            zmq.SNDHWM: hwm,
+            zmq.RECONNECT_IVL: int(self._config.reconnect_min_s * 1000),
+            zmq.RECONNECT_IVL_MAX: int(self._config.reconnect_max_s * 1000),
+            **KEEPALIVE,
+        }
+        for option, value in options.items():
+            sock.setsockopt(option, value)
+        if self._config.curve is not None:
+            apply_client(sock, self._config.curve)
+        sock.connect(self._config.broker)
+        self.sock = sock
+        self.answered = False
+        self.generation += 1
+        self.expires_at = now + self._config.heartbeat.expiry_s
+        self.next_heartbeat = now + self._config.heartbeat.interval_s
+        self.send([self._ready])
+        logger.info("connecting to broker %s", self._config.broker)
+        return sock
+
+    def close(self, *, linger_ms: int = 0) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=linger_ms)
+            self.sock = None
+            self.generation += 1
+        self.expires_at = self.next_heartbeat = math.inf
+
+    def drop(self, now: float) -> float:
+        """Close, and schedule the next connect after a back-off; returns the delay."""
+        self.close()
+        delay = backoff_delay(self._failures, self._config.reconnect_min_s, self._config.reconnect_max_s)
+        self._failures += 1
+        self.reconnect_at = now + delay
+        return delay
+
+    def heard(self, now: float, *, healthy: bool = True) -> None:
+        """The broker is alive; ``healthy`` (anything but DISCONNECT) also resets the back-off."""
+        self.expires_at = now + self._config.heartbeat.expiry_s
+        self.answered = True
+        if healthy:
+            self._failures = 0
+
+    def send(self, frames: list[Any]) -> bool:
+        """Send without ever blocking the loop; a message that cannot be queued is dropped."""
+        if self.sock is None:
+            return False
+        try:
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            logger.warning("send queue to broker %s is full; dropped a message", self._config.broker)
+            return False
+
+    def heartbeat_if_due(self, now: float) -> None:
+        if self.sock is not None and now >= self.next_heartbeat:
+            self.send([protocol.command(protocol.HEARTBEAT)])
+            self.next_heartbeat = now + self._config.heartbeat.interval_s
+
+    def next_event(self, *, reconnecting: bool) -> float:
+        if self.sock is not None:
+            return min(self.next_heartbeat, self.expires_at)
+        return self.reconnect_at if reconnecting else math.inf
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+class Worker:
+    """Serves the broker until ``stop()``; one instance, one ``run()``.
+
+    ``engine`` is injectable (tests, or a custom engine); by default an
+    ``Engine`` is built from ``config``. It needs ``load(model_id)`` and
+    ``infer(images, model_id, *, input_size, max_depth) -> list[HxW float32]``.
+    """
+
+    def __init__(self, config: WorkerConfig, *, engine: Any = None) -> None:
+        self.config = config
+        self._engine = engine if engine is not None else _build_engine(config)
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{config.device}"
+        self._jobs: queue.Queue[Job | _Stop] = queue.Queue()
+        self._results: queue.SimpleQueue[tuple[Job, list[Any] | None]] = queue.SimpleQueue()
+        if config.curve is not None:
+            _check_curve(config)
+        self._wakeup = _Wakeup()
+        self._ctx = zmq.Context()
+        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="zdepth-decode")
+        self._link: _BrokerLink | None = None
+        self._poller = zmq.Poller()
+        self._outstanding = 0  # jobs handed to the compute thread and not yet returned (I/O loop only)
+        # Plain flags, not locks: stop() may run inside a signal handler on the I/O loop's own thread.
+        self._stop_requested = False
+        self._abort = False
+        self._draining = False
+        self._drain_grace_end = math.inf
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self.serving = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> None:
+        """Load and warm the models, then serve until ``stop()``.
+
+        Raises Unauthorized when the broker refuses the key, and whatever the
+        engine raises while loading (WeightsNotFound, UnknownModel, ...).
+        """
+        # All engine work, loading included, happens on the compute thread: CUDA
+        # state (current device, graphs, compiled code) stays on one thread.
+        compute = threading.Thread(target=self._compute_main, name="zdepth-compute", daemon=True)
+        graceful = False
+        try:
+            compute.start()
+            self._loaded.wait()
+            if self._load_error is not None:
+                raise self._load_error
+            if self._stop_requested:
+                graceful = True
+                return
+            ready = ready_frame(self.config, name=self.name, device=self._engine_attr("device"), precision=self._engine_attr("precision"))
+            self._link = _BrokerLink(self._ctx, self.config, ready)
+            graceful = self._serve()
+        finally:
+            self._abort = self._abort or not graceful
+            self._jobs.put(_Stop())
+            compute.join(timeout=None if graceful else 1.0)
+            self.serving = False
+            if self._link is not None:
+                flush = graceful and self._link.answered
+                self._link.close(linger_ms=FLUSH_LINGER_MS if flush else 0)
+            self._ctx.term()
+            self._wakeup.close()
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    def stop(self) -> None:
+        """Drain: tell the broker to send no more, answer everything held, then return from run().
+
+        A second call stops at once, abandoning what is held. Safe from any
+        thread and from a signal handler.
+        """
+        if self._stop_requested:
+            self._abort = True
+        self._stop_requested = True
+        self._wakeup.set()
+
+    def _load_models(self) -> None:
+        """Load every model and run one forward pass per warm-up size, before announcing READY."""
+        for model in self.config.models:
+            started = time.monotonic()
+            try:
+                self._engine.load(model)
+                for height, width in self.config.warmup_sizes:
+                    self._engine.infer([np.zeros((height, width, 3), np.uint8)], model)
+            except ValueError as exc:  # a checkpoint that does not fit, a bad warm-up size
+                if isinstance(exc, ZdepthError):
+                    raise
+                raise ConfigError(f"cannot load model {model!r}: {exc}") from exc
+            logger.info("model %s ready on %s in %.1f s", model, self.config.device, time.monotonic() - started)
+
+    # ------------------------------------------------------------------ I/O loop
+
+    def _serve(self) -> bool:
+        """The I/O loop; True after a completed drain, False after an abort."""
+        link = self._link
+        self._poller.register(self._wakeup, zmq.POLLIN)
+        self.serving = True
+        while True:
+            now = time.monotonic()
+            if self._abort:
+                logger.warning("stopping at once; %d requests abandoned", self._outstanding)
+                return False
+            if self._stop_requested and not self._draining:
+                self._begin_drain()
+            if self._draining and self._outstanding == 0 and (link.sock is None or now >= self._drain_grace_end):
+                logger.info("drained; worker %s stopped", self.name)
+                return True
+            self._keep_link(now)
+            wake_at = link.next_event(reconnecting=not self._draining)
+            if self._draining and self._outstanding == 0:
+                wake_at = min(wake_at, self._drain_grace_end)
+            timeout_ms = max(0.0, wake_at - now) * 1000
+            events = dict(self._poller.poll(None if math.isinf(timeout_ms) else math.ceil(timeout_ms)))
+            if self._wakeup in events:
+                self._wakeup.clear()
+            self._send_results()
+            if link.sock is not None and link.sock in events:
+                self._read_broker()
+
+    def _keep_link(self, now: float) -> None:
+        """Connect when due, give up on a silent broker, send heartbeats."""
+        link = self._link
+        if link.sock is None and not self._draining and now >= link.reconnect_at:
+            self._poller.register(link.connect(now), zmq.POLLIN)
+        elif link.sock is not None and now >= link.expires_at:
+            self._poller.unregister(link.sock)
+            if self._draining:
+                link.close()
+                logger.warning("broker silent while draining; %d replies will be lost", self._outstanding)
+            else:
+                delay = link.drop(now)
+                logger.warning("broker %s silent for %.1f s; reconnecting in %.2f s", self.config.broker, self.config.heartbeat.expiry_s, delay)
+        link.heartbeat_if_due(now)
+
+    def _read_broker(self) -> None:
+        link = self._link
+        for _ in range(MAX_READS_PER_WAKE):
+            if link.sock is None:
+                return
+            try:
+                frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_message(frames)
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        link, now = self._link, time.monotonic()
+        try:
+            header = protocol.parse_command(frames[0].buffer)
+        except BadRequest as exc:
+            link.heard(now)
+            logger.warning("ignored a malformed message from the broker: %s", exc)
+            return
+        cmd = header["cmd"]
+        link.heard(now, healthy=cmd != protocol.DISCONNECT)
+        if cmd == protocol.REQUEST:
+            self._on_request(header, frames[1:], now)
+        elif cmd == protocol.DISCONNECT:
+            self._on_disconnect(header.get("reason"), now)
+        elif cmd != protocol.HEARTBEAT:
+            logger.warning("ignored unknown command %r from the broker", cmd)
+
+    def _on_request(self, header: dict[str, Any], body: list[zmq.Frame], now: float) -> None:
+        """Queue the job for the compute thread, or fail it here if it is malformed."""
+        rid = header.get("rid")
+        if rid is None:
+            logger.warning("ignored a REQUEST without 'rid' (request id %r)", header.get("id"))
+            return
+        try:
+            job = parse_request(
+                header, body, models=self.config.models, now=now, generation=self._link.generation, max_image_bytes=self.config.max_message_bytes
+            )
+        except ServiceError as exc:
+            request_id = header.get("id") if isinstance(header.get("id"), str) else None
+            self._link.send(error_frames(rid, request_id, exc.code, exc.message))
+            return
+        job.decoded = self._decoder.submit(imageio.decode_image, job.image)
+        self._outstanding += 1
+        self._jobs.put(job)
+
+    def _on_disconnect(self, reason: Any, now: float) -> None:
+        link = self._link
+        if reason == protocol.REASON_UNAUTHORIZED:
+            logger.error(
+                "broker %s refused this worker: wrong or missing key. Give the broker's key with --key-file or ZDEPTH_KEY.",
+                self.config.broker,
+            )
+            raise Unauthorized(f"broker {self.config.broker} refused this worker's key; use the key the broker was started with")
+        if self._draining:
+            logger.debug("broker sent DISCONNECT %r while draining; ignored", reason)
+            return
+        self._poller.unregister(link.sock)
+        delay = link.drop(now)
+        logger.warning("broker sent DISCONNECT %r; announcing again in %.2f s", reason, delay)
+
+    def _begin_drain(self) -> None:
+        self._draining = True
+        self._drain_grace_end = time.monotonic() + DRAIN_GRACE_S
+        if self._link.send([protocol.command(protocol.DISCONNECT, reason="draining")]):
+            logger.info("draining: finishing %d requests, the broker sends no more", self._outstanding)
+
+    def _send_results(self) -> None:
+        """Send what the compute thread finished; results of a dropped connection are abandoned."""
+        link = self._link
+        while True:
+            try:
+                job, frames = self._results.get_nowait()
+            except queue.Empty:
+                return
+            self._outstanding -= 1
+            if frames is not None and job.generation == link.generation:
+                link.send(frames)
+
+    def _engine_attr(self, name: str) -> str | None:
+        value = getattr(self._engine, name, None)
+        if value is None:
+            value = getattr(self.config, name, None)
+        return None if value is None else str(value)
+
+    # ------------------------------------------------------------------ compute thread
+
+    def _compute_main(self) -> None:
+        try:
+            self._load_models()
+        except BaseException as exc:  # noqa: BLE001 - handed to run(), which raises it on the I/O thread
+            self._load_error = exc
+            return
+        finally:
+            self._loaded.set()
+        self._compute_loop()
+
+    def _compute_loop(self) -> None:
+        pending: list[Job | _Stop] = []
+        max_wait_s = self.config.max_wait_ms / 1000
+        while True:
+            batch = collect_batch(self._jobs, max_batch=self.config.max_batch, max_wait_s=max_wait_s, key=_batch_key, pending=pending)
+            if isinstance(batch[0], _Stop):
+                return
+            try:
+                self._run_batch(batch)
+            except Exception:  # a bug here must not kill the thread or leave a request unanswered
+                logger.exception("internal error in a batch of %d", len(batch))
+            for job in batch:
+                if not job.done:
+                    self._emit(job, error_frames(job.rid, job.request_id, "internal", "internal error in the worker; see its log"))
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        """Decode, drop what is abandoned or late, run the model once, reply to each job."""
+        now = time.monotonic()
+        ready: list[tuple[Job, np.ndarray]] = []
+        for job in batch:
+            if self._abort or job.generation != self._link.generation:
+                job.decoded.cancel()
+                self._emit(job, None)
+            elif job.deadline is not None and now >= job.deadline:
+                job.decoded.cancel()
+                late_ms = (now - job.deadline) * 1000
+                self._fail(job, "timeout", f"the deadline passed {late_ms:.0f} ms before inference could start; the worker is busy")
+            else:
+                try:
+                    ready.append((job, job.decoded.result()))
+                except ServiceError as exc:
+                    self._fail(job, exc.code, exc.message)
+                except Exception as exc:
+                    logger.exception("decoding the image of request %r failed", job.request_id)
+                    self._fail(job, "internal", f"decoding the image failed: {type(exc).__name__}: {exc}")
+        if not ready:
+            return
+        started = time.monotonic()
+        depths = self._infer(ready)
+        infer_ms = (time.monotonic() - started) * 1000
+        model, input_size = ready[0][0].batch_key
+        logger.debug("batch of %d for %s at %d: %.1f ms", len(ready), model, input_size, infer_ms)
+        for (job, _), depth in zip(ready, depths):
+            if isinstance(depth, ServiceError):
+                self._fail(job, depth.code, depth.message)
+                continue
+            timings = {"queue_ms": (started - job.received) * 1000, "infer_ms": infer_ms}
+            try:
+                timings["worker_ms"] = (time.monotonic() - job.received) * 1000
+                self._emit(job, reply_frames(job, depth, worker=self.name, timings=timings, batch=len(ready)))
+            except ServiceError as exc:
+                self._fail(job, exc.code, exc.message)
+            except Exception as exc:
+                logger.exception("building the reply to request %r failed", job.request_id)
+                self._fail(job, "internal", f"building the reply failed: {type(exc).__name__}: {exc}")
+
+    def _infer(self, ready: list[tuple[Job, np.ndarray]]) -> list[np.ndarray | ServiceError]:
+        """Depth maps, one per job; when a batch fails, each job is retried alone so one bad input fails alone."""
+        jobs = [job for job, _ in ready]
+        model, input_size = jobs[0].batch_key
+        max_depth = [job.params.max_depth for job in jobs] if protocol.is_metric_model(model) else None
+        try:
+            return list(self._engine.infer([image for _, image in ready], model, input_size=input_size, max_depth=max_depth))
+        except Exception as exc:
+            if len(ready) > 1:
+                logger.warning("batch of %d failed (%s: %s); retrying one by one", len(ready), type(exc).__name__, exc)
+                return [self._infer([pair])[0] for pair in ready]
+            if isinstance(exc, ServiceError):
+                return [exc]
+            logger.exception("inference failed for request %r", jobs[0].request_id)
+            return [InternalError(f"inference failed: {type(exc).__name__}: {exc}")]
+
+    def _fail(self, job: Job, code: str, message: str) -> None:
+        self._emit(job, error_frames(job.rid, job.request_id, code, message))
+
+    def _emit(self, job: Job, frames: list[Any] | None) -> None:
+        """Hand one job's reply (None: abandoned) to the I/O loop; each job gets exactly one."""
+        if job.done:
+            return
+        job.done = True
+        self._results.put((job, frames))
+        self._wakeup.set()
+
+
+def _batch_key(item: Job | _Stop) -> Hashable:
+    return item.batch_key
+
+
+def _build_engine(config: WorkerConfig) -> Any:
+    from .engine import Engine  # torch is imported only when a worker really starts
+
+    try:
+        return Engine(
+            device=config.device,
+            precision=config.precision,
+            weights_dir=config.weights_dir,
+            download=config.download,
+            compile=config.compile,
+        )
+    except ValueError as exc:  # bad device or precision
+        raise ConfigError(str(exc)) from exc
+
+
+def _check_curve(config: WorkerConfig) -> None:
+    """Read the CurveZMQ certificates now, so a bad path fails before minutes of model loading."""
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as probe:
+        probe.linger = 0
+        apply_client(probe, config.curve)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run_worker(config: WorkerConfig) -> int:
+    """Run a worker in this process until SIGTERM or SIGINT; the CLI's ``zdepth worker``.
+
+    The first signal drains (finish held requests, then exit); a second one
+    stops at once. Returns the exit status, after logging why: 0 after a
+    stop, 2 for bad settings (ConfigError: device, certificates, a checkpoint
+    that does not fit), 1 for other failures (wrong key, missing weights),
+    130 if interrupted while loading.
+    """
+    try:
+        worker = Worker(config)
+    except ZdepthError as exc:
+        logger.error("%s", exc)
+        return 2 if isinstance(exc, ConfigError) else 1
+    restore = _install_signal_handlers(worker)
+    try:
+        worker.run()
+    except ZdepthError as exc:
+        logger.error("%s", exc)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        restore()
+    return 0
+
+
+def _install_signal_handlers(worker: Worker):
+    """SIGTERM/SIGINT -> worker.stop(); returns a function that puts the old handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    signals = [signal.SIGINT, signal.SIGTERM]
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    received = [0]
+
+    def handle(signum: int, _frame: Any) -> None:
+        received[0] += 1
+        if received[0] == 1:
+            logger.info("%s: draining; send it again to stop at once", signal.Signals(signum).name)
+        elif not worker.serving:
+            raise KeyboardInterrupt  # still loading models: nothing to drain
+        worker.stop()
+
+    for sig in signals:
+        signal.signal(sig, handle)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
