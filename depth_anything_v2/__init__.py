@@ -11,7 +11,12 @@ model (vits) is Apache-2.0; base, large and giant are CC-BY-NC-4.0.
 from .checkpoint import CheckpointError, guess_encoder, load_checkpoint
 from .configs import CONFIGS, ENCODERS, EncoderConfig, get_config
 from .dpt import DepthAnythingV2, build_model
-from .transforms import network_input_size, preprocess_cv2, preprocess_tensor, resize_depth
+from .transforms import (
+    network_input_size,
+    preprocess_cv2,
+    preprocess_tensor,
+    resize_depth,
+)
 
 __all__ = [
     "CONFIGS",

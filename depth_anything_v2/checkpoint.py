@@ -16,8 +16,9 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -84,11 +85,28 @@ def guess_encoder(state_dict: StateDict) -> str | None:
     pos_embed = state_dict.get("pretrained.pos_embed")
     if pos_embed is None:
         return None
-    depth = 1 + max((int(m.group(1)) for k in state_dict if (m := _BLOCK_KEY.match(k))), default=-1)
+    depth = _num_blocks(state_dict)
     for name, config in CONFIGS.items():
         if config.embed_dim == pos_embed.shape[-1] and config.depth == depth:
             return name
     return None
+
+
+def _num_blocks(state_dict: StateDict) -> int:
+    indices = (int(m.group(1)) for key in state_dict if (m := _BLOCK_KEY.match(key)))
+    return 1 + max(indices, default=-1)
+
+
+def _looks_like(state_dict: StateDict) -> str:
+    name = guess_encoder(state_dict)
+    if name is not None:
+        return name
+    pos_embed = state_dict.get("pretrained.pos_embed")
+    if pos_embed is None:
+        return "no Depth Anything V2 model (it has no pretrained.pos_embed)"
+    return (
+        f"no released encoder (embed dim {pos_embed.shape[-1]}, {_num_blocks(state_dict)} blocks)"
+    )
 
 
 def compare_state_dict(model: nn.Module, state_dict: StateDict) -> StateDictMismatch:
@@ -132,8 +150,9 @@ def load_checkpoint(
     loads into an fp32 model. Nothing is loaded unless every key and shape
     matches; otherwise ``CheckpointError`` names the file (``path_for_errors``
     when a state dict is passed), the encoder the file looks like, the encoder
-    expected, and the offending keys. Relative and metric checkpoints cannot be
-    told apart here (see the module docstring).
+    expected, and the offending keys. A missing file raises ``FileNotFoundError``.
+    Relative and metric checkpoints cannot be told apart here (see the module
+    docstring).
     """
     if isinstance(path_or_state_dict, Mapping):
         state_dict = unwrap_state_dict(path_or_state_dict)
@@ -148,22 +167,27 @@ def load_checkpoint(
     return model
 
 
-def _describe(mismatch: StateDictMismatch, state_dict: StateDict, model: nn.Module, source: str) -> str:
+def _describe(
+    mismatch: StateDictMismatch, state_dict: StateDict, model: nn.Module, source: str
+) -> str:
     config = getattr(model, "config", None)
     expected = getattr(config, "name", type(model).__name__)
-    looks_like = guess_encoder(state_dict) or "no released encoder"
     lines = [
         f"checkpoint {source!r} does not fit the {expected} model "
-        f"(the file looks like {looks_like}; expected {expected}).",
+        f"(the file looks like {_looks_like(state_dict)}; expected {expected}).",
     ]
     if mismatch.missing:
         lines.append(f"missing keys ({len(mismatch.missing)}): {_truncate(mismatch.missing)}")
     if mismatch.unexpected:
-        lines.append(f"unexpected keys ({len(mismatch.unexpected)}): {_truncate(mismatch.unexpected)}")
+        lines.append(
+            f"unexpected keys ({len(mismatch.unexpected)}): {_truncate(mismatch.unexpected)}"
+        )
     if mismatch.mis_shaped:
         shapes = [f"{k} (file {list(a)}, model {list(b)})" for k, a, b in mismatch.mis_shaped]
         lines.append(f"mis-shaped keys ({len(shapes)}): {_truncate(shapes)}")
-    lines.append("Pick the encoder that matches the file, or check that it is an official checkpoint.")
+    lines.append(
+        "Pick the encoder that matches the file, or check that it is an official checkpoint."
+    )
     return "\n".join(lines)
 
 

@@ -7,9 +7,10 @@ constructing an :class:`EncoderConfig` directly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Literal
 
 FfnType = Literal["mlp", "swiglufused"]
 FFN_TYPES: tuple[FfnType, ...] = ("mlp", "swiglufused")
@@ -59,20 +60,40 @@ class EncoderConfig:
 CONFIGS: Mapping[str, EncoderConfig] = MappingProxyType(
     {
         "vits": EncoderConfig(
-            name="vits", embed_dim=384, depth=12, num_heads=6, features=64,
-            out_channels=(48, 96, 192, 384), intermediate_layers=(2, 5, 8, 11),
+            name="vits",
+            embed_dim=384,
+            depth=12,
+            num_heads=6,
+            features=64,
+            out_channels=(48, 96, 192, 384),
+            intermediate_layers=(2, 5, 8, 11),
         ),
         "vitb": EncoderConfig(
-            name="vitb", embed_dim=768, depth=12, num_heads=12, features=128,
-            out_channels=(96, 192, 384, 768), intermediate_layers=(2, 5, 8, 11),
+            name="vitb",
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            features=128,
+            out_channels=(96, 192, 384, 768),
+            intermediate_layers=(2, 5, 8, 11),
         ),
         "vitl": EncoderConfig(
-            name="vitl", embed_dim=1024, depth=24, num_heads=16, features=256,
-            out_channels=(256, 512, 1024, 1024), intermediate_layers=(4, 11, 17, 23),
+            name="vitl",
+            embed_dim=1024,
+            depth=24,
+            num_heads=16,
+            features=256,
+            out_channels=(256, 512, 1024, 1024),
+            intermediate_layers=(4, 11, 17, 23),
         ),
         "vitg": EncoderConfig(
-            name="vitg", embed_dim=1536, depth=40, num_heads=24, features=384,
-            out_channels=(1536, 1536, 1536, 1536), intermediate_layers=(9, 19, 29, 39),
+            name="vitg",
+            embed_dim=1536,
+            depth=40,
+            num_heads=24,
+            features=384,
+            out_channels=(1536, 1536, 1536, 1536),
+            intermediate_layers=(9, 19, 29, 39),
             ffn="swiglufused",
         ),
     }

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .configs import FfnType
-from .layers import Block, Mlp, PatchEmbed, SwiGLUFFN
+from .layers import Block, LayerNorm, Mlp, PatchEmbed, SwiGLUFFN
 
 # The ffn name in the config picks the feed-forward class and its activation.
 _FFNS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
@@ -22,7 +22,9 @@ INTERPOLATE_OFFSET = 0.1
 """DINOv2 (without registers) adds this to the target grid when resizing pos_embed."""
 
 
-def interpolate_pos_embed(pos_embed: Tensor, grid_h: int, grid_w: int, *, dtype: torch.dtype) -> Tensor:
+def interpolate_pos_embed(
+    pos_embed: Tensor, grid_h: int, grid_w: int, *, dtype: torch.dtype
+) -> Tensor:
     """Resize a ``[1, 1 + S*S, C]`` table (class token first) to a ``grid_h x grid_w`` grid.
 
     This reproduces DINOv2 exactly, because its checkpoints were trained with
@@ -31,7 +33,7 @@ def interpolate_pos_embed(pos_embed: Tensor, grid_h: int, grid_w: int, *, dtype:
     with ``scale_factor=((grid_h + 0.1) / S, (grid_w + 0.1) / S)``. Because a
     scale factor rather than an output size is passed, ``F.interpolate`` maps
     coordinates with that slightly-off scale, so the result is *not* what
-    ``size=(grid_h, grid_w)`` gives (about 1% different at the model output).
+    ``size=(grid_h, grid_w)`` gives (outputs drift by up to about 1%).
     Official code tests ``npatch == N and w == h`` on the pixel size; since
     inputs are multiples of the patch size this is the same as ``grid == S x S``.
     """
@@ -48,7 +50,9 @@ def interpolate_pos_embed(pos_embed: Tensor, grid_h: int, grid_w: int, *, dtype:
         antialias=False,
     )
     if patch.shape[-2:] != (grid_h, grid_w):
-        raise RuntimeError(f"pos_embed resized to {tuple(patch.shape[-2:])}, wanted {(grid_h, grid_w)}")
+        raise RuntimeError(
+            f"pos_embed resized to {tuple(patch.shape[-2:])}, wanted {(grid_h, grid_w)}"
+        )
     patch = patch.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
     return torch.cat((pos_embed[:, :1], patch), dim=1).to(dtype)
 
@@ -80,10 +84,12 @@ class DinoVisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         ffn_layer, act_layer = _FFNS[ffn]
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, ffn_layer=ffn_layer, act_layer=act_layer)
+            Block(
+                embed_dim, num_heads, mlp_ratio=mlp_ratio, ffn_layer=ffn_layer, act_layer=act_layer
+            )
             for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = LayerNorm(embed_dim)
         # Non-trivial embeddings so that random models exercise the interpolation.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -96,7 +102,9 @@ class DinoVisionTransformer(nn.Module):
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
         return tokens + interpolate_pos_embed(self.pos_embed, grid_h, grid_w, dtype=tokens.dtype)
 
-    def get_intermediate_layers(self, x: Tensor, indices: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+    def get_intermediate_layers(
+        self, x: Tensor, indices: Sequence[int]
+    ) -> list[tuple[Tensor, Tensor]]:
         """Outputs of blocks ``indices`` (0-based), each passed through the final norm.
 
         Returns one ``(patch_tokens [B, N, C], class_token [B, C])`` pair per

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -56,8 +55,8 @@ class _Scratch(nn.Module):
 class DPTHead(nn.Module):
     """Four token maps to a one-channel map at the input resolution.
 
-    The maps are projected (1x1) and resized to strides 4, 8, 14 and 28 pixels
-    (x4 and x2 transposed convs, identity, a stride-2 conv) before fusion.
+    The maps are projected (1x1) and resized to 4x, 2x, 1x and 0.5x the patch
+    grid (transposed convs, identity, a stride-2 conv) before fusion.
     The class token is not used (the released models have ``use_clstoken=False``).
     ``activation`` ends the head: ReLU for relative, Sigmoid for metric models.
     """
@@ -71,8 +70,10 @@ class DPTHead(nn.Module):
         activation: type[nn.Module] = nn.ReLU,
     ):
         super().__init__()
-        c1, c2, c3, c4 = out_channels
-        self.projects = nn.ModuleList(nn.Conv2d(in_channels, c, kernel_size=1) for c in out_channels)
+        c1, c2, _, c4 = out_channels
+        self.projects = nn.ModuleList(
+            nn.Conv2d(in_channels, c, kernel_size=1) for c in out_channels
+        )
         self.resize_layers = nn.ModuleList(
             [
                 nn.ConvTranspose2d(c1, c1, kernel_size=4, stride=4),
@@ -88,7 +89,7 @@ class DPTHead(nn.Module):
     ) -> Tensor:
         """``tokens``: four ``[B, gh*gw, C]`` patch-token tensors; returns ``[B, 1, *out_size]``."""
         maps = []
-        for x, project, resize in zip(tokens, self.projects, self.resize_layers):
+        for x, project, resize in zip(tokens, self.projects, self.resize_layers, strict=True):
             x = x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], *grid)
             maps.append(resize(project(x)))
         return self.scratch(maps, out_size)
@@ -140,18 +141,25 @@ class DepthAnythingV2(nn.Module):
         """
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a [B, 3, H, W] batch, got shape {tuple(x.shape)}")
+        scale = self._depth_scale(max_depth, x.shape[0])  # validated before the heavy work
         height, width = x.shape[-2:]
-        patch = self.config.patch_size
+        grid = (height // self.config.patch_size, width // self.config.patch_size)
         layers = self.pretrained.get_intermediate_layers(x, self.config.intermediate_layers)
         tokens = [patch_tokens for patch_tokens, _ in layers]
-        depth = self.depth_head(tokens, (height // patch, width // patch), (height, width)).squeeze(1)
+        depth = self.depth_head(tokens, grid, (height, width)).squeeze(1)
+        if scale is None:
+            return depth
+        if isinstance(scale, Tensor):
+            scale = scale.to(device=depth.device, dtype=depth.dtype)
+        return depth * scale
+
+    def _depth_scale(self, max_depth: float | Tensor | None, batch: int) -> float | Tensor | None:
+        """The factor for the sigmoid output: None for relative models, else a
+        number, a 0-d tensor or a ``[B, 1, 1]`` tensor."""
         if not self.metric:
             if max_depth is not None:
                 raise ValueError("max_depth applies only to metric models; this model is relative")
-            return depth
-        return depth * self._depth_scale(max_depth, depth)
-
-    def _depth_scale(self, max_depth: float | Tensor | None, depth: Tensor) -> float | Tensor:
+            return None
         if max_depth is None:
             return self.max_depth
         if not isinstance(max_depth, Tensor):
@@ -159,13 +167,13 @@ class DepthAnythingV2(nn.Module):
                 raise ValueError(f"max_depth must be positive, got {max_depth!r}")
             return float(max_depth)
         if max_depth.ndim == 0:
-            return max_depth.to(device=depth.device, dtype=depth.dtype)
-        if max_depth.shape != depth.shape[:1]:
+            return max_depth
+        if max_depth.shape != (batch,):
             raise ValueError(
-                f"max_depth tensor must have shape [{depth.shape[0]}] (one per sample), "
+                f"max_depth tensor must have shape [{batch}] (one per sample), "
                 f"got {list(max_depth.shape)}"
             )
-        return max_depth.to(device=depth.device, dtype=depth.dtype).view(-1, 1, 1)
+        return max_depth.view(-1, 1, 1)
 
 
 def build_model(

@@ -8,6 +8,8 @@ the GPU fast path; it agrees with the cv2 path only to float rounding.
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ def _multiple_at_least(x: float, bound: int) -> int:
     if rounding fell below ``bound``; the official Resize's "lower_bound" rule."""
     y = round(x / PATCH_MULTIPLE) * PATCH_MULTIPLE
     if y < bound:
-        y = int(np.ceil(x / PATCH_MULTIPLE)) * PATCH_MULTIPLE
+        y = math.ceil(x / PATCH_MULTIPLE) * PATCH_MULTIPLE
     return y
 
 
@@ -42,7 +44,9 @@ def network_input_size(height: int, width: int, input_size: int = 518) -> tuple[
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
     scale = max(input_size / height, input_size / width)
-    return _multiple_at_least(scale * height, input_size), _multiple_at_least(scale * width, input_size)
+    new_height = _multiple_at_least(scale * height, input_size)
+    new_width = _multiple_at_least(scale * width, input_size)
+    return new_height, new_width
 
 
 def preprocess_cv2(bgr_uint8: np.ndarray, input_size: int = 518) -> Tensor:
@@ -86,5 +90,10 @@ def preprocess_tensor(images: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def resize_depth(depth: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resize ``[B, h, w]`` predictions to ``size`` (bilinear, ``align_corners=True``, as official)."""
-    return F.interpolate(depth.unsqueeze(1), size=size, mode="bilinear", align_corners=True).squeeze(1)
+    """Resize ``[B, h, w]`` predictions to ``size`` = ``(H, W)``.
+
+    Bilinear with ``align_corners=True``, as the official pipeline does.
+    """
+    return F.interpolate(
+        depth.unsqueeze(1), size=size, mode="bilinear", align_corners=True
+    ).squeeze(1)

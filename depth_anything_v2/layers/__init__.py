@@ -1,7 +1,7 @@
 """Building blocks of the DINOv2 backbone and the DPT head."""
 
 from .attention import Attention
-from .block import Block
+from .block import Block, LayerNorm
 from .fusion import FeatureFusionBlock, ResidualConvUnit
 from .layer_scale import LayerScale
 from .mlp import Mlp
@@ -12,6 +12,7 @@ __all__ = [
     "Attention",
     "Block",
     "FeatureFusionBlock",
+    "LayerNorm",
     "LayerScale",
     "Mlp",
     "PatchEmbed",

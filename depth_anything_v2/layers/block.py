@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 from torch import Tensor, nn
 
 from .attention import Attention
 from .layer_scale import LayerScale
 from .mlp import Mlp
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+"""DINOv2's norm: LayerNorm with eps 1e-6 (PyTorch's default is 1e-5)."""
 
 FfnFactory = Callable[..., nn.Module]
 """Called as ``ffn_layer(dim, hidden_features, act_layer=act_layer)``."""
@@ -30,7 +33,7 @@ class Block(nn.Module):
         *,
         mlp_ratio: float = 4.0,
         init_values: float = 1.0,
-        norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: Callable[[int], nn.Module] = LayerNorm,
         act_layer: type[nn.Module] = nn.GELU,
         ffn_layer: FfnFactory = Mlp,
     ):

@@ -1,0 +1,538 @@
+"""The zdepth command: help, option mapping, predict in-process and against a live server, health, bench.
+
+Option-to-config mapping is checked with the broker and worker replaced by
+fakes (fast); everything else runs for real on the CPU with the generated vits
+checkpoint, small images and --input-size 28.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from procs import (
+    child_env,
+    free_port,
+    small_image,
+    small_video,
+    start_live_server,
+    zdepth_argv,
+)
+from typer.testing import CliRunner
+
+from zdepth.cli import app, format_health, resolve_server
+from zdepth.config import BrokerConfig, WorkerConfig
+from zdepth.pointcloud import read_ply
+
+COMMANDS = ("broker", "worker", "serve", "predict", "health", "bench")
+FX, FY, CX, CY = 80.0, 82.0, 47.5, 31.5
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
+    """A CliRunner with no ZDEPTH_* settings leaking in from the environment."""
+    for name in list(os.environ):
+        if name.startswith("ZDEPTH_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("ZDEPTH_CONFIG", str(tmp_path / "no-profiles.toml"))
+    return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with two small photos (64x96)."""
+    folder = tmp_path_factory.mktemp("images")
+    small_image(folder / "street.jpg", "demo01.jpg")
+    small_image(folder / "room.png", "demo04.jpg")
+    return folder
+
+
+def parse_ply(path: Path) -> np.ndarray:
+    """A binary little-endian PLY's vertices with numpy alone (independent of zdepth.pointcloud)."""
+    data = path.read_bytes()
+    end = data.index(b"end_header\n") + len(b"end_header\n")
+    header = data[:end].decode("ascii").splitlines()
+    assert header[0] == "ply" and "format binary_little_endian 1.0" in header
+    count = int(next(line for line in header if line.startswith("element vertex")).split()[2])
+    types = {"float": "<f4", "uchar": "u1"}
+    fields = [(line.split()[2], types[line.split()[1]]) for line in header if line.startswith("property")]
+    vertices = np.frombuffer(data, dtype=fields, count=count, offset=end)
+    assert len(data) == end + count * vertices.dtype.itemsize
+    return vertices
+
+
+# ----------------------------------------------------------------------------- help and imports
+
+
+@pytest.mark.timeout(30)
+def test_help_lists_every_command(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0, result.output
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(runner: CliRunner, command: str) -> None:
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and "--log-level" in result.output
+    if command in ("broker", "worker", "serve", "predict", "health", "bench"):
+        assert "--key-file" in result.output and "ZDEPTH_KEY" in result.output
+
+
+@pytest.mark.timeout(30)
+def test_help_shows_env_vars(runner: CliRunner) -> None:
+    out = runner.invoke(app, ["worker", "--help"], env={"COLUMNS": "200"}).output
+    for name in ("ZDEPTH_BROKER", "ZDEPTH_MODEL", "ZDEPTH_DEVICE", "ZDEPTH_PRECISION", "ZDEPTH_WEIGHTS_DIR", "ZDEPTH_MAX_BATCH", "ZDEPTH_LOG_LEVEL"):
+        assert name in out
+    out = runner.invoke(app, ["broker", "--help"], env={"COLUMNS": "200"}).output
+    for name in ("ZDEPTH_CLIENTS", "ZDEPTH_WORKERS", "ZDEPTH_HEARTBEAT", "ZDEPTH_MAX_QUEUE"):
+        assert name in out
+
+
+@pytest.mark.timeout(60)
+def test_python_m_zdepth_and_no_torch_import() -> None:
+    env = child_env()
+    out = subprocess.run(zdepth_argv("--help"), capture_output=True, text=True, env=env, timeout=50)
+    assert out.returncode == 0, out.stderr
+    assert all(command in out.stdout for command in COMMANDS)
+    code = (
+        "import sys, zdepth.cli\n"
+        "from typer.testing import CliRunner\n"
+        "assert CliRunner().invoke(zdepth.cli.app, ['predict', '--help']).exit_code == 0\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'zdepth.engine', 'depth_anything_v2') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=50)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.timeout(30)
+def test_version(runner: CliRunner) -> None:
+    from zdepth import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+# ----------------------------------------------------------------------------- broker and worker options
+
+
+@pytest.mark.timeout(30)
+def test_broker_options_map_onto_config(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[BrokerConfig] = []
+
+    class FakeBroker:
+        def __init__(self, config: BrokerConfig) -> None:
+            seen.append(config)
+
+        def bind(self):
+            return "", ""
+
+        def run(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr("zdepth.broker.Broker", FakeBroker)
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    result = runner.invoke(
+        app,
+        ["broker", "--clients", "tcp://*:7001", "--workers", "tcp://*:7002", "--key-file", str(key_file), "--heartbeat", "0.5", "--liveness", "4", "--max-queue", "7"],
+    )
+    assert result.exit_code == 0, result.output
+    config = seen[-1]
+    assert (config.clients, config.workers, config.key, config.max_queue) == ("tcp://*:7001", "tcp://*:7002", "from-file", 7)
+    assert (config.heartbeat.interval_s, config.heartbeat.liveness) == (0.5, 4)
+
+    # Everything from the environment, the key included.
+    env = {"ZDEPTH_CLIENTS": "tcp://127.0.0.1:7101", "ZDEPTH_MAX_QUEUE": "9", "ZDEPTH_KEY": "from-env", "ZDEPTH_HEARTBEAT": "2"}
+    result = runner.invoke(app, ["broker"], env=env)
+    assert result.exit_code == 0, result.output
+    config = seen[-1]
+    assert (config.clients, config.workers, config.key, config.max_queue, config.heartbeat.interval_s) == (
+        "tcp://127.0.0.1:7101", "tcp://*:5556", "from-env", 9, 2.0,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_broker_reports_a_port_in_use(runner: CliRunner) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["broker", "--clients", f"tcp://127.0.0.1:{port}", "--workers", f"tcp://127.0.0.1:{free_port()}"])
+    assert result.exit_code == 1
+    assert "cannot bind" in result.output
+
+
+@pytest.mark.timeout(30)
+def test_worker_options_map_onto_config(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[WorkerConfig] = []
+
+    def fake_run_worker(config: WorkerConfig) -> int:
+        seen.append(config)
+        return 0
+
+    monkeypatch.setattr("zdepth.worker.run_worker", fake_run_worker)
+    args = [
+        "worker", "--broker", "tcp://gpu:5556", "-m", "vits", "--model", "vits-hypersim,vits-vkitti", "--device", "cpu",
+        "--precision", "fp32", "--max-batch", "3", "--max-wait-ms", "5", "--compile", "--download", "--warmup", "64x96,32x32",
+    ]  # fmt: skip
+    result = runner.invoke(app, args, env={"ZDEPTH_WEIGHTS_DIR": str(tmp_path), "ZDEPTH_KEY": "k"})
+    assert result.exit_code == 0, result.output
+    config = seen[-1]
+    assert config.broker == "tcp://gpu:5556"
+    assert config.models == ("vits", "vits-hypersim", "vits-vkitti")
+    assert (config.device, config.precision, config.max_batch, config.max_wait_ms) == ("cpu", "fp32", 3, 5.0)
+    assert (config.compile, config.download, config.weights_dir, config.key) == (True, True, str(tmp_path), "k")
+    assert config.warmup_sizes == ((64, 96), (32, 32))
+
+    result = runner.invoke(app, ["worker", "--device", "cpu", "--warmup", "none"], env={"ZDEPTH_MODEL": "vits-hypersim", "ZDEPTH_MAX_BATCH": "2"})
+    assert result.exit_code == 0, result.output
+    assert seen[-1].models == ("vits-hypersim",) and seen[-1].max_batch == 2 and seen[-1].warmup_sizes == ()
+    assert seen[-1].key is None
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "vitx"], "unknown model 'vitx'"),
+        (["--device", "gpu7"], "not a device"),
+        (["--precision", "fp8"], "fp8"),
+        (["--warmup", "big"], "HEIGHTxWIDTH"),
+        (["--max-batch", "0"], "max-batch"),
+    ],
+)
+def test_worker_refuses_bad_options(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str) -> None:
+    monkeypatch.setattr("zdepth.worker.run_worker", lambda config: pytest.fail("must not start"))
+    result = runner.invoke(app, ["worker", "--device", "cpu", *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+@pytest.mark.timeout(30)
+def test_log_level_configures_zdepth_logging(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("zdepth.worker.run_worker", lambda config: 0)
+    assert runner.invoke(app, ["worker", "--device", "cpu", "--log-level", "debug"]).exit_code == 0
+    assert logging.getLogger("zdepth").level == logging.DEBUG
+    assert runner.invoke(app, ["--log-level", "error", "worker", "--device", "cpu"]).exit_code == 0
+    assert logging.getLogger("zdepth").level == logging.ERROR
+    assert runner.invoke(app, ["worker", "--device", "cpu"], env={"ZDEPTH_LOG_LEVEL": "warning"}).exit_code == 0
+    assert logging.getLogger("zdepth").level == logging.WARNING
+    bad = runner.invoke(app, ["worker", "--device", "cpu", "--log-level", "loud"])
+    assert bad.exit_code == 2 and "loud" in bad.output
+
+
+# ----------------------------------------------------------------------------- servers, profiles, keys
+
+
+def test_resolve_server_addresses_and_profiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ZDEPTH_KEY", "ZDEPTH_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "lab.key").write_text("lab-secret")
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('[lab]\naddress = "tcp://gpu-box:5555"\nkey_file = "lab.key"\nmodel = "vits-hypersim"\n')
+    monkeypatch.setenv("ZDEPTH_CONFIG", str(profiles))
+    assert resolve_server("tcp://a:1") == ("tcp://a:1", None, None)
+    assert resolve_server("host:5555") == ("tcp://host:5555", None, None)
+    assert resolve_server("lab") == ("tcp://gpu-box:5555", "lab-secret", "vits-hypersim")
+    assert resolve_server("lab", key="override")[1] == "override"
+    monkeypatch.setenv("ZDEPTH_KEY", "env-key")
+    assert resolve_server("lab")[1] == "lab-secret"  # the profile's key beats the environment's
+    assert resolve_server("tcp://a:1")[1] == "env-key"
+    from zdepth import ConfigError
+
+    with pytest.raises(ConfigError, match="available profiles: lab"):
+        resolve_server("nope")
+
+
+@pytest.mark.timeout(30)
+def test_unknown_profile_is_a_clear_error(runner: CliRunner, tmp_path: Path) -> None:
+    profiles = tmp_path / "p.toml"
+    profiles.write_text('[lab]\naddress = "tcp://gpu-box:5555"\n')
+    result = runner.invoke(app, ["health", "--server", "nope"], env={"ZDEPTH_CONFIG": str(profiles)})
+    assert result.exit_code == 2
+    assert "no profile 'nope'" in result.output and "lab" in result.output and str(profiles) in result.output
+    profiles.write_text("[lab\n")
+    result = runner.invoke(app, ["health", "--server", "lab"], env={"ZDEPTH_CONFIG": str(profiles)})
+    assert result.exit_code == 2 and "not valid TOML" in result.output and "line 1" in result.output
+
+
+@pytest.mark.timeout(30)
+def test_health_without_a_broker_fails_fast(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["health", "--server", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.3"])
+    assert result.exit_code == 1
+    assert "no reply" in result.output
+
+
+def test_format_health_table() -> None:
+    info = {
+        "version": "0.1.0", "uptime_s": 3725, "queued_total": 2, "queue_limit": 1024, "in_flight": 3, "models": ["vits"],
+        "workers": [
+            {"name": "box:1:cuda:0", "host": "box", "device": "cuda:0", "precision": "fp16", "models": ["vits"], "in_flight": 3,
+             "capacity": 16, "served": 42, "failed": 1, "uptime_s": 65, "draining": False},
+        ],
+    }  # fmt: skip
+    text = format_health("tcp://box:5555", info)
+    assert "up 1h02m" in text and "queued 2/1024" in text
+    header, row = text.splitlines()[-2:]
+    assert header.split() == ["WORKER", "HOST", "DEVICE", "PRECISION", "MODELS", "LOAD", "SERVED", "FAILED", "UPTIME", "STATE"]
+    assert row.split() == ["box:1:cuda:0", "box", "cuda:0", "fp16", "vits", "3/16", "42", "1", "1m05s", "ready"]
+    assert "no workers connected" in format_health("tcp://box:5555", {**info, "workers": []})
+
+
+# ----------------------------------------------------------------------------- predict, in-process
+
+
+@pytest.mark.timeout(240)
+def test_predict_in_process_writes_every_format(runner: CliRunner, images: Path, weights_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [
+        "predict", str(images / "street.jpg"), "--model", "vits-hypersim", "--input-size", "28", "--out", str(out),
+        "--format", "npy,png16", "-f", "color", "-f", "ply", "--fx", str(FX), "--fy", str(FY), "--cx", str(CX), "--cy", str(CY),
+        "--weights-dir", str(weights_dir), "--device", "cpu",
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "1 image(s)" in result.output and "4 file(s) written" in result.output and "ms per image" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["street.color.png", "street.depth.png", "street.npy", "street.ply"]
+
+    depth = np.load(out / "street.npy")
+    assert depth.dtype == np.float32 and depth.shape == (64, 96)
+    assert np.isfinite(depth).all() and 0 < depth.min() <= depth.max() <= 20.0  # hypersim: sigmoid x 20 m
+
+    png16 = cv2.imread(str(out / "street.depth.png"), cv2.IMREAD_UNCHANGED)
+    assert png16.dtype == np.uint16 and png16.shape == (64, 96)
+    np.testing.assert_array_equal(png16, np.clip(np.rint(depth * 1000.0), 0, 65535).astype(np.uint16))
+
+    color = cv2.imread(str(out / "street.color.png"), cv2.IMREAD_UNCHANGED)
+    assert color.dtype == np.uint8 and color.shape == (64, 96, 3)
+
+    vertices = parse_ply(out / "street.ply")
+    assert len(vertices) == 64 * 96
+    assert vertices.dtype.names == ("x", "y", "z", "red", "green", "blue")
+    v, u = np.mgrid[0:64, 0:96]
+    z = depth.ravel()
+    np.testing.assert_allclose(vertices["z"], z, rtol=1e-6)
+    np.testing.assert_allclose(vertices["x"], (u.ravel() - CX) * z / FX, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(vertices["y"], (v.ravel() - CY) * z / FY, rtol=1e-5, atol=1e-6)
+    bgr = cv2.imread(str(images / "street.jpg"))
+    np.testing.assert_array_equal(np.stack([vertices["red"], vertices["green"], vertices["blue"]], 1), bgr[..., ::-1].reshape(-1, 3))
+    points, _ = read_ply(out / "street.ply")  # and zdepth's own reader agrees
+    np.testing.assert_array_equal(points[:, 2], vertices["z"])
+
+
+@pytest.mark.timeout(240)
+def test_predict_folders_globs_videos_and_failures(runner: CliRunner, images: Path, weights_dir: Path, tmp_path: Path) -> None:
+    small_video(tmp_path / "clip.avi", frames=12)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    out = tmp_path / "out"
+    args = [
+        "predict", str(images), str(tmp_path / "*.avi"), str(tmp_path / "broken.jpg"), str(tmp_path / "missing.png"),
+        "--every", "5", "--input-size", "28", "--out", str(out), "--json", "--device", "cpu",
+    ]  # fmt: skip
+    result = runner.invoke(app, args, env={"ZDEPTH_WEIGHTS_DIR": str(weights_dir)})
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert summary["frames"] == 2 + 3  # two photos; frames 0, 5 and 10 of the video
+    assert summary["written"] == 5 * 2  # default formats: npy and color
+    reasons = {f["input"]: f["reason"] for f in summary["failures"]}
+    assert set(reasons) == {str(tmp_path / "broken.jpg"), str(tmp_path / "missing.png")}
+    assert "no such file" in reasons[str(tmp_path / "missing.png")]
+    assert "bad_request" in reasons[str(tmp_path / "broken.jpg")]
+    assert summary["ms_per_frame"] > 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        f"{stem}.{ext}" for stem in ("street", "room", "clip_000000", "clip_000005", "clip_000010") for ext in ("npy", "color.png")
+    )
+    relative = np.load(out / "clip_000005.npy")
+    assert relative.dtype == np.float32 and relative.shape == (64, 96)
+
+    # The text summary names the failures and their reasons.
+    result = runner.invoke(app, ["predict", str(tmp_path / "missing.png"), "--out", str(out)], env={"ZDEPTH_WEIGHTS_DIR": str(weights_dir)})
+    assert result.exit_code == 1
+    assert "1 failed" in result.output and "missing.png: no such file or folder" in result.output
+
+
+@pytest.mark.timeout(240)
+def test_predict_options_from_environment(runner: CliRunner, images: Path, weights_dir: Path, tmp_path: Path) -> None:
+    env = {"ZDEPTH_WEIGHTS_DIR": str(weights_dir), "ZDEPTH_FORMAT": "png16,npy", "ZDEPTH_INPUT_SIZE": "28", "ZDEPTH_OUT": str(tmp_path / "o"), "ZDEPTH_DEVICE": "cpu"}
+    result = runner.invoke(app, ["predict", str(images / "room.png")], env=env)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["room.depth.png", "room.npy"]
+    png16 = cv2.imread(str(tmp_path / "o" / "room.depth.png"), cv2.IMREAD_UNCHANGED)
+    depth = np.load(tmp_path / "o" / "room.npy")
+    assert png16.dtype == np.uint16 and png16.shape == depth.shape
+    span = depth.max() - depth.min()  # relative depth: scaled per image onto 0..65535
+    expected = np.rint((depth - depth.min()) / span * 65535) if span > 0 else np.zeros_like(depth)
+    np.testing.assert_allclose(png16, expected, atol=1)
+
+
+def test_png16_and_colour_scaling() -> None:
+    from zdepth.predict import colorize, depth_to_png16
+
+    ramp = np.linspace(1.0, 5.0, 12, dtype=np.float32).reshape(3, 4)
+    relative = depth_to_png16(ramp, metric=False)
+    assert relative.dtype == np.uint16 and relative.min() == 0 and relative.max() == 65535 and relative[0, 0] == 0
+    metric = depth_to_png16(ramp, metric=True, depth_scale=1000)
+    np.testing.assert_array_equal(metric, np.rint(ramp * 1000).astype(np.uint16))
+    assert depth_to_png16(np.array([[100.0, np.nan]], np.float32), metric=True).tolist() == [[65535, 0]]  # clipped; NaN -> 0
+    # Near is bright in both: the largest relative value and the smallest metric one.
+    gray_rel = colorize(ramp, metric=False, colormap="bone")[..., 0]
+    gray_met = colorize(ramp, metric=True, colormap="bone")[..., 0]
+    assert gray_rel[2, 3] > gray_rel[0, 0] and gray_met[0, 0] > gray_met[2, 3]
+    assert colorize(np.zeros((2, 2), np.float32), metric=False).shape == (2, 2, 3)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-f", "ply", "-m", "vits-hypersim"], "needs camera intrinsics"),
+        (["-f", "ply", "--fx", "1", "--fy", "1", "--cx", "1", "--cy", "1"], "needs metric depth"),
+        (["--fx", "100"], "all four of --fx --fy --cx --cy"),
+        (["-f", "npy,jpeg"], "unknown output format 'jpeg'"),
+        (["-m", "vitq"], "unknown model 'vitq'"),
+        (["--max-depth", "5"], "metric models only"),
+        (["--colormap", "rainbowish"], "unknown colour map"),
+    ],
+)
+def test_predict_refuses_bad_options(runner: CliRunner, images: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["predict", str(images / "street.jpg"), "-o", str(tmp_path / "o"), *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.timeout(60)
+def test_predict_intrinsics_file(runner: CliRunner, images: Path, weights_dir: Path, tmp_path: Path) -> None:
+    k = tmp_path / "K.txt"
+    k.write_text(f"{FX} 0 {CX}\n0 {FY} {CY}\n0 0 1\n")
+    args = ["predict", str(images / "street.jpg"), "-m", "vits-vkitti", "-f", "ply", "--intrinsics", str(k), "--input-size", "28", "-o", str(tmp_path / "o"), "--max-depth", "5"]
+    result = runner.invoke(app, args, env={"ZDEPTH_WEIGHTS_DIR": str(weights_dir), "ZDEPTH_DEVICE": "cpu"})
+    assert result.exit_code == 0, result.output
+    vertices = parse_ply(tmp_path / "o" / "street.ply")
+    assert len(vertices) == 64 * 96 and 0 < vertices["z"].max() <= 5.0
+
+
+@pytest.mark.timeout(60)
+def test_predict_in_process_without_weights(runner: CliRunner, images: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["predict", str(images / "street.jpg"), "-o", str(tmp_path / "o"), "--weights-dir", str(tmp_path / "empty"), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "depth_anything_v2_vits.pth" in result.output and "--download" in result.output
+
+
+# ----------------------------------------------------------------------------- against a live server
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path):
+    server = start_live_server(tmp_path_factory.mktemp("live"), weights_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_health_table_and_json(runner: CliRunner, live) -> None:
+    result = runner.invoke(app, ["health", "--server", live.client_address], env={"ZDEPTH_KEY": live.key})
+    assert result.exit_code == 0, result.output
+    assert "models: vits, vits-hypersim" in result.output
+    row = result.output.splitlines()[-1].split()
+    assert row[2:5] == ["cpu", "fp32", "vits,vits-hypersim"] and row[-1] == "ready"
+
+    result = runner.invoke(app, ["health", "--server", live.client_address, "--json"], env={"ZDEPTH_KEY": live.key})
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["server"] == live.client_address and info["models"] == ["vits", "vits-hypersim"]
+    (worker,) = info["workers"]
+    assert worker["device"] == "cpu" and worker["pid"] == live.procs[1].pid and worker["uptime_s"] > 0
+
+    result = runner.invoke(app, ["health", "--server", live.client_address], env={"ZDEPTH_KEY": "wrong"})
+    assert result.exit_code == 1 and "wrong or missing key" in result.output
+
+
+@pytest.mark.timeout(120)
+def test_bench_against_live_server(runner: CliRunner, live) -> None:
+    args = ["bench", "--server", live.client_address, "--clients", "2", "--seconds", "1.5", "--size", "48x64", "--input-size", "28", "--json"]
+    result = runner.invoke(app, args, env={"ZDEPTH_KEY": live.key})
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["frames"] > 0 and report["errors"] == 0 and report["fps"] > 0
+    latency = report["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    assert report["clients"] == 2 and report["size"] == "48x64"
+
+    result = runner.invoke(app, [*args[:-1], "--in-flight", "2", "-m", "vits-hypersim"], env={"ZDEPTH_KEY": live.key})
+    assert result.exit_code == 0, result.output
+    assert "frames/s" in result.output and "p50" in result.output and "p99" in result.output and "errors      0" in result.output
+
+
+@pytest.mark.timeout(120)
+def test_bench_with_real_images_counts_errors(runner: CliRunner, live, images: Path) -> None:
+    args = ["bench", "--server", live.client_address, "-c", "1", "-t", "0.5", "-i", str(images / "street.jpg"), "--input-size", "28", "--json"]
+    result = runner.invoke(app, [*args, "-m", "vitb"], env={"ZDEPTH_KEY": live.key})  # a model nobody serves
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["frames"] == 0 and report["errors"] > 0 and set(report["errors_by_code"]) == {"unknown_model"}
+    assert report["size"] == "64x96"
+    bad = runner.invoke(app, [*args, "--input-size", "30"], env={"ZDEPTH_KEY": live.key, "COLUMNS": "200"})
+    assert bad.exit_code == 2 and "multiple of 14" in bad.output
+
+
+@pytest.mark.timeout(180)
+def test_predict_against_live_server_matches_in_process(runner: CliRunner, live, images: Path, weights_dir: Path, tmp_path: Path) -> None:
+    # A real `zdepth predict` process, the key from the environment only.
+    remote = tmp_path / "remote"
+    argv = zdepth_argv(
+        "predict", str(images), "--server", live.client_address, "-m", "vits-hypersim", "--input-size", "28",
+        "-f", "npy,ply", "--fx", str(FX), "--fy", str(FY), "--cx", str(CX), "--cy", str(CY), "-o", str(remote),
+    )  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, env=child_env(ZDEPTH_KEY=live.key), timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 image(s)" in out.stdout
+    assert sorted(p.name for p in remote.iterdir()) == ["room.npy", "room.ply", "street.npy", "street.ply"]
+
+    local = tmp_path / "local"
+    result = runner.invoke(
+        app, ["predict", str(images), "-m", "vits-hypersim", "--input-size", "28", "-f", "npy", "-o", str(local), "--device", "cpu"],
+        env={"ZDEPTH_WEIGHTS_DIR": str(weights_dir)},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for name in ("street.npy", "room.npy"):
+        np.testing.assert_allclose(np.load(remote / name), np.load(local / name), rtol=1e-4, atol=1e-4)
+    assert len(parse_ply(remote / "street.ply")) == 64 * 96
+
+
+@pytest.mark.timeout(120)
+def test_predict_with_a_profile(runner: CliRunner, live, images: Path, tmp_path: Path) -> None:
+    (tmp_path / "lab.key").write_text(live.key + "\n")
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(f'[lab]\naddress = "{live.client_address}"\nkey_file = "lab.key"\nmodel = "vits-hypersim"\n')
+    result = runner.invoke(
+        app, ["predict", str(images / "room.png"), "--server", "lab", "--input-size", "28", "-o", str(tmp_path / "o"), "--max-depth", "3"],
+        env={"ZDEPTH_CONFIG": str(profiles)},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    depth = np.load(tmp_path / "o" / "room.npy")
+    assert depth.shape == (64, 96) and 0 < depth.max() <= 3.0  # the profile's metric model, max_depth applied
+
+    result = runner.invoke(app, ["health", "-s", "lab", "--json"], env={"ZDEPTH_CONFIG": str(profiles)})
+    assert result.exit_code == 0 and json.loads(result.stdout)["server"] == live.client_address

@@ -1,0 +1,861 @@
+"""The ``zdepth`` command: broker, worker, serve, predict, health and bench.
+
+Thin on purpose: options (and their ``ZDEPTH_*`` environment variables) become
+the config dataclasses, then a library call does the work. Logging is
+configured here and nowhere else. Importing this module imports no torch (nor
+the broker, worker or client): each command imports what it needs when it runs,
+and the in-process ``predict`` path imports the engine only then.
+
+Keys never need to be on a command line, where ``ps`` shows them: every
+command reads ``ZDEPTH_KEY``, or the file named by ``--key-file`` or
+``ZDEPTH_KEY_FILE``. ``--key`` exists for quick tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import __version__
+from .errors import ConfigError, ZdepthError
+
+__all__ = ["app", "main", "resolve_server", "setup_logging"]
+
+logger = logging.getLogger("zdepth.cli")
+
+DEFAULT_SERVER = "tcp://localhost:5555"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+PRECISIONS = ("fp32", "fp16", "bf16")
+MODELS_HELP = (
+    "Model id: vits, vitb, vitl (relative depth) or ENCODER-hypersim / ENCODER-vkitti (metric, metres). "
+    "vits is Apache-2.0; vitb and vitl are CC-BY-NC-4.0 (non-commercial use only)."
+)
+
+app = typer.Typer(
+    name="zdepth",
+    help="Depth Anything V2 over ZeroMQ: a broker, one worker per GPU, and clients.\n\n"
+    "On a GPU box: `zdepth serve`. Anywhere: `zdepth predict photos/ --out depth/`, `zdepth health`.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+# ----------------------------------------------------------------------------- shared options
+
+LogLevel = Annotated[
+    str | None,
+    typer.Option(
+        "--log-level",
+        envvar="ZDEPTH_LOG_LEVEL",
+        help=f"Logging level: {', '.join(LOG_LEVELS)}. Default: info for servers, warning for clients.",
+        show_default=False,
+    ),
+]
+Key = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        help="The shared secret. Prefer ZDEPTH_KEY or --key-file: a key on the command line shows in `ps`.",
+        show_default=False,
+    ),
+]
+KeyFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--key-file",
+        help="File holding the shared secret. Env: ZDEPTH_KEY_FILE (or ZDEPTH_KEY holding the key itself).",
+        show_default=False,
+    ),
+]
+Heartbeat = Annotated[float, typer.Option("--heartbeat", envvar="ZDEPTH_HEARTBEAT", min=0.01, help="Seconds between heartbeats.")]
+Liveness = Annotated[
+    int, typer.Option("--liveness", envvar="ZDEPTH_LIVENESS", min=1, help="Missed heartbeats before a peer counts as dead.")
+]
+Server = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        "-s",
+        envvar="ZDEPTH_SERVER",
+        help="Broker address (tcp://host:5555, or host:port) or a profile name from the profiles file (ZDEPTH_CONFIG).",
+        show_default=False,
+    ),
+]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (test runners swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+_global_log_level: str | None = None
+
+
+def setup_logging(level: str | None, default: str = "info") -> None:
+    """One stderr handler on the root logger (replacing ours from an earlier call), ``zdepth.*`` at ``level``."""
+    name = (level or _global_log_level or default).lower()
+    if name not in LOG_LEVELS:
+        raise typer.BadParameter(f"{level!r} is not one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _StderrHandler):
+            root.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    logging.getLogger("zdepth").setLevel(name.upper())
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Our errors as one readable line and an exit status: 2 for bad settings, 1 for failures."""
+    try:
+        yield
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except ZdepthError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except ValueError as exc:  # the engine's refusals (a CUDA device without CUDA, fp16 on the CPU, ...)
+        logger.debug("details", exc_info=True)
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
+            raise
+        typer.echo(f"error: running the model needs {exc.name}: pip install 'zdepth[worker]'", err=True)
+        raise typer.Exit(1) from None
+
+
+def _resolve_key(key: str | None, key_file: Path | None, profile_key: str | None = None) -> str | None:
+    """--key, else --key-file, else the profile's key, else ZDEPTH_KEY / ZDEPTH_KEY_FILE."""
+    from .config import read_key
+
+    if key or key_file:
+        return read_key(key, key_file)
+    return profile_key or read_key()
+
+
+def resolve_server(server: str | None, key: str | None = None, key_file: Path | None = None) -> tuple[str, str | None, str | None]:
+    """(address, key, default model) for ``--server``: an address, ``host:port``, or a profile name.
+
+    ``tcp://host:5555`` (any ``scheme://``) is taken as it is and ``host:port``
+    read as ``tcp://host:port``; anything else names a profile in the profiles
+    file, whose key is used unless ``--key``/``--key-file`` say otherwise.
+    """
+    server = (server or DEFAULT_SERVER).strip()
+    if "://" in server:
+        return server, _resolve_key(key, key_file), None
+    host, sep, port = server.rpartition(":")
+    if sep and host and port.isdigit():
+        return f"tcp://{server}", _resolve_key(key, key_file), None
+    from .profiles import load_profile
+
+    profile = load_profile(server)  # ConfigError lists the profiles and names the file
+    return profile.address, _resolve_key(key, key_file, profile.key), profile.model
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """Repeatable options that also take comma (or space) lists: ``-m vits,vits-hypersim``."""
+    out: list[str] = []
+    for value in values or []:
+        for item in value.replace(",", " ").split():
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def _check_models(models: list[str]) -> None:
+    from .weights import get_spec
+
+    for model in models:
+        try:
+            get_spec(model)
+        except ZdepthError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--model") from None
+
+
+def _check_device(device: str) -> str:
+    import re
+
+    if device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", device):
+        return device
+    raise typer.BadParameter(f"{device!r} is not a device; use cpu, cuda:N or auto", param_hint="--device")
+
+
+def _check_precision(precision: str | None) -> str | None:
+    if precision is None or precision == "auto":
+        return None
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"{precision!r} is not one of {', '.join(PRECISIONS)} (or auto)", param_hint="--precision")
+    return precision
+
+
+def _check_input_size(input_size: int | None) -> int | None:
+    if input_size is not None and (input_size % 14 or not 14 <= input_size <= 2058):
+        raise typer.BadParameter(f"{input_size} is not a multiple of 14 within 14..2058 (518 is the default, 364 faster)", param_hint="--input-size")
+    return input_size
+
+
+def _parse_size(text: str, option: str) -> tuple[int, int]:
+    """``480x640`` (height x width) -> (480, 640)."""
+    try:
+        height, width = (int(v) for v in text.lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not HEIGHTxWIDTH, e.g. 480x640", param_hint=option) from None
+    if height < 1 or width < 1:
+        raise typer.BadParameter(f"{text!r} must have positive sides", param_hint=option)
+    return height, width
+
+
+def _parse_warmup(values: list[str] | None) -> tuple[tuple[int, int], ...] | None:
+    items = _split(values)
+    if not items:
+        return None
+    if items == ["none"]:
+        return ()
+    return tuple(_parse_size(item, "--warmup") for item in items)
+
+
+def _on_signals(stop: Callable[[], None]) -> Callable[[], None]:
+    """SIGINT/SIGTERM call ``stop()``; a second one raises KeyboardInterrupt. Returns a restore function."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    signals = [signal.SIGINT, signal.SIGTERM]
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    count = [0]
+
+    def handle(signum: int, _frame: Any) -> None:
+        count[0] += 1
+        if count[0] > 1:
+            raise KeyboardInterrupt
+        logger.info("%s received: stopping (send it again to stop at once)", signal.Signals(signum).name)
+        stop()
+
+    for sig in signals:
+        signal.signal(sig, handle)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"zdepth {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    log_level: LogLevel = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Depth Anything V2 over ZeroMQ: a broker, one worker per GPU, and clients."""
+    global _global_log_level
+    _global_log_level = log_level
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+@app.command()
+def broker(
+    clients: Annotated[str, typer.Option("--clients", envvar="ZDEPTH_CLIENTS", help="Endpoint clients connect to.")] = "tcp://*:5555",
+    workers: Annotated[str, typer.Option("--workers", envvar="ZDEPTH_WORKERS", help="Endpoint workers connect to.")] = "tcp://*:5556",
+    key: Key = None,
+    key_file: KeyFile = None,
+    heartbeat: Heartbeat = 1.0,
+    liveness: Liveness = 3,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", envvar="ZDEPTH_MAX_QUEUE", min=1, help="Waiting requests (all models) before 'overloaded'.")
+    ] = 1024,
+    default_timeout: Annotated[
+        float, typer.Option("--default-timeout", envvar="ZDEPTH_DEFAULT_TIMEOUT", min=0.001, help="Deadline in seconds for requests that name none.")
+    ] = 30.0,
+    drain_timeout: Annotated[
+        float, typer.Option("--drain-timeout", envvar="ZDEPTH_DRAIN_TIMEOUT", min=0, help="On stop, seconds to wait for replies in flight.")
+    ] = 5.0,
+    log_level: LogLevel = None,
+) -> None:
+    """Run the broker: clients on one endpoint, workers on another; requests routed by model.
+
+    It needs no GPU and no torch. Ctrl-C or SIGTERM stops it.
+    """
+    setup_logging(log_level)
+    import zmq
+
+    from .broker import Broker
+    from .config import BrokerConfig
+    from .config import Heartbeat as HeartbeatConfig
+
+    with _errors():
+        config = BrokerConfig(
+            clients=clients,
+            workers=workers,
+            key=_resolve_key(key, key_file),
+            heartbeat=HeartbeatConfig(interval_s=heartbeat, liveness=liveness),
+            max_queue=max_queue,
+            default_timeout_s=default_timeout,
+            drain_timeout_s=drain_timeout,
+        )
+        server = Broker(config)
+        restore = _on_signals(server.stop)
+        try:
+            server.bind()
+            server.run()
+        except zmq.ZMQError as exc:
+            typer.echo(f"error: cannot bind {clients} / {workers}: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        finally:
+            restore()
+
+
+@app.command()
+def worker(
+    broker: Annotated[
+        str, typer.Option("--broker", envvar="ZDEPTH_BROKER", help="The broker's worker endpoint.")
+    ] = "tcp://localhost:5556",
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", envvar="ZDEPTH_MODEL", help=MODELS_HELP + " Repeat it, or give a comma list. Default: vits.", show_default=False),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", envvar="ZDEPTH_DEVICE", help="cuda:N, cpu, or auto (cuda:0 if there is a GPU).")] = "auto",
+    precision: Annotated[
+        str | None, typer.Option("--precision", envvar="ZDEPTH_PRECISION", help="fp32, fp16 or bf16. Default: fp16 on CUDA, fp32 on CPU.", show_default=False)
+    ] = None,
+    weights_dir: Annotated[
+        Path | None,
+        typer.Option("--weights-dir", envvar="ZDEPTH_WEIGHTS_DIR", help="Folder of checkpoints. Default: ~/.cache/zdepth/weights.", show_default=False),
+    ] = None,
+    download: Annotated[bool, typer.Option("--download/--no-download", envvar="ZDEPTH_DOWNLOAD", help="Fetch missing checkpoints from the model hub.")] = False,
+    max_batch: Annotated[int, typer.Option("--max-batch", envvar="ZDEPTH_MAX_BATCH", min=1, help="Largest batch for one forward pass.")] = 8,
+    max_wait_ms: Annotated[
+        float, typer.Option("--max-wait-ms", envvar="ZDEPTH_MAX_WAIT_MS", min=0, help="How long a partial batch waits for more requests.")
+    ] = 2.0,
+    capacity: Annotated[
+        int | None, typer.Option("--capacity", envvar="ZDEPTH_CAPACITY", min=1, help="Requests held at once. Default: 2 x max batch.", show_default=False)
+    ] = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", envvar="ZDEPTH_COMPILE", help="torch.compile the models (slow start, faster steps).")] = False,
+    warmup: Annotated[
+        list[str] | None,
+        typer.Option("--warmup", envvar="ZDEPTH_WARMUP", help="Frame sizes HxW to warm up on before serving, or 'none'. Default: 480x640.", show_default=False),
+    ] = None,
+    key: Key = None,
+    key_file: KeyFile = None,
+    heartbeat: Heartbeat = 1.0,
+    liveness: Liveness = 3,
+    log_level: LogLevel = None,
+) -> None:
+    """Run one worker: load the models on one device and serve the broker's requests.
+
+    The first Ctrl-C or SIGTERM drains (answers what it holds, then exits); a second stops at once.
+    """
+    setup_logging(log_level)
+    models = _split(model) or ["vits"]
+    _check_models(models)
+    device = _check_device(device)
+    precision = _check_precision(precision)
+    sizes = _parse_warmup(warmup)
+    from .config import Heartbeat as HeartbeatConfig
+    from .config import WorkerConfig
+    from .worker import run_worker
+
+    with _errors():
+        if device == "auto":
+            import torch  # a worker imports torch anyway
+
+            device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        fields: dict[str, Any] = {}
+        if sizes is not None:
+            fields["warmup_sizes"] = sizes
+        config = WorkerConfig(
+            broker=broker,
+            models=tuple(models),
+            key=_resolve_key(key, key_file),
+            device=device,
+            precision=precision,
+            weights_dir=str(weights_dir) if weights_dir else None,
+            download=download,
+            compile=compile,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            capacity=capacity,
+            heartbeat=HeartbeatConfig(interval_s=heartbeat, liveness=liveness),
+            **fields,
+        )
+        code = run_worker(config)
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    clients: Annotated[str, typer.Option("--clients", envvar="ZDEPTH_CLIENTS", help="Endpoint clients connect to.")] = "tcp://*:5555",
+    workers: Annotated[
+        str, typer.Option("--workers", envvar="ZDEPTH_WORKERS", help="Endpoint workers connect to (also for workers on other hosts).")
+    ] = "tcp://*:5556",
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", envvar="ZDEPTH_MODEL", help=MODELS_HELP + " Repeat it, or give a comma list. Default: vits.", show_default=False),
+    ] = None,
+    device: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--device",
+            envvar="ZDEPTH_DEVICES",
+            help="Devices to start one worker each on (repeat, or a comma list). Default: every visible GPU, else one CPU worker.",
+            show_default=False,
+        ),
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option("--precision", envvar="ZDEPTH_PRECISION", help="fp32, fp16 or bf16. Default: fp16 on CUDA, fp32 on CPU.", show_default=False)
+    ] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", envvar="ZDEPTH_MAX_BATCH", min=1, help="Largest batch per forward pass.")] = 8,
+    max_wait_ms: Annotated[
+        float, typer.Option("--max-wait-ms", envvar="ZDEPTH_MAX_WAIT_MS", min=0, help="How long a partial batch waits for more requests.")
+    ] = 2.0,
+    weights_dir: Annotated[
+        Path | None,
+        typer.Option("--weights-dir", envvar="ZDEPTH_WEIGHTS_DIR", help="Folder of checkpoints. Default: ~/.cache/zdepth/weights.", show_default=False),
+    ] = None,
+    download: Annotated[bool, typer.Option("--download/--no-download", envvar="ZDEPTH_DOWNLOAD", help="Fetch missing checkpoints from the model hub.")] = False,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", envvar="ZDEPTH_COMPILE", help="torch.compile the models.")] = False,
+    warmup: Annotated[
+        list[str] | None,
+        typer.Option("--warmup", envvar="ZDEPTH_WARMUP", help="Frame sizes HxW the workers warm up on, or 'none'. Default: 480x640.", show_default=False),
+    ] = None,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", envvar="ZDEPTH_MAX_QUEUE", min=1, help="Waiting requests before 'overloaded'.")
+    ] = 1024,
+    key: Key = None,
+    key_file: KeyFile = None,
+    heartbeat: Heartbeat = 1.0,
+    liveness: Liveness = 3,
+    restart_delay: Annotated[
+        float, typer.Option("--restart-delay", envvar="ZDEPTH_RESTART_DELAY", min=0, help="Seconds before a crashed process is restarted (doubles while it keeps crashing).")
+    ] = 1.0,
+    log_level: LogLevel = None,
+) -> None:
+    """Run a broker and one worker per GPU on this machine, and keep them running.
+
+    Each is its own process; one that crashes is logged and restarted. Ctrl-C or SIGTERM stops them all: workers drain first, then the broker stops.
+    """
+    setup_logging(log_level)
+    models = _split(model) or ["vits"]
+    _check_models(models)
+    precision = _check_precision(precision)
+    sizes = _parse_warmup(warmup)
+    devices = [_check_device(d) for d in _split(device)]
+    from .supervisor import ChildSpec, Supervisor, connect_address, detect_devices
+
+    with _errors():
+        secret = _resolve_key(key, key_file)
+        if not devices or devices == ["auto"]:
+            devices = detect_devices()
+        level = (log_level or _global_log_level or "info").lower()
+        env = {"ZDEPTH_KEY": secret} if secret else {}
+        common = ["--heartbeat", str(heartbeat), "--liveness", str(liveness), "--log-level", level]
+        python = [sys.executable, "-m", "zdepth"]
+        children = [
+            ChildSpec(
+                "broker",
+                [*python, "broker", "--clients", clients, "--workers", workers, "--max-queue", str(max_queue), *common],
+                env,
+                stop_timeout_s=15.0,
+            )
+        ]
+        worker_args = ["--broker", connect_address(workers), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+        for m in models:
+            worker_args += ["--model", m]
+        if precision:
+            worker_args += ["--precision", precision]
+        if weights_dir:
+            worker_args += ["--weights-dir", str(weights_dir)]
+        worker_args += ["--download" if download else "--no-download", "--compile" if compile else "--no-compile"]
+        if sizes is not None:
+            worker_args += ["--warmup", ",".join(f"{h}x{w}" for h, w in sizes) or "none"]
+        for dev in devices:
+            children.append(ChildSpec(f"worker {dev}", [*python, "worker", "--device", dev, *worker_args, *common], env, stop_timeout_s=30.0))
+        supervisor = Supervisor(children, restart_delay_s=restart_delay)
+        logger.info(
+            "serving %s on %s (workers on %s): %d worker(s) on %s", ", ".join(models), clients, workers, len(devices), ", ".join(devices)
+        )
+        restore = _on_signals(supervisor.stop)
+        try:
+            supervisor.run()
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        finally:
+            restore()
+
+
+# ----------------------------------------------------------------------------- clients
+
+
+@app.command()
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders, globs (quote them) and video files.", show_default=False)],
+    server: Server = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", envvar="ZDEPTH_MODEL", help=MODELS_HELP + " Default: vits in-process; the profile's or the server's choice otherwise.", show_default=False),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", envvar="ZDEPTH_OUT", help="Output folder (created if needed).")] = Path("depth"),
+    formats: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format",
+            "-f",
+            envvar="ZDEPTH_FORMAT",
+            help="Outputs, repeated or a comma list: npy (NAME.npy, float32), png16 (NAME.depth.png: metric in mm, relative scaled to 0..65535), "
+            "color (NAME.color.png), ply (NAME.ply, coloured points; needs intrinsics and a metric model). Default: npy,color.",
+            show_default=False,
+        ),
+    ] = None,
+    max_depth: Annotated[
+        float | None, typer.Option("--max-depth", help="Metric models: depth range in metres. Default: 20 hypersim, 80 vkitti.", show_default=False)
+    ] = None,
+    input_size: Annotated[
+        int | None, typer.Option("--input-size", envvar="ZDEPTH_INPUT_SIZE", help="Network input side, a multiple of 14 (smaller is faster). Default: 518.", show_default=False)
+    ] = None,
+    device: Annotated[str, typer.Option("--device", envvar="ZDEPTH_DEVICE", help="In-process only: cuda:N, cpu or auto.")] = "auto",
+    precision: Annotated[
+        str | None, typer.Option("--precision", envvar="ZDEPTH_PRECISION", help="In-process only: fp32, fp16 or bf16.", show_default=False)
+    ] = None,
+    weights_dir: Annotated[
+        Path | None, typer.Option("--weights-dir", envvar="ZDEPTH_WEIGHTS_DIR", help="In-process only: folder of checkpoints.", show_default=False)
+    ] = None,
+    download: Annotated[bool, typer.Option("--download/--no-download", envvar="ZDEPTH_DOWNLOAD", help="In-process only: fetch a missing checkpoint.")] = False,
+    fx: Annotated[float | None, typer.Option("--fx", help="Focal length x in pixels (for ply).", show_default=False)] = None,
+    fy: Annotated[float | None, typer.Option("--fy", help="Focal length y in pixels.", show_default=False)] = None,
+    cx: Annotated[float | None, typer.Option("--cx", help="Principal point x in pixels.", show_default=False)] = None,
+    cy: Annotated[float | None, typer.Option("--cy", help="Principal point y in pixels.", show_default=False)] = None,
+    intrinsics: Annotated[
+        Path | None,
+        typer.Option("--intrinsics", help="File with a 3x3 camera matrix (text, .npy or .json), instead of --fx --fy --cx --cy.", show_default=False),
+    ] = None,
+    every: Annotated[int, typer.Option("--every", min=1, help="Videos: predict every Nth frame (outputs named STEM_000123.*).")] = 1,
+    colormap: Annotated[str, typer.Option("--colormap", help="cv2 colour map for the color output.")] = "inferno",
+    depth_scale: Annotated[
+        float, typer.Option("--depth-scale", help="png16 of metric depth: units per metre (1000 = mm).")
+    ] = 1000.0,
+    in_flight: Annotated[int, typer.Option("--in-flight", min=1, help="Server only: frames in flight at once.")] = 4,
+    timeout: Annotated[float, typer.Option("--timeout", envvar="ZDEPTH_TIMEOUT", min=0.001, help="Server only: seconds to wait for each reply.")] = 30.0,
+    key: Key = None,
+    key_file: KeyFile = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (on a terminal).")] = True,
+    json_out: JsonOut = False,
+    log_level: LogLevel = None,
+) -> None:
+    """Predict depth for images, folders, globs and videos; write npy, 16-bit png, colour png or ply files.
+
+    With --server the work goes to a zdepth broker; without one, the model runs in this process (torch needed), so it works with nothing else running.
+    """
+    setup_logging(log_level, default="warning")
+    _check_input_size(input_size)
+    from . import predict as runner
+
+    with _errors():
+        fmts = runner.parse_formats(formats or ["npy,color"])
+        intr = _intrinsics(fx, fy, cx, cy, intrinsics)
+        device = _check_device(device)
+        precision = _check_precision(precision)
+        address = secret = None
+        if server:
+            address, secret, default_model = resolve_server(server, key, key_file)
+            model = model or default_model
+        elif model is None:
+            model = "vits"
+        if model is not None:
+            _check_models([model])
+        from .protocol import is_metric_model
+
+        metric = model is not None and is_metric_model(model)
+        if max_depth is not None and not metric:
+            raise ConfigError("--max-depth applies to metric models only; pass one such as --model vits-hypersim")
+        options = runner.OutputOptions(out_dir=out, formats=fmts, metric=metric, intrinsics=intr, colormap=colormap, depth_scale=depth_scale)
+        sources, missing = runner.expand_inputs(images)
+        if not sources:
+            _print_predict_summary(runner.Summary(failures=missing), out, json_out)
+            raise typer.Exit(1)
+        with contextlib.ExitStack() as stack:
+            if address is None:
+                predictor = runner.local_predictor(
+                    model,
+                    device=device,
+                    precision=precision,
+                    weights_dir=str(weights_dir) if weights_dir else None,
+                    download=download,
+                    input_size=input_size or 518,
+                    max_depth=max_depth,
+                )
+            else:
+                _probe(address, secret, timeout, model)
+                client = stack.enter_context(_client(address, secret, timeout, model))
+                predictor = runner.remote_predictor(client, model, metric=metric, input_size=input_size, max_depth=max_depth, max_in_flight=in_flight)
+            advance = stack.enter_context(_progress(sources, every, enabled=progress and not json_out))
+            summary = runner.run(sources, predictor, options, every=every, advance=advance)
+        summary.failures[:0] = missing
+    _print_predict_summary(summary, out, json_out)
+    if summary.failures:
+        raise typer.Exit(1)
+
+
+def _intrinsics(fx, fy, cx, cy, path: Path | None):
+    from .pointcloud import Intrinsics
+
+    given = [v is not None for v in (fx, fy, cx, cy)]
+    if path is not None:
+        if any(given):
+            raise ConfigError("give either --intrinsics FILE or --fx --fy --cx --cy, not both")
+        return Intrinsics.from_file(path)
+    if any(given) and not all(given):
+        raise ConfigError("give all four of --fx --fy --cx --cy (pixels), or --intrinsics FILE")
+    if not any(given):
+        return None
+    try:
+        return Intrinsics(fx, fy, cx, cy)
+    except ZdepthError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _probe(address: str, key: str | None, timeout: float, model: str | None) -> dict[str, Any]:
+    """One health request that fails fast (5 s at most) when no broker answers; warns if ``model`` is not served."""
+    from .client import Client
+
+    with Client(address, key=key, timeout=min(timeout, 5.0), retries=0) as probe:
+        health = probe.health()
+    served = health.get("models") or []
+    if not health.get("workers"):
+        logger.warning("%s has no worker connected yet: requests wait for one, then fail", address)
+    elif model is not None and model not in served:
+        logger.warning("%s serves %s, not %s: requests will fail with unknown_model", address, ", ".join(served), model)
+    return health
+
+
+def _client(address: str, key: str | None, timeout: float, model: str | None):
+    """A client whose default model is ``model`` (None: the broker picks)."""
+    from .client import Client
+
+    encoder, _, dataset = (model or "").partition("-")
+    kwargs: dict[str, Any] = {"encoder": encoder or None}
+    if dataset:
+        kwargs["dataset"] = dataset
+    return Client(address, key=key, timeout=timeout, **kwargs)
+
+
+@contextlib.contextmanager
+def _progress(sources, every: int, *, enabled: bool):
+    """A rich progress bar on a terminal's stderr; elsewhere nothing."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from .predict import count_frames
+
+    counts = [count_frames(s, every) for s in sources]
+    total = None if any(c is None for c in counts) else sum(counts)
+    bar = Progress(
+        TextColumn("depth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True
+    )
+    with bar:
+        task = bar.add_task("depth", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _print_predict_summary(summary, out: Path, json_out: bool) -> None:
+    if json_out:
+        typer.echo(json.dumps({**summary.as_dict(), "out": str(out)}))
+        return
+    per = f", {summary.ms_per_frame:.1f} ms per image" if summary.ms_per_frame is not None else ""
+    typer.echo(f"{summary.frames} image(s) in {summary.seconds:.2f} s{per}; {summary.written} file(s) written to {out}")
+    if summary.failures:
+        typer.echo(f"{len(summary.failures)} failed:")
+        for failure in summary.failures:
+            typer.echo(f"  {failure.name}: {failure.reason}")
+
+
+@app.command()
+def health(
+    server: Server = None,
+    timeout: Annotated[float, typer.Option("--timeout", envvar="ZDEPTH_TIMEOUT", min=0.001, help="Seconds to wait for the broker.")] = 5.0,
+    key: Key = None,
+    key_file: KeyFile = None,
+    json_out: JsonOut = False,
+    log_level: LogLevel = None,
+) -> None:
+    """Show the broker's workers: device, models, load, requests served and uptime."""
+    setup_logging(log_level, default="warning")
+    from .client import Client
+
+    with _errors():
+        address, secret, _ = resolve_server(server, key, key_file)
+        with Client(address, key=secret, timeout=timeout, retries=0) as client:
+            info = client.health()
+    if json_out:
+        typer.echo(json.dumps({"server": address, **info}, indent=2, sort_keys=True))
+    else:
+        typer.echo(format_health(address, info))
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def format_health(address: str, info: dict[str, Any]) -> str:
+    """The health map as a plain text table (no colours, so it reads the same in logs)."""
+    queued = info.get("queued_total", 0)
+    lines = [
+        (
+            f"broker {address}  version {info.get('version', '?')}  up {_duration(info.get('uptime_s'))}  "
+            f"queued {queued}/{info.get('queue_limit', '?')}  in flight {info.get('in_flight', 0)}"
+        ),
+        f"models: {', '.join(info.get('models') or []) or '(none)'}",
+        "",
+    ]
+    workers = info.get("workers") or []
+    if not workers:
+        lines.append("no workers connected")
+        return "\n".join(lines)
+    header = ("WORKER", "HOST", "DEVICE", "PRECISION", "MODELS", "LOAD", "SERVED", "FAILED", "UPTIME", "STATE")
+    rows = [
+        (
+            str(w.get("name", "?")),
+            str(w.get("host") or w.get("peer") or "-"),
+            str(w.get("device") or "-"),
+            str(w.get("precision") or "-"),
+            ",".join(w.get("models") or []),
+            f"{w.get('in_flight', 0)}/{w.get('capacity', '?')}",
+            str(w.get("served", 0)),
+            str(w.get("failed", 0)),
+            _duration(w.get("uptime_s")),
+            "draining" if w.get("draining") else "ready",
+        )
+        for w in workers
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+@app.command()
+def bench(
+    server: Server = None,
+    clients: Annotated[int, typer.Option("--clients", "-c", min=1, help="Concurrent clients, each its own thread and socket.")] = 4,
+    seconds: Annotated[float, typer.Option("--seconds", "-t", min=0.1, help="How long to measure.")] = 10.0,
+    size: Annotated[str, typer.Option("--size", help="Synthetic frame size HEIGHTxWIDTH (when no --image).")] = "480x640",
+    image: Annotated[
+        list[Path] | None, typer.Option("--image", "-i", help="Real images to send instead of synthetic frames (repeatable).", show_default=False)
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", envvar="ZDEPTH_MODEL", help=MODELS_HELP, show_default=False)] = None,
+    input_size: Annotated[int | None, typer.Option("--input-size", envvar="ZDEPTH_INPUT_SIZE", help="Network input side, a multiple of 14.", show_default=False)] = None,
+    in_flight: Annotated[int, typer.Option("--in-flight", min=1, help="Requests each client keeps in flight (pipelining).")] = 1,
+    wire_format: Annotated[str, typer.Option("--wire-format", help="How frames travel: raw pixels or jpeg.")] = "raw",
+    timeout: Annotated[float, typer.Option("--timeout", envvar="ZDEPTH_TIMEOUT", min=0.001, help="Seconds to wait for each reply.")] = 30.0,
+    key: Key = None,
+    key_file: KeyFile = None,
+    json_out: JsonOut = False,
+    log_level: LogLevel = None,
+) -> None:
+    """Load-test a server: N clients for S seconds; frames per second, latency p50/p90/p99 and errors."""
+    setup_logging(log_level, default="warning")
+    _check_input_size(input_size)
+    if wire_format not in ("raw", "jpeg"):
+        raise typer.BadParameter(f"{wire_format!r} is not raw or jpeg", param_hint="--wire-format")
+    from .bench import make_frames, run_bench
+
+    with _errors():
+        address, secret, default_model = resolve_server(server, key, key_file)
+        model = model or default_model
+        if model is not None:
+            _check_models([model])
+        frames = make_frames(image, _parse_size(size, "--size"))
+        _probe(address, secret, timeout, model)
+        report = run_bench(
+            address,
+            frames,
+            key=secret,
+            clients=clients,
+            seconds=seconds,
+            model=model,
+            input_size=input_size,
+            in_flight=in_flight,
+            wire_format=wire_format,
+            timeout=timeout,
+        )
+    if json_out:
+        typer.echo(json.dumps({"server": address, **report}, indent=2))
+    else:
+        typer.echo(format_bench(address, report))
+    if report["frames"] == 0:
+        raise typer.Exit(1)
+
+
+def format_bench(address: str, report: dict[str, Any]) -> str:
+    lat = report["latency_ms"]
+    lines = [
+        (
+            f"bench: {report['clients']} client(s) x {report['in_flight']} in flight, {report['seconds']:.1f} s, "
+            f"{report['size']} frames, model {report['model'] or '(server default)'}, against {address}"
+        ),
+        f"frames      {report['frames']}  ({report['fps']:.1f} frames/s)",
+    ]
+    if report["frames"]:
+        lines.append(
+            f"latency ms  p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  p99 {lat['p99']:.1f}  (mean {lat['mean']:.1f}, min {lat['min']:.1f}, max {lat['max']:.1f})"
+        )
+    errors = report["errors"]
+    detail = ", ".join(f"{code} {n}" for code, n in sorted(report["errors_by_code"].items()))
+    lines.append(f"errors      {errors}" + (f"  ({detail})" if detail else ""))
+    for message in report.get("error_samples", []):
+        lines.append(f"  e.g. {message}")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Named servers in a TOML file, so that code and commands say ``lab`` instead of an address and a key.
+
+The file is ``$ZDEPTH_CONFIG`` when set, else ``$XDG_CONFIG_HOME/zdepth/profiles.toml``,
+else ``~/.config/zdepth/profiles.toml``. One table per server::
+
+    [lab]
+    address = "tcp://gpu-box:5555"
+    key_file = "~/.config/zdepth/lab.key"   # or key = "...", never both
+    model = "vitl-hypersim"                  # optional: the default model
+    description = "the 2-GPU box in room 3"  # optional, for people
+
+    [laptop]
+    address = "tcp://127.0.0.1:5555"
+
+A relative ``key_file`` is read relative to the profile file. Prefer
+``key_file`` over ``key``: the profile file can then be shared. Used by
+``Client.from_profile("lab")`` and ``--server lab`` on the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import read_key
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = ["CONFIG_ENV", "Profile", "load_profile", "load_profiles", "profiles_path"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_ENV = "ZDEPTH_CONFIG"
+FIELDS = ("address", "key", "key_file", "model", "description")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One named server. ``key`` is the secret itself (already read from ``key_file``), or None."""
+
+    name: str
+    address: str
+    key: str | None = None
+    model: str | None = None
+
+    def __repr__(self) -> str:  # never print the key
+        key = "None" if self.key is None else "'***'"
+        return f"Profile(name={self.name!r}, address={self.address!r}, key={key}, model={self.model!r})"
+
+
+def profiles_path() -> Path:
+    """Where profiles are read from: ``$ZDEPTH_CONFIG``, else the user's config directory."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".config"
+    return base / "zdepth" / "profiles.toml"
+
+
+def load_profiles(path: str | os.PathLike[str] | None = None) -> dict[str, Profile]:
+    """Every profile in the file, by name; an absent file holds none.
+
+    Raises ConfigError naming the file (and the line, for TOML syntax errors)
+    when the file cannot be read, is not valid TOML, or a field has the wrong type.
+    """
+    path = Path(path).expanduser() if path is not None else profiles_path()
+    if not path.exists():
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read profiles file {path}: {exc}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # its message carries "(at line L, column C)"
+        raise ConfigError(f"profiles file {path} is not valid TOML: {exc}") from exc
+    return {name: _profile(name, table, path) for name, table in data.items()}
+
+
+def load_profile(name: str, path: str | os.PathLike[str] | None = None) -> Profile:
+    """The profile called ``name``; ConfigError lists the available ones and the file when it is missing."""
+    path = Path(path).expanduser() if path is not None else profiles_path()
+    profiles = load_profiles(path)
+    if name in profiles:
+        return profiles[name]
+    if not path.exists():
+        raise ConfigError(
+            f"no profile {name!r}: the profiles file {path} does not exist. Create it with a table such as\n"
+            f'  [{_toml_key(name)}]\n  address = "tcp://gpu-box:5555"\n  key_file = "~/.config/zdepth/{name}.key"\n'
+            f"or point {CONFIG_ENV} at another file."
+        )
+    available = ", ".join(sorted(profiles)) or "none"
+    raise ConfigError(f"no profile {name!r} in {path}; available profiles: {available}")
+
+
+def _profile(name: str, table: Any, path: Path) -> Profile:
+    where = f"profile {name!r} in {path}"
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"{where}: expected a table ([{_toml_key(name)}] with address = ...), got {_type(table)} {table!r}"
+        )
+    unknown = sorted(set(table) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed fields: {', '.join(FIELDS)}")
+    for field in FIELDS:
+        if field in table and not isinstance(table[field], str):
+            raise ConfigError(f"{where}: {field} must be a string, got {_type(table[field])} {table[field]!r}")
+    address = table.get("address", "").strip()
+    if not address:
+        raise ConfigError(f'{where}: needs an address, for example address = "tcp://gpu-box:5555"')
+    if "key" in table and "key_file" in table:
+        raise ConfigError(f"{where}: give key or key_file, not both")
+    key = table.get("key") or None
+    if "key_file" in table:
+        key_file = Path(table["key_file"]).expanduser()
+        if not key_file.is_absolute():
+            key_file = path.parent / key_file
+        try:
+            key = read_key(key_file=key_file)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+    elif key is not None:
+        _warn_if_readable(path, name)
+    model = table.get("model") or None
+    return Profile(name=name, address=address, key=key, model=model)
+
+
+def _warn_if_readable(path: Path, name: str) -> None:
+    """A key written into the file itself should not be readable by other users."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        logger.warning("profile %r holds a key in %s, which other users can read; chmod 600 it or use key_file", name, path)
+
+
+def _type(value: Any) -> str:
+    return {dict: "a table", list: "an array", bool: "a boolean", int: "an integer", float: "a float"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _toml_key(name: str) -> str:
+    bare = name and all(c.isalnum() or c in "-_" for c in name)
+    return name if bare else '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
