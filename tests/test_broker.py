@@ -356,3 +356,11 @@ def test_stop_answers_queued_requests(ctx):
     assert recv(client)[1] == b"finished"
     thread.join(10)
     assert not thread.is_alive()
+
+
+def test_request_for_a_never_served_model_during_startup_grace_fails_with_unknown_model(ctx, broker):
+    """Held while workers may still be registering, then answered unknown_model, not timeout."""
+    client = dealer(ctx, broker.client_endpoint)
+    send_request(client, "early", model="vitb", timeout_ms=20_000)
+    header = reply_header(recv(client, timeout=5))
+    assert (header["id"], header["status"]) == ("early", "unknown_model")

@@ -193,6 +193,7 @@ class Broker:
                 self._remove_worker(worker, reason="heartbeat expired")
         self._expire_queued(now)
         self._expire_in_flight(now)
+        self._fail_unservable(now)
 
     # ------------------------------------------------------------------ clients
 
@@ -326,6 +327,16 @@ class Broker:
                         keep.append(job)
                 queue.clear()
                 queue.extend(keep)
+
+    def _fail_unservable(self, now: float) -> None:
+        """Requests held for a model whose workers did not come back in time fail with unknown_model."""
+        for model, queue in self._queues.items():
+            if queue and not self._may_be_served(model, now):
+                served = self._served_models()
+                while queue:
+                    self._queued -= 1
+                    job = queue.popleft()
+                    self._reply_error(job.client, job.header.id, "unknown_model", f"no worker serves model {model!r}; served models: {', '.join(served) or 'none'}", peer=job.peer, op=job.header.op, model=model, started=job.received, details={"served": served})
 
     def _expire_in_flight(self, now: float) -> None:
         """Answer for a worker that holds a request far past its deadline; its late reply is then dropped."""
