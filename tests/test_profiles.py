@@ -138,3 +138,60 @@ def test_client_from_profile_uses_address_key_and_model(profiles_file: Path) -> 
         assert client._pipeline.key == "s3cret"
     finally:
         client.close()
+
+
+# ----------------------------------------------------------------------------- timeout and CurveZMQ fields
+
+
+def test_timeout_and_curve_fields_resolve_relative_to_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zdepth.curve import CurveClient, generate
+
+    generate(tmp_path / "certs", "laptop")
+    generate(tmp_path / "certs", "broker")
+    path = tmp_path / "profiles.toml"
+    path.write_text(
+        '[lab]\naddress = "tcp://gpu-box:5555"\ntimeout = 7\n'
+        'curve_secret = "certs/laptop.key_secret"\ncurve_server_key = "certs/broker.key"\n'
+        '[plain]\naddress = "tcp://a:1"\ntimeout = 2.5\n'
+    )
+    lab = load_profile("lab", path)
+    assert lab.timeout == 7.0 and isinstance(lab.timeout, float)
+    assert lab.curve_secret == tmp_path / "certs" / "laptop.key_secret"
+    assert lab.curve_server_key == tmp_path / "certs" / "broker.key"
+    assert lab.curve == CurveClient(tmp_path / "certs" / "laptop.key_secret", tmp_path / "certs" / "broker.key")
+    plain = load_profile("plain", path)
+    assert plain.curve is None and plain.timeout == 2.5
+    assert "laptop.key_secret" in repr(lab)  # paths are no secret; the key still never shows
+
+    from zdepth import Client
+
+    monkeypatch.setenv("ZDEPTH_CONFIG", str(path))
+    client = Client.from_profile("lab")
+    try:
+        assert client.timeout == 7.0 and client.curve == lab.curve
+        client.open()  # the certificates load onto a real socket
+    finally:
+        client.close()
+    assert Client.from_profile("lab", timeout=1.0, curve=None).curve is None  # overrides win
+    assert Client.from_profile("plain").timeout == 2.5
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ('[lab]\naddress = "tcp://a:1"\ntimeout = "10"\n', r"timeout must be a positive number of seconds, got str"),
+        ('[lab]\naddress = "tcp://a:1"\ntimeout = 0\n', r"timeout must be a positive number"),
+        ('[lab]\naddress = "tcp://a:1"\ntimeout = true\n', r"timeout must be a positive number"),
+        ('[lab]\naddress = "tcp://a:1"\ncurve_secret = "c.key_secret"\n', r"curve_secret needs curve_server_key"),
+        ('[lab]\naddress = "tcp://a:1"\ncurve_server_key = "b.key"\n', r"curve_server_key needs curve_secret"),
+        ('[lab]\naddress = "tcp://a:1"\ncurve_secret = "missing"\ncurve_server_key = "b.key"\n', r"curve_secret .*missing is not a file"),
+        ('[lab]\naddress = "tcp://a:1"\ncurve_secret = 1\ncurve_server_key = "b.key"\n', r"curve_secret must be a string"),
+    ],
+)
+def test_wrong_timeout_or_curve_fields(tmp_path: Path, body: str, match: str) -> None:
+    (tmp_path / "b.key").write_text("x")
+    path = tmp_path / "profiles.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_profile("lab", path)
+    assert "profile 'lab'" in str(info.value)

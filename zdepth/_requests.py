@@ -52,6 +52,9 @@ JPEG_QUALITY = 90
 STREAM_OPS = (OP_RELATIVE, OP_METRIC, OP_POINTCLOUD)
 MAX_REPLY_HEADER_BYTES = 1024 * 1024  # a health map of a big cluster outgrows the 4 KiB request limit
 SOCKET_HWM = 1000  # messages queued each way before sends report "would block"
+# Largest reply frame accepted; a bigger one drops the connection (the call then times out). Generous:
+# servers refuse to send frames above their own limit (64 MiB by default), so only a misbehaving peer gets here.
+MAX_REPLY_FRAME_BYTES = 256 * 1024 * 1024
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 2000  # back off up to 2 s against a broker that is down
 
@@ -81,6 +84,7 @@ def configure_socket(socket: zmq.Socket, curve: Any = None) -> None:
     long. ``curve``: a ``zdepth.curve.CurveClient`` for a broker that encrypts.
     """
     socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_FRAME_BYTES)
     socket.setsockopt(zmq.SNDHWM, SOCKET_HWM)
     socket.setsockopt(zmq.RCVHWM, SOCKET_HWM)
     socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
@@ -304,7 +308,8 @@ class ClientBase:
 
     @staticmethod
     def _profile_kwargs(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-        """Constructor arguments from a saved server profile (zdepth.profiles), overridden by ``overrides``."""
+        """Constructor arguments from a saved server profile (zdepth.profiles): address, key, model,
+        timeout and CurveZMQ certificates, each overridden by ``overrides``."""
         from .profiles import load_profile  # lazy: profiles are optional for plain clients
 
         profile = load_profile(name)
@@ -317,6 +322,9 @@ class ClientBase:
         timeout = getattr(profile, "timeout", None)
         if timeout is not None:
             kwargs["timeout"] = timeout
+        curve = getattr(profile, "curve", None)  # CurveZMQ certificates (curve_secret, curve_server_key)
+        if curve is not None:
+            kwargs["curve"] = curve
         kwargs.update(overrides)
         return kwargs
 

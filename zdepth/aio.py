@@ -84,7 +84,7 @@ class AsyncClient(ClientBase):
 
     @classmethod
     def from_profile(cls, name: str, **overrides: Any) -> AsyncClient:
-        """A client for a saved server profile (address, key, model); ``overrides`` win over the profile."""
+        """A client for a saved server profile (address, key, model, timeout, CurveZMQ certificates); ``overrides`` win."""
         return cls(**cls._profile_kwargs(name, overrides))
 
     # ------------------------------------------------------------------ lifecycle

@@ -89,14 +89,18 @@ def run_bench(
     in_flight: int = 1,
     wire_format: str = "raw",
     timeout: float = 30.0,
+    curve: Any = None,
 ) -> dict[str, Any]:
-    """Run the load and return a report: frames, fps, latency percentiles (ms), errors by code."""
+    """Run the load and return a report: frames, fps, latency percentiles (ms), errors by code.
+
+    ``curve``: a ``zdepth.curve.CurveClient`` for a broker that runs CurveZMQ.
+    """
     from .client import Client
 
     metric = model is not None and is_metric_model(model)
     op = OP_METRIC if metric else OP_RELATIVE
     encoder, _, dataset = (model or "").partition("-")
-    client_kwargs: dict[str, Any] = {"encoder": encoder or None, "input_size": input_size, "wire_format": wire_format}
+    client_kwargs: dict[str, Any] = {"encoder": encoder or None, "input_size": input_size, "wire_format": wire_format, "curve": curve}
     if dataset:
         client_kwargs["dataset"] = dataset
     tally = _Tally()

@@ -9,6 +9,11 @@ and the in-process ``predict`` path imports the engine only then.
 Keys never need to be on a command line, where ``ps`` shows them: every
 command reads ``ZDEPTH_KEY``, or the file named by ``--key-file`` or
 ``ZDEPTH_KEY_FILE``. ``--key`` exists for quick tests.
+
+CurveZMQ (``zdepth.curve``) is optional: ``zdepth keygen NAME`` writes a
+certificate pair; the broker takes ``--curve-secret`` and ``--curve-allow``,
+workers and client commands ``--curve-secret`` and ``--curve-server-key``.
+Only file paths travel on command lines, never key material.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,7 +35,7 @@ import typer
 from . import __version__
 from .errors import ConfigError, ZdepthError
 
-__all__ = ["app", "main", "resolve_server", "setup_logging"]
+__all__ = ["app", "default_curve_dir", "main", "resolve_server", "setup_logging"]
 
 logger = logging.getLogger("zdepth.cli")
 
@@ -94,6 +100,69 @@ Server = Annotated[
     ),
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
+BrokerCurveSecret = Annotated[
+    Path | None,
+    typer.Option(
+        "--curve-secret",
+        envvar="ZDEPTH_CURVE_SECRET",
+        help="CurveZMQ: the broker's secret certificate (NAME.key_secret from `zdepth keygen`). Encrypts every client and worker "
+        "connection; clients and workers then need the broker's public NAME.key (--curve-server-key).",
+        show_default=False,
+    ),
+]
+CurveAllow = Annotated[
+    Path | None,
+    typer.Option(
+        "--curve-allow",
+        envvar="ZDEPTH_CURVE_ALLOW",
+        help="CurveZMQ: folder of the public certificates (NAME.key) of the clients and workers allowed to connect; read at start, "
+        "so restart the broker after adding one. Needs --curve-secret. Omitted: encryption without an allow-list "
+        "(any peer that knows the broker's public key connects).",
+        show_default=False,
+    ),
+]
+WorkerCurveSecret = Annotated[
+    Path | None,
+    typer.Option(
+        "--curve-secret",
+        envvar="ZDEPTH_CURVE_SECRET",
+        help="CurveZMQ: this worker's secret certificate (NAME.key_secret from `zdepth keygen`; its NAME.key must be in the "
+        "broker's --curve-allow folder). Needs --curve-server-key.",
+        show_default=False,
+    ),
+]
+WorkerCurveServerKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--curve-server-key",
+        envvar="ZDEPTH_CURVE_SERVER_KEY",
+        help="CurveZMQ: the broker's public certificate (its NAME.key). Needs --curve-secret.",
+        show_default=False,
+    ),
+]
+# CurveZMQ for client commands. No typer envvar: like the shared key, an option beats the profile's
+# setting, which beats the environment (read in _curve_client).
+ClientCurveSecret = Annotated[
+    Path | None,
+    typer.Option(
+        "--curve-secret",
+        help="CurveZMQ: this machine's secret certificate (NAME.key_secret from `zdepth keygen`), for a broker that encrypts. "
+        "Needs --curve-server-key too. Default: the profile's curve_secret, else env ZDEPTH_CURVE_SECRET.",
+        show_default=False,
+    ),
+]
+ClientCurveServerKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--curve-server-key",
+        help="CurveZMQ: the broker's public certificate (its NAME.key). Needs --curve-secret too. "
+        "Default: the profile's curve_server_key, else env ZDEPTH_CURVE_SERVER_KEY.",
+        show_default=False,
+    ),
+]
+CURVE_SECRET_ENV = "ZDEPTH_CURVE_SECRET"
+CURVE_SERVER_KEY_ENV = "ZDEPTH_CURVE_SERVER_KEY"
+CURVE_ENVS = (CURVE_SECRET_ENV, "ZDEPTH_CURVE_ALLOW", CURVE_SERVER_KEY_ENV, "ZDEPTH_CURVE_WORKER_SECRET")
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -157,23 +226,153 @@ def _resolve_key(key: str | None, key_file: Path | None, profile_key: str | None
     return profile_key or read_key()
 
 
-def resolve_server(server: str | None, key: str | None = None, key_file: Path | None = None) -> tuple[str, str | None, str | None]:
+def _is_address(server: str) -> bool:
+    if "://" in server:
+        return True
+    host, sep, port = server.rpartition(":")
+    return bool(sep and host and port.isdigit())
+
+
+def resolve_server(server: str | None, key: str | None = None, key_file: Path | None = None, *, profile: Any = None) -> tuple[str, str | None, str | None]:
     """(address, key, default model) for ``--server``: an address, ``host:port``, or a profile name.
 
     ``tcp://host:5555`` (any ``scheme://``) is taken as it is and ``host:port``
     read as ``tcp://host:port``; anything else names a profile in the profiles
     file, whose key is used unless ``--key``/``--key-file`` say otherwise.
+    ``profile``: that profile, when the caller has loaded it already.
     """
     server = (server or DEFAULT_SERVER).strip()
     if "://" in server:
         return server, _resolve_key(key, key_file), None
-    host, sep, port = server.rpartition(":")
-    if sep and host and port.isdigit():
+    if _is_address(server):
         return f"tcp://{server}", _resolve_key(key, key_file), None
-    from .profiles import load_profile
+    if profile is None:
+        from .profiles import load_profile
 
-    profile = load_profile(server)  # ConfigError lists the profiles and names the file
+        profile = load_profile(server)  # ConfigError lists the profiles and names the file
     return profile.address, _resolve_key(key, key_file, profile.key), profile.model
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a client command goes: resolve_server's answer plus the profile's timeout and CurveZMQ settings."""
+
+    address: str
+    key: str | None
+    model: str | None
+    timeout: float | None
+    curve: Any  # zdepth.curve.CurveClient | None
+
+
+def _resolve_target(server: str | None, key: str | None, key_file: Path | None, curve_secret: Path | None, curve_server_key: Path | None) -> _Target:
+    """``--server`` (an address or a profile) with the key, timeout and CurveZMQ certificates that go with it."""
+    name = (server or DEFAULT_SERVER).strip()
+    profile = None
+    if not _is_address(name):
+        from .profiles import load_profile
+
+        profile = load_profile(name)
+    address, secret, model = resolve_server(server, key, key_file, profile=profile)
+    curve = _curve_client(curve_secret, curve_server_key, profile)
+    return _Target(address, secret, model, profile.timeout if profile else None, curve)
+
+
+def _curve_client(secret: Path | None, server_key: Path | None, profile: Any = None):
+    """The CurveZMQ client settings, field by field: the option, else the profile's, else ZDEPTH_CURVE_*.
+
+    None when neither certificate is set anywhere; ConfigError (exit 2) for half a pair or an unreadable file.
+    """
+    import os
+
+    if secret is None and profile is not None:
+        secret = profile.curve_secret
+    if server_key is None and profile is not None:
+        server_key = profile.curve_server_key
+    if secret is None and os.environ.get(CURVE_SECRET_ENV):
+        secret = Path(os.environ[CURVE_SECRET_ENV])
+    if server_key is None and os.environ.get(CURVE_SERVER_KEY_ENV):
+        server_key = Path(os.environ[CURVE_SERVER_KEY_ENV])
+    return _curve_pair(secret, server_key)
+
+
+def _curve_pair(secret: Path | None, server_key: Path | None):
+    """A CurveClient for a worker or client, None without either file; ConfigError (exit 2) for half a pair."""
+    if secret is None and server_key is None:
+        return None
+    if secret is None or server_key is None:
+        raise ConfigError(
+            "CurveZMQ needs both --curve-secret (this machine's NAME.key_secret) and --curve-server-key (the broker's public NAME.key); "
+            f"got only {'--curve-secret' if secret is not None else '--curve-server-key'}"
+        )
+    from .curve import CurveClient
+
+    curve = CurveClient(secret.expanduser(), server_key.expanduser())
+    _check_certificates(curve)
+    return curve
+
+
+def _check_certificates(curve: Any) -> None:
+    """Read CurveZMQ certificates now (ConfigError naming the file), on a throwaway socket."""
+    import zmq
+
+    from .curve import CurveServer, apply_client, apply_server
+
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as probe:
+        probe.linger = 0
+        if isinstance(curve, CurveServer):
+            apply_server(probe, curve)
+        else:
+            apply_client(probe, curve)
+
+
+def _curve_server(secret: Path | None, allow: Path | None):
+    """The broker's CurveZMQ settings, or None; ConfigError (exit 2) for an allow folder without a certificate."""
+    if secret is None:
+        if allow is not None:
+            raise ConfigError("--curve-allow needs --curve-secret (the broker's NAME.key_secret from `zdepth keygen`)")
+        return None
+    from .curve import CurveServer
+
+    curve = CurveServer(secret.expanduser(), allow.expanduser() if allow is not None else None)
+    _check_certificates(curve)
+    if curve.allow_dir is None:
+        logger.warning(
+            "CurveZMQ without --curve-allow: traffic is encrypted, but any client or worker that knows the broker's public key may connect"
+        )
+    elif not curve.allow_dir.is_dir():
+        raise ConfigError(f"--curve-allow {curve.allow_dir} is not a folder; put the public NAME.key of each allowed client and worker there")
+    else:
+        allowed = sorted(p.name for p in curve.allow_dir.glob("*.key"))
+        if not allowed:
+            logger.warning("CurveZMQ allow folder %s holds no NAME.key file: no client or worker can connect", curve.allow_dir)
+        else:
+            logger.info("CurveZMQ on: %d allowed certificate(s) in %s", len(allowed), curve.allow_dir)
+    return curve
+
+
+def default_curve_dir() -> Path:
+    """Where ``zdepth keygen`` writes by default: ``$XDG_CONFIG_HOME/zdepth/curve`` or ``~/.config/zdepth/curve``."""
+    from .profiles import config_dir
+
+    return config_dir() / "curve"
+
+
+@contextlib.contextmanager
+def _curve_hint(curve: Any) -> Iterator[None]:
+    """With CurveZMQ, a refused certificate looks exactly like no broker at all: say so."""
+    from .errors import DeadlineExceeded
+
+    try:
+        yield
+    except DeadlineExceeded as exc:
+        if curve is None:
+            raise
+        raise DeadlineExceeded(
+            f"{exc}. With CurveZMQ a refused certificate looks the same: check that {_public_sibling(Path(curve.secret_file)).name} "
+            f"(the public half of {curve.secret_file}) is in the broker's --curve-allow folder (then restart the broker), "
+            f"and that {curve.server_public_file} is the broker's public certificate",
+            details=exc.details,
+        ) from None
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -301,11 +500,17 @@ def broker(
     drain_timeout: Annotated[
         float, typer.Option("--drain-timeout", envvar="ZDEPTH_DRAIN_TIMEOUT", min=0, help="On stop, seconds to wait for replies in flight.")
     ] = 5.0,
+    curve_secret: BrokerCurveSecret = None,
+    curve_allow: CurveAllow = None,
     log_level: LogLevel = None,
 ) -> None:
     """Run the broker: clients on one endpoint, workers on another; requests routed by model.
 
     It needs no GPU and no torch. Ctrl-C or SIGTERM stops it.
+
+    CurveZMQ encryption: create the broker's certificate with `zdepth keygen broker`, start it with
+    --curve-secret broker.key_secret --curve-allow DIR, copy the public NAME.key of every client
+    and worker into DIR, and give them broker.key (--curve-server-key).
     """
     setup_logging(log_level)
     import zmq
@@ -315,6 +520,7 @@ def broker(
     from .config import Heartbeat as HeartbeatConfig
 
     with _errors():
+        curve = _curve_server(curve_secret, curve_allow)
         config = BrokerConfig(
             clients=clients,
             workers=workers,
@@ -323,6 +529,7 @@ def broker(
             max_queue=max_queue,
             default_timeout_s=default_timeout,
             drain_timeout_s=drain_timeout,
+            curve=curve,
         )
         server = Broker(config)
         restore = _on_signals(server.stop)
@@ -370,6 +577,8 @@ def worker(
     ] = None,
     key: Key = None,
     key_file: KeyFile = None,
+    curve_secret: WorkerCurveSecret = None,
+    curve_server_key: WorkerCurveServerKey = None,
     heartbeat: Heartbeat = 1.0,
     liveness: Liveness = 3,
     log_level: LogLevel = None,
@@ -389,6 +598,7 @@ def worker(
     from .worker import run_worker
 
     with _errors():
+        curve = _curve_pair(curve_secret, curve_server_key)
         if device == "auto":
             import torch  # a worker imports torch anyway
 
@@ -409,6 +619,7 @@ def worker(
             max_wait_ms=max_wait_ms,
             capacity=capacity,
             heartbeat=HeartbeatConfig(interval_s=heartbeat, liveness=liveness),
+            curve=curve,
             **fields,
         )
         code = run_worker(config)
@@ -456,6 +667,18 @@ def serve(
     ] = 1024,
     key: Key = None,
     key_file: KeyFile = None,
+    curve_secret: BrokerCurveSecret = None,
+    curve_allow: CurveAllow = None,
+    curve_worker_secret: Annotated[
+        Path | None,
+        typer.Option(
+            "--curve-worker-secret",
+            envvar="ZDEPTH_CURVE_WORKER_SECRET",
+            help="CurveZMQ: the secret certificate this command's own workers connect with. Default: the broker's own "
+            "(--curve-secret), so with --curve-allow put the broker's public NAME.key in that folder too.",
+            show_default=False,
+        ),
+    ] = None,
     heartbeat: Heartbeat = 1.0,
     liveness: Liveness = 3,
     restart_delay: Annotated[
@@ -466,6 +689,10 @@ def serve(
     """Run a broker and one worker per GPU on this machine, and keep them running.
 
     Each is its own process; one that crashes is logged and restarted. Ctrl-C or SIGTERM stops them all: workers drain first, then the broker stops.
+
+    CurveZMQ: --curve-secret and --curve-allow go to the broker as in `zdepth broker`. The local workers
+    connect with --curve-worker-secret, by default the broker's own certificate (so with --curve-allow,
+    copy the broker's public NAME.key into the allow folder; serve refuses to start otherwise).
     """
     setup_logging(log_level)
     models = _split(model) or ["vits"]
@@ -477,21 +704,25 @@ def serve(
 
     with _errors():
         secret = _resolve_key(key, key_file)
+        broker_curve, worker_curve = _serve_curve(curve_secret, curve_allow, curve_worker_secret)
         if not devices or devices == ["auto"]:
             devices = detect_devices()
         level = (log_level or _global_log_level or "info").lower()
-        env = {"ZDEPTH_KEY": secret} if secret else {}
+        # Children get every CurveZMQ setting on their command line (paths only), none from the environment.
+        env: dict[str, str | None] = {name: None for name in CURVE_ENVS}
+        if secret:
+            env["ZDEPTH_KEY"] = secret
         common = ["--heartbeat", str(heartbeat), "--liveness", str(liveness), "--log-level", level]
         python = [sys.executable, "-m", "zdepth"]
-        children = [
-            ChildSpec(
-                "broker",
-                [*python, "broker", "--clients", clients, "--workers", workers, "--max-queue", str(max_queue), *common],
-                env,
-                stop_timeout_s=15.0,
-            )
-        ]
+        broker_args = ["--clients", clients, "--workers", workers, "--max-queue", str(max_queue)]
+        if broker_curve is not None:
+            broker_args += ["--curve-secret", str(broker_curve.secret_file)]
+            if broker_curve.allow_dir is not None:
+                broker_args += ["--curve-allow", str(broker_curve.allow_dir)]
+        children = [ChildSpec("broker", [*python, "broker", *broker_args, *common], env, stop_timeout_s=15.0)]
         worker_args = ["--broker", connect_address(workers), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+        if worker_curve is not None:
+            worker_args += ["--curve-secret", str(worker_curve.secret_file), "--curve-server-key", str(worker_curve.server_public_file)]
         for m in models:
             worker_args += ["--model", m]
         if precision:
@@ -514,6 +745,98 @@ def serve(
             raise typer.Exit(130) from None
         finally:
             restore()
+
+
+def _serve_curve(secret: Path | None, allow: Path | None, worker_secret: Path | None):
+    """(CurveServer, CurveClient) for serve's broker and its local workers, or (None, None).
+
+    Paths are made absolute (children restart in the same folder, but logs read better). The workers'
+    certificate defaults to the broker's own; its public key must then be allowed, which is checked here.
+    """
+    if secret is None:
+        if allow is not None or worker_secret is not None:
+            raise ConfigError("--curve-allow and --curve-worker-secret need --curve-secret (the broker's NAME.key_secret)")
+        return None, None
+    import zmq.auth
+
+    from .curve import CurveClient
+
+    secret = secret.expanduser().absolute()
+    allow = allow.expanduser().absolute() if allow is not None else None
+    server = _curve_server(secret, allow)
+    worker_file = worker_secret.expanduser().absolute() if worker_secret is not None else secret
+    # The workers need the broker's public key: its NAME.key beside the secret, else the secret file itself
+    # (a worker reads only the public half of a --curve-server-key file).
+    public = _public_sibling(secret)
+    client = CurveClient(worker_file, public if public.is_file() else secret)
+    _check_certificates(client)
+    if allow is not None:
+        worker_key, _ = zmq.auth.load_certificate(worker_file)
+        if worker_key not in zmq.auth.load_certificates(allow):
+            own = _public_sibling(worker_file)
+            raise ConfigError(
+                f"serve's workers connect with {worker_file}, whose public key is not in --curve-allow {allow}: "
+                f"copy {own if own.is_file() else 'its NAME.key'} into {allow}, or pass --curve-worker-secret with an allowed certificate"
+            )
+    return server, client
+
+
+def _public_sibling(secret_file: Path) -> Path:
+    """``NAME.key`` for ``NAME.key_secret``."""
+    name = secret_file.name
+    return secret_file.with_name(name[: -len("_secret")] if name.endswith(".key_secret") else name + ".key")
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+@app.command()
+def keygen(
+    name: Annotated[str, typer.Argument(help="Certificate name, e.g. broker, robot-3 or gpu-box: writes NAME.key and NAME.key_secret.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Folder to write to (created, mode 700 if new). Default: ~/.config/zdepth/curve (XDG_CONFIG_HOME honoured).", show_default=False),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing certificate of that name.")] = False,
+) -> None:
+    """Create a CurveZMQ certificate pair for the broker, a client or a worker.
+
+    NAME.key is public (copy it freely); NAME.key_secret is secret (mode 600; it never leaves this machine).
+    The broker's NAME.key goes to every client and worker (--curve-server-key); each client's and worker's
+    NAME.key goes into the broker's --curve-allow folder.
+    """
+    import os
+    import re
+
+    with _errors():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+            raise ConfigError(f"{name!r} is not a certificate name: use letters, digits, '.', '_' and '-' (e.g. robot-3)")
+        folder = (out if out is not None else default_curve_dir()).expanduser()
+        public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
+        if (public.exists() or secret.exists()) and not force:
+            raise ConfigError(f"certificate {name} already exists in {folder}; pass --force to replace it (peers holding the old one lose access)")
+        from .curve import generate
+
+        previous = os.umask(0o077)  # the secret is never readable by others, not even before its chmod
+        try:
+            public, secret = generate(folder, name)
+        except OSError as exc:
+            raise ConfigError(f"cannot write certificates into {folder}: {exc.strerror or exc}") from exc
+        finally:
+            os.umask(previous)
+        public.chmod(0o644)  # public: others may read it
+    typer.echo(
+        f"wrote {public}  (public: copy it where it is needed)\n"
+        f"      {secret}  (secret, mode 600: keep it on this machine)\n"
+        "\n"
+        "As the broker's certificate:\n"
+        f"  zdepth broker --curve-secret {secret} --curve-allow ALLOW_DIR\n"
+        f"  then give {public.name} to every client and worker (their --curve-server-key).\n"
+        "As a client's or a worker's certificate:\n"
+        f"  copy {public} into the broker's ALLOW_DIR and restart the broker, then use\n"
+        f"  --curve-secret {secret} --curve-server-key BROKER.key\n"
+        "  (or curve_secret and curve_server_key in a profile)."
+    )
 
 
 # ----------------------------------------------------------------------------- clients
@@ -567,9 +890,14 @@ def predict(
         float, typer.Option("--depth-scale", help="png16 of metric depth: units per metre (1000 = mm).")
     ] = 1000.0,
     in_flight: Annotated[int, typer.Option("--in-flight", min=1, help="Server only: frames in flight at once.")] = 4,
-    timeout: Annotated[float, typer.Option("--timeout", envvar="ZDEPTH_TIMEOUT", min=0.001, help="Server only: seconds to wait for each reply.")] = 30.0,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", envvar="ZDEPTH_TIMEOUT", min=0.001, help="Server only: seconds to wait for each reply. Default: the profile's timeout, else 30.", show_default=False),
+    ] = None,
     key: Key = None,
     key_file: KeyFile = None,
+    curve_secret: ClientCurveSecret = None,
+    curve_server_key: ClientCurveServerKey = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (on a terminal).")] = True,
     json_out: JsonOut = False,
     log_level: LogLevel = None,
@@ -587,10 +915,10 @@ def predict(
         intr = _intrinsics(fx, fy, cx, cy, intrinsics)
         device = _check_device(device)
         precision = _check_precision(precision)
-        address = secret = None
+        target = None
         if server:
-            address, secret, default_model = resolve_server(server, key, key_file)
-            model = model or default_model
+            target = _resolve_target(server, key, key_file, curve_secret, curve_server_key)
+            model = model or target.model
         elif model is None:
             model = "vits"
         if model is not None:
@@ -606,7 +934,7 @@ def predict(
             _print_predict_summary(runner.Summary(failures=missing), out, json_out)
             raise typer.Exit(1)
         with contextlib.ExitStack() as stack:
-            if address is None:
+            if target is None:
                 predictor = runner.local_predictor(
                     model,
                     device=device,
@@ -617,8 +945,9 @@ def predict(
                     max_depth=max_depth,
                 )
             else:
-                _probe(address, secret, timeout, model)
-                client = stack.enter_context(_client(address, secret, timeout, model))
+                wait = timeout or target.timeout or 30.0
+                _probe(target, wait, model)
+                client = stack.enter_context(_client(target, wait, model))
                 predictor = runner.remote_predictor(client, model, metric=metric, input_size=input_size, max_depth=max_depth, max_in_flight=in_flight)
             advance = stack.enter_context(_progress(sources, every, enabled=progress and not json_out))
             summary = runner.run(sources, predictor, options, every=every, advance=advance)
@@ -646,11 +975,12 @@ def _intrinsics(fx, fy, cx, cy, path: Path | None):
         raise ConfigError(str(exc)) from None
 
 
-def _probe(address: str, key: str | None, timeout: float, model: str | None) -> dict[str, Any]:
+def _probe(target: _Target, timeout: float, model: str | None) -> dict[str, Any]:
     """One health request that fails fast (5 s at most) when no broker answers; warns if ``model`` is not served."""
     from .client import Client
 
-    with Client(address, key=key, timeout=min(timeout, 5.0), retries=0) as probe:
+    address = target.address
+    with _curve_hint(target.curve), Client(address, key=target.key, timeout=min(timeout, 5.0), retries=0, curve=target.curve) as probe:
         health = probe.health()
     served = health.get("models") or []
     if not health.get("workers"):
@@ -660,7 +990,7 @@ def _probe(address: str, key: str | None, timeout: float, model: str | None) -> 
     return health
 
 
-def _client(address: str, key: str | None, timeout: float, model: str | None):
+def _client(target: _Target, timeout: float, model: str | None):
     """A client whose default model is ``model`` (None: the broker picks)."""
     from .client import Client
 
@@ -668,7 +998,7 @@ def _client(address: str, key: str | None, timeout: float, model: str | None):
     kwargs: dict[str, Any] = {"encoder": encoder or None}
     if dataset:
         kwargs["dataset"] = dataset
-    return Client(address, key=key, timeout=timeout, **kwargs)
+    return Client(target.address, key=target.key, timeout=timeout, curve=target.curve, **kwargs)
 
 
 @contextlib.contextmanager
@@ -714,9 +1044,14 @@ def _print_predict_summary(summary, out: Path, json_out: bool) -> None:
 @app.command()
 def health(
     server: Server = None,
-    timeout: Annotated[float, typer.Option("--timeout", envvar="ZDEPTH_TIMEOUT", min=0.001, help="Seconds to wait for the broker.")] = 5.0,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", envvar="ZDEPTH_TIMEOUT", min=0.001, help="Seconds to wait for the broker. Default: the profile's timeout, else 5.", show_default=False),
+    ] = None,
     key: Key = None,
     key_file: KeyFile = None,
+    curve_secret: ClientCurveSecret = None,
+    curve_server_key: ClientCurveServerKey = None,
     json_out: JsonOut = False,
     log_level: LogLevel = None,
 ) -> None:
@@ -725,8 +1060,10 @@ def health(
     from .client import Client
 
     with _errors():
-        address, secret, _ = resolve_server(server, key, key_file)
-        with Client(address, key=secret, timeout=timeout, retries=0) as client:
+        target = _resolve_target(server, key, key_file, curve_secret, curve_server_key)
+        address = target.address
+        wait = timeout or target.timeout or 5.0
+        with _curve_hint(target.curve), Client(address, key=target.key, timeout=wait, retries=0, curve=target.curve) as client:
             info = client.health()
     if json_out:
         typer.echo(json.dumps({"server": address, **info}, indent=2, sort_keys=True))
@@ -800,9 +1137,14 @@ def bench(
     input_size: Annotated[int | None, typer.Option("--input-size", envvar="ZDEPTH_INPUT_SIZE", help="Network input side, a multiple of 14.", show_default=False)] = None,
     in_flight: Annotated[int, typer.Option("--in-flight", min=1, help="Requests each client keeps in flight (pipelining).")] = 1,
     wire_format: Annotated[str, typer.Option("--wire-format", help="How frames travel: raw pixels or jpeg.")] = "raw",
-    timeout: Annotated[float, typer.Option("--timeout", envvar="ZDEPTH_TIMEOUT", min=0.001, help="Seconds to wait for each reply.")] = 30.0,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", envvar="ZDEPTH_TIMEOUT", min=0.001, help="Seconds to wait for each reply. Default: the profile's timeout, else 30.", show_default=False),
+    ] = None,
     key: Key = None,
     key_file: KeyFile = None,
+    curve_secret: ClientCurveSecret = None,
+    curve_server_key: ClientCurveServerKey = None,
     json_out: JsonOut = False,
     log_level: LogLevel = None,
 ) -> None:
@@ -814,16 +1156,19 @@ def bench(
     from .bench import make_frames, run_bench
 
     with _errors():
-        address, secret, default_model = resolve_server(server, key, key_file)
-        model = model or default_model
+        target = _resolve_target(server, key, key_file, curve_secret, curve_server_key)
+        address = target.address
+        model = model or target.model
+        timeout = timeout or target.timeout or 30.0
         if model is not None:
             _check_models([model])
         frames = make_frames(image, _parse_size(size, "--size"))
-        _probe(address, secret, timeout, model)
+        _probe(target, timeout, model)
         report = run_bench(
             address,
             frames,
-            key=secret,
+            key=target.key,
+            curve=target.curve,
             clients=clients,
             seconds=seconds,
             model=model,

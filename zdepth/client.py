@@ -108,7 +108,7 @@ class Client(ClientBase):
 
     @classmethod
     def from_profile(cls, name: str, **overrides: Any) -> Client:
-        """A client for a saved server profile (address, key, model); ``overrides`` win over the profile."""
+        """A client for a saved server profile (address, key, model, timeout, CurveZMQ certificates); ``overrides`` win."""
         return cls(**cls._profile_kwargs(name, overrides))
 
     # ------------------------------------------------------------------ lifecycle

@@ -7,14 +7,22 @@ else ``~/.config/zdepth/profiles.toml``. One table per server::
     address = "tcp://gpu-box:5555"
     key_file = "~/.config/zdepth/lab.key"   # or key = "...", never both
     model = "vitl-hypersim"                  # optional: the default model
+    timeout = 10.0                           # optional: seconds to wait for each reply
+    curve_secret = "curve/laptop.key_secret" # optional, with curve_server_key: CurveZMQ
+    curve_server_key = "curve/lab-broker.key"
     description = "the 2-GPU box in room 3"  # optional, for people
 
     [laptop]
     address = "tcp://127.0.0.1:5555"
 
-A relative ``key_file`` is read relative to the profile file. Prefer
-``key_file`` over ``key``: the profile file can then be shared. Used by
-``Client.from_profile("lab")`` and ``--server lab`` on the command line.
+Relative paths (``key_file``, ``curve_secret``, ``curve_server_key``) are read
+relative to the profile file. Prefer ``key_file`` over ``key``: the profile
+file can then be shared. ``curve_secret`` (this machine's secret certificate,
+from ``zdepth keygen``) and ``curve_server_key`` (the broker's public
+certificate) come together or not at all; they are for a broker that runs
+CurveZMQ (see ``zdepth.curve``). Used by ``Client.from_profile("lab")`` and
+``--server lab`` on the command line (where ``--timeout``, ``--curve-secret``
+and ``--curve-server-key`` win over the profile).
 """
 
 from __future__ import annotations
@@ -24,22 +32,26 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import read_key
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .curve import CurveClient
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["CONFIG_ENV", "Profile", "load_profile", "load_profiles", "profiles_path"]
+__all__ = ["CONFIG_ENV", "Profile", "config_dir", "load_profile", "load_profiles", "profiles_path"]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_ENV = "ZDEPTH_CONFIG"
-FIELDS = ("address", "key", "key_file", "model", "description")
+STRING_FIELDS = ("address", "key", "key_file", "model", "description", "curve_secret", "curve_server_key")
+FIELDS = (*STRING_FIELDS, "timeout")
 
 
 @dataclass(frozen=True)
@@ -50,10 +62,32 @@ class Profile:
     address: str
     key: str | None = None
     model: str | None = None
+    timeout: float | None = None  # seconds per reply; None: the client's default
+    curve_secret: Path | None = None  # this client's secret certificate, resolved against the profile file
+    curve_server_key: Path | None = None  # the broker's public certificate, likewise
+
+    @property
+    def curve(self) -> CurveClient | None:
+        """The CurveZMQ settings for a client of this server, or None for a broker without encryption."""
+        if self.curve_secret is None or self.curve_server_key is None:
+            return None
+        from .curve import CurveClient
+
+        return CurveClient(self.curve_secret, self.curve_server_key)
 
     def __repr__(self) -> str:  # never print the key
         key = "None" if self.key is None else "'***'"
-        return f"Profile(name={self.name!r}, address={self.address!r}, key={key}, model={self.model!r})"
+        extra = "".join(
+            f", {name}={getattr(self, name)!r}" for name in ("timeout", "curve_secret", "curve_server_key") if getattr(self, name) is not None
+        )
+        return f"Profile(name={self.name!r}, address={self.address!r}, key={key}, model={self.model!r}{extra})"
+
+
+def config_dir() -> Path:
+    """The user's zdepth config directory: ``$XDG_CONFIG_HOME/zdepth``, else ``~/.config/zdepth``."""
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".config"
+    return base / "zdepth"
 
 
 def profiles_path() -> Path:
@@ -61,9 +95,7 @@ def profiles_path() -> Path:
     env = os.environ.get(CONFIG_ENV)
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CONFIG_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".config"
-    return base / "zdepth" / "profiles.toml"
+    return config_dir() / "profiles.toml"
 
 
 def load_profiles(path: str | os.PathLike[str] | None = None) -> dict[str, Profile]:
@@ -111,9 +143,12 @@ def _profile(name: str, table: Any, path: Path) -> Profile:
     unknown = sorted(set(table) - set(FIELDS))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed fields: {', '.join(FIELDS)}")
-    for field in FIELDS:
+    for field in STRING_FIELDS:
         if field in table and not isinstance(table[field], str):
             raise ConfigError(f"{where}: {field} must be a string, got {_type(table[field])} {table[field]!r}")
+    timeout = table.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf")):
+        raise ConfigError(f"{where}: timeout must be a positive number of seconds, got {_type(timeout)} {timeout!r}")
     address = table.get("address", "").strip()
     if not address:
         raise ConfigError(f'{where}: needs an address, for example address = "tcp://gpu-box:5555"')
@@ -121,9 +156,7 @@ def _profile(name: str, table: Any, path: Path) -> Profile:
         raise ConfigError(f"{where}: give key or key_file, not both")
     key = table.get("key") or None
     if "key_file" in table:
-        key_file = Path(table["key_file"]).expanduser()
-        if not key_file.is_absolute():
-            key_file = path.parent / key_file
+        key_file = _relative_to(path, table["key_file"])
         try:
             key = read_key(key_file=key_file)
         except ConfigError as exc:
@@ -131,7 +164,37 @@ def _profile(name: str, table: Any, path: Path) -> Profile:
     elif key is not None:
         _warn_if_readable(path, name)
     model = table.get("model") or None
-    return Profile(name=name, address=address, key=key, model=model)
+    curve_secret, curve_server_key = _curve_paths(table, path, where)
+    return Profile(
+        name=name,
+        address=address,
+        key=key,
+        model=model,
+        timeout=float(timeout) if timeout is not None else None,
+        curve_secret=curve_secret,
+        curve_server_key=curve_server_key,
+    )
+
+
+def _relative_to(profile_file: Path, value: str) -> Path:
+    """``value`` with ``~`` expanded; a relative path is taken relative to the profile file's folder."""
+    candidate = Path(value).expanduser()
+    return candidate if candidate.is_absolute() else profile_file.parent / candidate
+
+
+def _curve_paths(table: dict[str, Any], path: Path, where: str) -> tuple[Path | None, Path | None]:
+    """Both CurveZMQ certificate paths, or neither; each must be an existing file."""
+    given = [field for field in ("curve_secret", "curve_server_key") if table.get(field)]
+    if not given:
+        return None, None
+    if len(given) == 1:
+        missing = "curve_server_key (the broker's public NAME.key)" if given == ["curve_secret"] else "curve_secret (this machine's NAME.key_secret)"
+        raise ConfigError(f"{where}: {given[0]} needs {missing} too; CurveZMQ takes both or neither")
+    secret, server_key = (_relative_to(path, table[field]) for field in ("curve_secret", "curve_server_key"))
+    for field, file in (("curve_secret", secret), ("curve_server_key", server_key)):
+        if not file.is_file():
+            raise ConfigError(f"{where}: {field} {file} is not a file; create certificates with `zdepth keygen NAME`")
+    return secret, server_key
 
 
 def _warn_if_readable(path: Path, name: str) -> None:

@@ -9,7 +9,8 @@ back-off that doubles while it keeps crashing. On Linux every child also gets
 SIGTERM if the supervisor dies, so no orphan keeps a GPU or a port.
 
 Keys travel in the environment (``ZDEPTH_KEY``), never on a command line
-where ``ps`` would show them. Nothing here imports torch.
+where ``ps`` would show them; CurveZMQ certificates travel as file paths on
+the command line (the files hold the keys). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -95,11 +96,11 @@ def connect_address(bind: str) -> str:
 
 @dataclass
 class ChildSpec:
-    """One supervised process: a name for logs, its argv, extra environment."""
+    """One supervised process: a name for logs, its argv, extra environment (None removes a variable)."""
 
     name: str
     argv: Sequence[str]
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str | None] = field(default_factory=dict)
     stop_timeout_s: float = 10.0  # SIGTERM, then this long, then SIGKILL
 
 
@@ -159,6 +160,7 @@ class Supervisor:
 
     def _start(self, child: _Child) -> None:
         env = {**os.environ, **child.spec.env}
+        env = {name: value for name, value in env.items() if value is not None}
         env["PYTHONPATH"] = _pythonpath(env.get("PYTHONPATH"))
         # preexec_fn runs between fork and exec; _die_with_parent only calls prctl, which is safe there.
         child.process = subprocess.Popen(list(child.spec.argv), env=env, start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
