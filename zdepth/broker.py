@@ -69,6 +69,7 @@ class Job:
     attempts: int = 0
     rid: int | None = None
     worker: bytes | None = None
+    size: int = 0  # body bytes, counted against BrokerConfig.max_queue_bytes while queued
 
 
 @dataclass
@@ -114,6 +115,7 @@ class Broker:
         self._workers_by_id: dict[bytes, WorkerState] = {}
         self._queues: dict[str, collections.deque[Job]] = collections.defaultdict(collections.deque)
         self._queued = 0
+        self._queued_bytes = 0
         self._dispatched: dict[int, Job] = {}
         self._rids = itertools.count(1)
         self._model_last_seen: dict[str, float] = {}
@@ -232,10 +234,16 @@ class Broker:
         if self._queued >= self.config.max_queue:
             self._reply_error(client, header.id, "overloaded", f"{self._queued} requests are waiting (limit {self.config.max_queue}); retry later or add workers", peer=peer, op=header.op, model=model, started=now)
             return
+        size = sum(len(frame) for frame in body)
+        if self._queued and self._queued_bytes + size > self.config.max_queue_bytes:
+            message = f"{self._queued_bytes} bytes of requests are waiting (limit {self.config.max_queue_bytes}); retry later or add workers"
+            self._reply_error(client, header.id, "overloaded", message, peer=peer, op=header.op, model=model, started=now)
+            return
         timeout_s = header.timeout_ms / 1000 if header.timeout_ms else self.config.default_timeout_s
-        job = Job(client=client, header=header, model=model, body=body, peer=peer, received=now, deadline=now + timeout_s)
+        job = Job(client=client, header=header, model=model, body=body, peer=peer, received=now, deadline=now + timeout_s, size=size)
         self._queues[model].append(job)
         self._queued += 1
+        self._queued_bytes += size
         self._dispatch(model)
 
     def _served_models(self) -> list[str]:
@@ -293,6 +301,7 @@ class Broker:
                 return
             job = queue.popleft()
             self._queued -= 1
+            self._queued_bytes -= job.size
             if job.deadline <= now:
                 self._fail(job, "timeout", "the deadline passed while the request waited for a worker")
                 continue
@@ -322,6 +331,7 @@ class Broker:
                 for job in queue:
                     if job.deadline <= now:
                         self._queued -= 1
+                        self._queued_bytes -= job.size
                         self._fail(job, "timeout", "the deadline passed while the request waited for a worker")
                     else:
                         keep.append(job)
@@ -334,8 +344,9 @@ class Broker:
             if queue and not self._may_be_served(model, now):
                 served = self._served_models()
                 while queue:
-                    self._queued -= 1
                     job = queue.popleft()
+                    self._queued -= 1
+                    self._queued_bytes -= job.size
                     self._reply_error(job.client, job.header.id, "unknown_model", f"no worker serves model {model!r}; served models: {', '.join(served) or 'none'}", peer=job.peer, op=job.header.op, model=model, started=job.received, details={"served": served})
 
     def _expire_in_flight(self, now: float) -> None:
@@ -454,6 +465,7 @@ class Broker:
             else:
                 self._queues[job.model].appendleft(job)  # oldest first, ahead of newer work
                 self._queued += 1
+                self._queued_bytes += job.size
         for model in {job.model for job in lost}:
             self._dispatch(model)
 
@@ -472,6 +484,7 @@ class Broker:
             "uptime_s": round(now - self._started, 3),
             "queued": {m: len(q) for m, q in self._queues.items() if q},
             "queued_total": self._queued,
+            "queued_bytes": self._queued_bytes,
             "queue_limit": self.config.max_queue,
             "in_flight": len(self._dispatched),
             "models": self._served_models(),
@@ -494,8 +507,10 @@ class Broker:
         """Fail what waits in queues, give in-flight requests a moment to finish, then tell workers."""
         for queue in self._queues.values():
             while queue:
+                job = queue.popleft()
                 self._queued -= 1
-                self._fail(queue.popleft(), "overloaded", "the broker is shutting down; retry in a moment")
+                self._queued_bytes -= job.size
+                self._fail(job, "overloaded", "the broker is shutting down; retry in a moment")
         deadline = time.monotonic() + self.config.drain_timeout_s
         while self._dispatched and time.monotonic() < deadline:
             if dict(poller.poll(TICK_S * 1000)).get(self._workers):

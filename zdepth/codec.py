@@ -200,7 +200,7 @@ def parse_params(op: str, frame: bytes | memoryview) -> DepthParams:
     elif intrinsics is not None:
         raise BadRequest(f"'intrinsics' only applies to op {OP_POINTCLOUD!r}")
     depth_dtype = params.get("depth_dtype", "float32")
-    if depth_dtype not in DEPTH_DTYPES:
+    if not isinstance(depth_dtype, str) or depth_dtype not in DEPTH_DTYPES:  # unhashable values must not raise TypeError
         raise BadRequest(f"'depth_dtype' must be one of {sorted(DEPTH_DTYPES)}, got {depth_dtype!r}")
     return DepthParams(image=image, input_size=input_size, max_depth=max_depth, intrinsics=intrinsics, depth_dtype=depth_dtype)
 

@@ -16,6 +16,8 @@ from .errors import ConfigError
 DEFAULT_CLIENT_PORT = 5555
 DEFAULT_WORKER_PORT = 5556
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_HELD_BYTES = 1024 * 1024 * 1024
+MAX_QUEUE_BYTES = 1024 * 1024 * 1024
 
 
 def read_key(key: str | None = None, key_file: str | os.PathLike | None = None) -> str | None:
@@ -62,6 +64,7 @@ class BrokerConfig:
     key: str | None = None
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     max_queue: int = 1024  # waiting requests, all models together; past it: overloaded
+    max_queue_bytes: int = MAX_QUEUE_BYTES  # their body bytes, all models together; past it: overloaded
     default_timeout_s: float = 30.0  # deadline for requests that name none
     max_message_bytes: int = MAX_MESSAGE_BYTES
     drain_timeout_s: float = 5.0  # on shutdown, how long replies already in flight are awaited
@@ -70,6 +73,8 @@ class BrokerConfig:
     def __post_init__(self) -> None:
         if self.max_queue < 1:
             raise ConfigError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.max_queue_bytes < 1:
+            raise ConfigError(f"max_queue_bytes must be >= 1, got {self.max_queue_bytes}")
         if self.default_timeout_s <= 0:
             raise ConfigError(f"default_timeout_s must be > 0, got {self.default_timeout_s}")
 
@@ -92,6 +97,8 @@ class WorkerConfig:
     reconnect_max_s: float = 8.0
     warmup_sizes: tuple[tuple[int, int], ...] = ((480, 640),)
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # Image bytes held at once (frames as received plus their decoded pixels); past it: overloaded.
+    max_held_bytes: int = MAX_HELD_BYTES
     curve: CurveClient | None = None
 
     def __post_init__(self) -> None:
@@ -105,6 +112,8 @@ class WorkerConfig:
             raise ConfigError(f"capacity must be >= 1, got {self.capacity}")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise ConfigError("reconnect back-off needs 0 < reconnect_min_s <= reconnect_max_s")
+        if self.max_held_bytes < 1:
+            raise ConfigError(f"max_held_bytes must be >= 1, got {self.max_held_bytes}")
 
     @property
     def effective_capacity(self) -> int:

@@ -60,6 +60,10 @@ def decode_image(data: bytes | bytearray | memoryview | np.ndarray, *, max_pixel
         )
     if size is not None:
         _check_size(size[0], size[1], max_pixels, f"{fmt} header declares")
+    elif max_pixels is not None:
+        # Without the dimensions a tiny file could make the decoder allocate gigabytes before the
+        # pixel check below could refuse it: never decode an image of unknown size under a limit.
+        raise BadRequest(f"could not read the {fmt} image's dimensions from its header ({len(view)} bytes): corrupt or truncated file")
     image = cv2.imdecode(np.frombuffer(view, dtype=np.uint8), _IMREAD_FLAGS)
     if image is None:
         raise BadRequest(f"could not decode the {fmt} image ({len(view)} bytes): corrupt or truncated file")
@@ -142,9 +146,14 @@ def _sniff(data: memoryview) -> tuple[str | None, tuple[int, int] | None]:
 def _jpeg_size(data: memoryview) -> tuple[int, int] | None:
     """(width, height) from the first SOF segment, walking the markers before it."""
     i, n = 2, len(data)
+    copy: bytes | None = None
     while i + 9 <= n:
-        if data[i] != 0xFF:
-            return None
+        if data[i] != 0xFF:  # libjpeg skips stray bytes before a marker (with a warning), so the walk must too
+            copy = copy if copy is not None else bytes(data)  # find() runs in C; a valid file never gets here
+            i = copy.find(b"\xff", i)
+            if i < 0:
+                return None
+            continue
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1

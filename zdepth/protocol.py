@@ -149,7 +149,7 @@ def parse_request_header(frame: bytes | memoryview) -> RequestHeader:
     if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_ID_CHARS:
         raise BadRequest(f"request header field 'id' must be a string of 1 to {MAX_ID_CHARS} characters")
     op = header.get("op")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:  # an unhashable op (a list, a map) must not raise TypeError
         raise BadRequest(f"unknown op {op!r}; expected one of {sorted(OPS)}")
     model = header.get("model")
     if op in MODEL_OPS and model is not None:

@@ -56,6 +56,7 @@ __all__ = ["Worker", "backoff_delay", "run_worker"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_INPUT_SIZE = 518  # the engine's default network input size
+MAX_NETWORK_PIXELS = 4 * codec.MAX_INPUT_SIZE**2  # the largest input size at 4:1; beyond it a request is refused
 FLUSH_LINGER_MS = 1000  # after a drain, how long close() may spend sending the last replies
 DRAIN_GRACE_S = 0.25  # after DISCONNECT, requests the broker sent before reading it may still arrive
 MAX_READS_PER_WAKE = 64  # broker messages read before replies get their turn again
@@ -87,6 +88,7 @@ class Job:
     generation: int
     decoded: Future[np.ndarray] | None = None
     done: bool = False
+    held_bytes: int = 0  # counted against WorkerConfig.max_held_bytes while the job is held
 
     @property
     def batch_key(self) -> Hashable:
@@ -145,6 +147,55 @@ def reply_frames(job: Job, depth: np.ndarray, *, worker: str, timings: dict[str,
         arrays=descs,
     )
     return [protocol.command(protocol.REPLY, rid=job.rid, status=protocol.STATUS_OK), header, *buffers]
+
+
+def held_bytes(image: Any) -> int:
+    """What holding a request's image may cost: its frame as received plus its decoded HxWx3 pixels.
+
+    The pixel count comes from the array's shape or the encoded file's header; the frame alone when
+    it is unknown, or above the decoder's pixel limit (such an image is refused, unallocated, with
+    bad_request: it must not be counted as a big one and turn others away with overloaded).
+    """
+    if isinstance(image, np.ndarray):
+        pixels = image.shape[0] * image.shape[1] if image.ndim >= 2 else 0
+    else:
+        image = memoryview(image)
+        _, size = imageio._sniff(image)
+        pixels = size[0] * size[1] if size else 0
+    return image.nbytes + (3 * pixels if pixels <= imageio.DEFAULT_MAX_PIXELS else 0)
+
+
+def check_reply_size(job: Job, height: int, width: int, limit: int) -> None:
+    """BadRequest when a reply frame would exceed the message limit: the broker would drop the
+    connection of a worker that sent it (and every request that worker held would be re-queued)."""
+    frames = {"depth": height * width * np.dtype(codec.DEPTH_DTYPES[job.params.depth_dtype]).itemsize}
+    if job.op == protocol.OP_POINTCLOUD:
+        frames["points"] = height * width * 3 * 4
+    name, size = max(frames.items(), key=lambda item: item[1])
+    if size > limit:
+        hint = "compute the point cloud on the client (on_server=False)" if name == "points" else "use depth_dtype='float16'"
+        raise BadRequest(
+            f"the reply's {name} array for a {width}x{height} image would be {size} bytes, above the message limit of {limit}; "
+            f"send a smaller image or {hint}"
+        )
+
+
+def check_network_size(job: Job, height: int, width: int) -> None:
+    """BadRequest for an image so elongated that the network input would be absurd.
+
+    The short side is scaled to ``input_size`` and the long side follows, so a 2x600 image at 518
+    becomes a 518x155400 input: gigabytes and hours from a few bytes. Refused beyond the pixels
+    of the largest input size at 4:1 (``4 * MAX_INPUT_SIZE**2``).
+    """
+    from depth_anything_v2.transforms import network_input_size  # imports torch: only once a batch runs
+
+    input_size = job.params.input_size or DEFAULT_INPUT_SIZE
+    net_height, net_width = network_input_size(height, width, input_size)
+    if net_height * net_width > MAX_NETWORK_PIXELS:
+        raise BadRequest(
+            f"a {width}x{height} image at input_size {input_size} would be a {net_width}x{net_height} network input, "
+            f"above the limit of {MAX_NETWORK_PIXELS} pixels; crop or pad such an elongated image, or lower input_size"
+        )
 
 
 def _nan_min_max(depth: np.ndarray) -> tuple[float, float]:
@@ -341,6 +392,7 @@ class Worker:
         self._link: _BrokerLink | None = None
         self._poller = zmq.Poller()
         self._outstanding = 0  # jobs handed to the compute thread and not yet returned (I/O loop only)
+        self._held_bytes = 0  # their held_bytes, bounded by config.max_held_bytes (I/O loop only)
         # Plain flags, not locks: stop() may run inside a signal handler on the I/O loop's own thread.
         self._stop_requested = False
         self._abort = False
@@ -496,8 +548,22 @@ class Worker:
             request_id = header.get("id") if isinstance(header.get("id"), str) else None
             self._link.send(error_frames(rid, request_id, exc.code, exc.message))
             return
+        except Exception as exc:  # a bug in a parser fails this request, never the worker
+            logger.exception("parsing request %r failed", header.get("id"))
+            request_id = header.get("id") if isinstance(header.get("id"), str) else None
+            self._link.send(error_frames(rid, request_id, "internal", f"the worker could not parse the request: {type(exc).__name__}"))
+            return
+        job.held_bytes = held_bytes(job.image)
+        if self._outstanding and self._held_bytes + job.held_bytes > self.config.max_held_bytes:
+            message = (
+                f"this worker holds {self._held_bytes} bytes of images and this one needs {job.held_bytes} "
+                f"(limit {self.config.max_held_bytes}); retry in a moment, send smaller images, or add workers"
+            )
+            self._link.send(error_frames(rid, job.request_id, "overloaded", message))
+            return
         job.decoded = self._decoder.submit(imageio.decode_image, job.image)
         self._outstanding += 1
+        self._held_bytes += job.held_bytes
         self._jobs.put(job)
 
     def _on_disconnect(self, reason: Any, now: float) -> None:
@@ -530,6 +596,7 @@ class Worker:
             except queue.Empty:
                 return
             self._outstanding -= 1
+            self._held_bytes -= job.held_bytes
             if frames is not None and job.generation == link.generation:
                 link.send(frames)
 
@@ -580,7 +647,10 @@ class Worker:
                 self._fail(job, "timeout", f"the deadline passed {late_ms:.0f} ms before inference could start; the worker is busy")
             else:
                 try:
-                    ready.append((job, job.decoded.result()))
+                    image = job.decoded.result()
+                    check_reply_size(job, image.shape[0], image.shape[1], self.config.max_message_bytes)
+                    check_network_size(job, image.shape[0], image.shape[1])
+                    ready.append((job, image))
                 except ServiceError as exc:
                     self._fail(job, exc.code, exc.message)
                 except Exception as exc:
