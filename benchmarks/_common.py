@@ -10,12 +10,14 @@ repository root on ``sys.path`` so they run from a plain checkout.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as _dt
 import json
 import math
 import multiprocessing
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -136,11 +138,20 @@ class Report:
         self.parts.append(text)
 
 
-def write_json(name: str, data: dict[str, Any], path: str | os.PathLike | None) -> Path:
+def write_json(name: str, data: dict[str, Any], path: str | os.PathLike | None, *, quiet: bool = False) -> Path:
+    """Write a result (``quiet``: a partial one, saved as a run goes so a killed run leaves its data)."""
     out = Path(path) if path else RESULTS_DIR / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if "command" not in data:
+        script = Path(sys.argv[0])
+        try:
+            script = script.resolve().relative_to(ROOT)
+        except ValueError:
+            pass
+        data = {"command": " ".join(["python", str(script), *sys.argv[1:]]), **data}
     out.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    print(f"\nwrote {out}")
+    if not quiet:
+        print(f"\nwrote {out}")
     return out
 
 
@@ -344,7 +355,10 @@ def prepare_weights(directory: str | os.PathLike | None, encoders: Iterable[str]
     they are; the golden vits checkpoint is linked when reachable; the rest are
     generated with random weights (seed 0).
     """
-    directory = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="zdepth-bench-weights-"))
+    if directory is None:
+        directory = tempfile.mkdtemp(prefix="zdepth-bench-weights-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sources = []
     for encoder in encoders:

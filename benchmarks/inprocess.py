@@ -160,6 +160,8 @@ def main() -> int:
                     "speedup": _common.ratio(r["p50"], f["p50"]),
                 })
                 print(f"  {encoder} forward batch {batch}: fp32 {r['p50'] / batch:.2f}, {engine.precision} {f['p50'] / batch:.2f} ms/image", flush=True)
+        partial = {"benchmark": NAME, "partial": True, "machine": machine, "end_to_end": e2e_rows, "reference_breakdown": breakdown_rows, "forward": forward_rows}
+        _common.write_json(NAME, partial, args.json, quiet=True)
         reference = engine = fast_model = None  # free the device memory before the next encoder
         gc.collect()
         if cuda:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import _common
 
-ORDER = ("accuracy", "transport", "inprocess", "serving")
+ORDER = ("accuracy", "transport", "wire_format", "inprocess", "serving")
 
 
 def render(results: list[dict], *, title: str, steps: list[dict] | None = None, extra: str = "") -> str:
@@ -36,11 +36,39 @@ def render(results: list[dict], *, title: str, steps: list[dict] | None = None, 
     for result in results:
         name = result.get("benchmark", "?")
         config = result.get("config", {})
-        command = f"`python benchmarks/{name}.py" + (" --quick" if config.get("quick") else "") + "`"
-        parts += [f"### {name} ({command}, see JSON for the full configuration)", ""]
+        command = result.get("command") or f"python benchmarks/{name}.py" + (" --quick" if config.get("quick") else "")
+        parts += [f"### {name}: `{command}`", ""]
+        if result.get("partial"):
+            parts += ["Cut short (time limit or failure): the rows finished so far.", ""] + partial_tables(result)
         for part in result.get("report", []):
             parts += [re.sub(r"^### ", "#### ", part, flags=re.M), ""]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def partial_tables(result: dict) -> list[str]:
+    """Tables from a partial result, which has its rows but not its printed report."""
+    tables = []
+    runs = result.get("runs")
+    if runs:
+        rows = [
+            {
+                "model": r.get("encoder"),
+                "input": r.get("input"),
+                "streams": r.get("streams"),
+                "max wait ms": r.get("max_wait_ms"),
+                "fps": r.get("fps"),
+                "p50 ms": r.get("latency", {}).get("p50"),
+                "p99 ms": r.get("latency", {}).get("p99"),
+                "errors": r.get("errors"),
+            }
+            for r in runs
+        ]
+        tables.append(_common.table(rows, list(rows[0])))
+    for key in ("end_to_end", "forward"):
+        rows = result.get(key)
+        if rows:
+            tables.append(_common.table(rows, list(rows[0]), title=key))
+    return [t + "\n" for t in tables]
 
 
 def replace_section(text: str, section: str, body: str) -> str:

@@ -265,6 +265,8 @@ def main() -> int:
                 result = run_streams(address, streams, options, frames[input_name])
                 run = {"encoder": encoder, "input": input_name, "streams": streams, "workers": args.workers, "max_wait_ms": max_wait_ms, "startup_s": startup_s, **result}
                 runs.append(run)
+                partial = {"benchmark": NAME, "partial": True, "machine": machine, "weights": weights_source, "config": dict(vars(args)), "runs": runs}
+                _common.write_json(NAME, partial, args.json, quiet=True)
                 lat = result["latency"]
                 print(f"  {encoder} {input_name:8s} streams={streams} max_wait={max_wait_ms:g}: {result['fps']:.1f} fps, p50 {lat.get('p50', float('nan')):.2f} ms, p99 {lat.get('p99', float('nan')):.2f} ms ({result['frames']} frames, {result['errors']} errors)", flush=True)
         finally:

@@ -381,6 +381,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=10, help="modes are interleaved this many times (background load drifts)")
     parser.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated subset of: " + ", ".join(ALL_MODES))
+    parser.add_argument("--shape", default="480x640", help="HxW of the float32 depth reply (a small one shows the fixed cost per hop)")
     parser.add_argument("--profile", action="store_true", help="py-spy the broker and the client (needs py-spy)")
     parser.add_argument("--profile-seconds", type=float, default=5.0)
     args = parser.parse_args()
@@ -394,11 +395,11 @@ def main() -> int:
 
     import zmq
 
-    shape = _common.FRAME_SHAPE
-    image = _common.jpeg_bytes(_common.frames_bgr(1, shape)[0])
+    shape = tuple(int(n) for n in args.shape.lower().split("x"))
+    image = _common.jpeg_bytes(_common.frames_bgr(1, _common.FRAME_SHAPE)[0])
     report = _common.Report()
     machine = _common.machine_info(torch_info=False)
-    print(f"transport: {shape[0]}x{shape[1]} float32 reply ({shape[0] * shape[1] * 4} bytes), {len(image)} byte JPEG request")
+    print(f"transport: {shape[0]}x{shape[1]} float32 reply ({shape[0] * shape[1] * 4} bytes), {len(image)} byte 480x640 JPEG request")
     print(_common.machine_line(machine))
 
     ctx = zmq.Context()
@@ -445,7 +446,7 @@ def main() -> int:
             "+ms over zmq-direct (p50)": None if direct_p50 is None else s["p50"] - direct_p50,
             "in worker p50 ms": worker_ms.get(mode, {}).get("p50"),
         })
-    report.table(rows, list(rows[0]), title="Round trip of one 480x640 float32 depth map, client's view")
+    report.table(rows, list(rows[0]), title=f"Round trip of one {shape[0]}x{shape[1]} float32 depth map (request: a {len(image)}-byte JPEG), client's view")
 
     targets = {}
     if "broker-client" in stats and http_p50:

@@ -43,13 +43,19 @@ def run_quick(name: str, tmp_path: Path, *args: str) -> dict:
 
 
 def test_transport(tmp_path):
-    modes = "http,zmq-direct,zmq-direct-mpn,broker-dealer,broker-dealer-ipc,broker-client,broker-worker,broker-worker-nowait"
+    # Every kind of peer once (the -mpn, -ipc and -nowait variants only change a parameter).
+    modes = "http,zmq-direct,zmq-proxy,broker-dealer,broker-client,broker-worker"
     if not HTTP_DEPS:
         modes = modes.removeprefix("http,")
     result = run_quick("transport", tmp_path, "--modes", modes)
     assert set(result["modes"]) == set(modes.split(","))
     assert all(stats["n"] > 0 and stats["p50"] > 0 for stats in result["modes"].values())
     assert result["components"]
+
+
+def test_wire_format(tmp_path):
+    result = run_quick("wire_format", tmp_path)
+    assert set(result["modes"]) >= {"raw", "raw-jpeg", "jpeg-bytes"} and result["break_even_mbit"] > 0
 
 
 def test_serving(tmp_path):

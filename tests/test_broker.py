@@ -31,7 +31,7 @@ def ctx():
 
 
 def start_broker(ctx, **overrides):
-    config = BrokerConfig(clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", key=KEY, heartbeat=HEARTBEAT, drain_timeout_s=0.5, **overrides)
+    config = BrokerConfig(clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", key=KEY, heartbeat=HEARTBEAT, drain_timeout_s=0.5, reconnect_grace_s=0.6, **overrides)
     broker = Broker(config, context=ctx)
     broker.bind()
     thread = threading.Thread(target=broker.run, daemon=True)

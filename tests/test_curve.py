@@ -65,7 +65,7 @@ class Relay:
 
 
 def start(ctx, curve):
-    config = BrokerConfig(clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", key=KEY, heartbeat=Heartbeat(0.1, 3), drain_timeout_s=0.2, curve=curve)
+    config = BrokerConfig(clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", key=KEY, heartbeat=Heartbeat(0.1, 3), drain_timeout_s=0.2, reconnect_grace_s=0.6, curve=curve)
     broker = Broker(config, context=ctx)
     broker.bind()
     thread = threading.Thread(target=broker.run, daemon=True)

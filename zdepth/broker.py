@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.05  # longest the loop sleeps: bounds stop() latency and timer drift
 IN_FLIGHT_GRACE_S = 1.0  # a dispatched request past its deadline gets this long before the broker answers for it
+FLUSH_LINGER_MS = 1000  # on exit, how long unsent replies may take to leave
 MAX_ATTEMPTS = 2  # a request whose worker dies is re-queued once, then fails with worker_lost
 
 
@@ -106,7 +107,8 @@ class Broker:
 
     def __init__(self, config: BrokerConfig, *, context: zmq.Context | None = None) -> None:
         self.config = config
-        self._context = context or zmq.Context.instance()
+        self._own_context = context is None
+        self._context = context or zmq.Context()
         self._auth = start_authenticator(self._context, config.curve) if config.curve else None
         self._clients = self._router(config.max_message_bytes)
         self._workers = self._router(config.max_message_bytes)
@@ -168,10 +170,13 @@ class Broker:
                 self._on_tick(time.monotonic())
             self._shutdown(poller)
         finally:
-            self._clients.close(linger=0)
-            self._workers.close(linger=0)
+            # Linger so the last replies (shutdown errors included) leave before the process does.
+            self._clients.close(linger=FLUSH_LINGER_MS)
+            self._workers.close(linger=FLUSH_LINGER_MS)
             if self._auth is not None:
                 self._auth.stop()
+            if self._own_context:
+                self._context.term()
 
     def _drain_socket(self, sock: zmq.Socket, handler) -> None:
         """Handle what is waiting now, a bounded number at a time so neither side starves."""
@@ -223,9 +228,8 @@ class Broker:
             return
         model = header.model or self._default_model(header.op)
         if model is None or not self._may_be_served(model, now):
-            served = self._served_models()
-            hint = f"served models: {', '.join(served)}" if served else "no worker is connected"
-            self._reply_error(client, header.id, "unknown_model", f"no worker serves model {model or '(default)'!r} for op {header.op!r}; {hint}", peer=peer, op=header.op, model=model, started=now, details={"served": served})
+            message, details = self._unknown_model(model, header.op)
+            self._reply_error(client, header.id, "unknown_model", message, peer=peer, op=header.op, model=model, started=now, details=details)
             return
         if not op_accepts_model(header.op, model):
             kind = "a relative model such as 'vits'" if header.op == "relative_depth" else "a metric model such as 'vits-hypersim'"
@@ -241,13 +245,17 @@ class Broker:
             return
         timeout_s = header.timeout_ms / 1000 if header.timeout_ms else self.config.default_timeout_s
         job = Job(client=client, header=header, model=model, body=body, peer=peer, received=now, deadline=now + timeout_s, size=size)
-        self._queues[model].append(job)
-        self._queued += 1
-        self._queued_bytes += size
+        self._enqueue(job)
         self._dispatch(model)
 
     def _served_models(self) -> list[str]:
         return sorted({m for w in self._workers_by_id.values() if not w.draining for m in w.models})
+
+    def _unknown_model(self, model: str | None, op: str) -> tuple[str, dict[str, Any]]:
+        """The message and details of an unknown_model error: what is served instead."""
+        served = self._served_models()
+        hint = f"served models: {', '.join(served)}" if served else "no worker is connected"
+        return f"no worker serves model {model or '(default)'!r} for op {op!r}; {hint}", {"served": served}
 
     def _default_model(self, op: str) -> str | None:
         """The server's default when a request names no model: the first served model that fits the op."""
@@ -258,7 +266,7 @@ class Broker:
         reconnecting or restarting: such requests wait in the queue instead of failing at once."""
         if any(model in w.models for w in self._workers_by_id.values()):
             return True
-        grace = 2 * self.config.heartbeat.expiry_s
+        grace = self.config.reconnect_grace_s
         if now - self._started < grace:
             return True
         return now - self._model_last_seen.get(model, -grace) < grace
@@ -299,9 +307,7 @@ class Broker:
             candidates = [w for w in self._workers_by_id.values() if model in w.models and not w.draining and len(w.in_flight) < w.capacity]
             if not candidates:
                 return
-            job = queue.popleft()
-            self._queued -= 1
-            self._queued_bytes -= job.size
+            job = self._dequeue(queue)
             if job.deadline <= now:
                 self._fail(job, "timeout", "the deadline passed while the request waited for a worker")
                 continue
@@ -321,6 +327,25 @@ class Broker:
             )
             self._send_worker(worker.identity, [header, *job.body])
 
+    def _enqueue(self, job: Job, *, front: bool = False) -> None:
+        """Queue ``job`` for its model, counting it against the queue's limits."""
+        queue = self._queues[job.model]
+        if front:
+            queue.appendleft(job)
+        else:
+            queue.append(job)
+        self._queued += 1
+        self._queued_bytes += job.size
+
+    def _dequeue(self, queue: collections.deque[Job]) -> Job:
+        job = queue.popleft()
+        self._count_out(job)
+        return job
+
+    def _count_out(self, job: Job) -> None:
+        self._queued -= 1
+        self._queued_bytes -= job.size
+
     def _fail(self, job: Job, code: str, message: str) -> None:
         self._reply_error(job.client, job.header.id, code, message, peer=job.peer, op=job.header.op, model=job.model, started=job.received)
 
@@ -330,8 +355,7 @@ class Broker:
                 keep = collections.deque()
                 for job in queue:
                     if job.deadline <= now:
-                        self._queued -= 1
-                        self._queued_bytes -= job.size
+                        self._count_out(job)
                         self._fail(job, "timeout", "the deadline passed while the request waited for a worker")
                     else:
                         keep.append(job)
@@ -342,12 +366,10 @@ class Broker:
         """Requests held for a model whose workers did not come back in time fail with unknown_model."""
         for model, queue in self._queues.items():
             if queue and not self._may_be_served(model, now):
-                served = self._served_models()
                 while queue:
-                    job = queue.popleft()
-                    self._queued -= 1
-                    self._queued_bytes -= job.size
-                    self._reply_error(job.client, job.header.id, "unknown_model", f"no worker serves model {model!r}; served models: {', '.join(served) or 'none'}", peer=job.peer, op=job.header.op, model=model, started=job.received, details={"served": served})
+                    job = self._dequeue(queue)
+                    message, details = self._unknown_model(model, job.header.op)
+                    self._reply_error(job.client, job.header.id, "unknown_model", message, peer=job.peer, op=job.header.op, model=model, started=job.received, details=details)
 
     def _expire_in_flight(self, now: float) -> None:
         """Answer for a worker that holds a request far past its deadline; its late reply is then dropped."""
@@ -463,9 +485,7 @@ class Broker:
             if job.attempts >= MAX_ATTEMPTS:
                 self._fail(job, "worker_lost", f"the worker died while holding this request, {job.attempts} times; retry, and check the workers' logs")
             else:
-                self._queues[job.model].appendleft(job)  # oldest first, ahead of newer work
-                self._queued += 1
-                self._queued_bytes += job.size
+                self._enqueue(job, front=True)  # oldest first, ahead of newer work
         for model in {job.model for job in lost}:
             self._dispatch(model)
 
@@ -507,10 +527,7 @@ class Broker:
         """Fail what waits in queues, give in-flight requests a moment to finish, then tell workers."""
         for queue in self._queues.values():
             while queue:
-                job = queue.popleft()
-                self._queued -= 1
-                self._queued_bytes -= job.size
-                self._fail(job, "overloaded", "the broker is shutting down; retry in a moment")
+                self._fail(self._dequeue(queue), "overloaded", "the broker is shutting down; retry in a moment")
         deadline = time.monotonic() + self.config.drain_timeout_s
         while self._dispatched and time.monotonic() < deadline:
             if dict(poller.poll(TICK_S * 1000)).get(self._workers):

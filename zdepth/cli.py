@@ -500,6 +500,15 @@ def broker(
     drain_timeout: Annotated[
         float, typer.Option("--drain-timeout", envvar="ZDEPTH_DRAIN_TIMEOUT", min=0, help="On stop, seconds to wait for replies in flight.")
     ] = 5.0,
+    reconnect_grace: Annotated[
+        float,
+        typer.Option(
+            "--reconnect-grace",
+            envvar="ZDEPTH_RECONNECT_GRACE",
+            min=0,
+            help="Seconds a request for a model with no worker waits, after start-up or after its last worker left, before 'unknown_model'.",
+        ),
+    ] = 10.0,
     curve_secret: BrokerCurveSecret = None,
     curve_allow: CurveAllow = None,
     log_level: LogLevel = None,
@@ -529,6 +538,7 @@ def broker(
             max_queue=max_queue,
             default_timeout_s=default_timeout,
             drain_timeout_s=drain_timeout,
+            reconnect_grace_s=reconnect_grace,
             curve=curve,
         )
         server = Broker(config)

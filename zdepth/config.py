@@ -68,6 +68,9 @@ class BrokerConfig:
     default_timeout_s: float = 30.0  # deadline for requests that name none
     max_message_bytes: int = MAX_MESSAGE_BYTES
     drain_timeout_s: float = 5.0  # on shutdown, how long replies already in flight are awaited
+    # After the broker starts, or a model's last worker leaves, requests for it wait this long for a
+    # worker to (re)register before failing with unknown_model; covers a worker's reconnect back-off.
+    reconnect_grace_s: float = 10.0
     curve: CurveServer | None = None  # encryption and an allow-list of peers; see zdepth.curve
 
     def __post_init__(self) -> None:
