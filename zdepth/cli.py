@@ -85,6 +85,15 @@ KeyFile = Annotated[
         show_default=False,
     ),
 ]
+MaxWaitMs = Annotated[
+    float,
+    typer.Option(
+        "--max-wait-ms",
+        envvar="ZDEPTH_MAX_WAIT_MS",
+        min=0,
+        help="Milliseconds a partial batch waits for more requests. At 0, requests that arrive while a batch runs form the next one, and a lone request never waits.",
+    ),
+]
 Heartbeat = Annotated[float, typer.Option("--heartbeat", envvar="ZDEPTH_HEARTBEAT", min=0.01, help="Seconds between heartbeats.")]
 Liveness = Annotated[
     int, typer.Option("--liveness", envvar="ZDEPTH_LIVENESS", min=1, help="Missed heartbeats before a peer counts as dead.")
@@ -574,9 +583,7 @@ def worker(
     ] = None,
     download: Annotated[bool, typer.Option("--download/--no-download", envvar="ZDEPTH_DOWNLOAD", help="Fetch missing checkpoints from the model hub.")] = False,
     max_batch: Annotated[int, typer.Option("--max-batch", envvar="ZDEPTH_MAX_BATCH", min=1, help="Largest batch for one forward pass.")] = 8,
-    max_wait_ms: Annotated[
-        float, typer.Option("--max-wait-ms", envvar="ZDEPTH_MAX_WAIT_MS", min=0, help="How long a partial batch waits for more requests.")
-    ] = 2.0,
+    max_wait_ms: MaxWaitMs = 0.0,
     capacity: Annotated[
         int | None, typer.Option("--capacity", envvar="ZDEPTH_CAPACITY", min=1, help="Requests held at once. Default: 2 x max batch.", show_default=False)
     ] = None,
@@ -659,9 +666,7 @@ def serve(
         str | None, typer.Option("--precision", envvar="ZDEPTH_PRECISION", help="fp32, fp16 or bf16. Default: fp16 on CUDA, fp32 on CPU.", show_default=False)
     ] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", envvar="ZDEPTH_MAX_BATCH", min=1, help="Largest batch per forward pass.")] = 8,
-    max_wait_ms: Annotated[
-        float, typer.Option("--max-wait-ms", envvar="ZDEPTH_MAX_WAIT_MS", min=0, help="How long a partial batch waits for more requests.")
-    ] = 2.0,
+    max_wait_ms: MaxWaitMs = 0.0,
     weights_dir: Annotated[
         Path | None,
         typer.Option("--weights-dir", envvar="ZDEPTH_WEIGHTS_DIR", help="Folder of checkpoints. Default: ~/.cache/zdepth/weights.", show_default=False),

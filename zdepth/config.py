@@ -93,7 +93,7 @@ class WorkerConfig:
     download: bool = False
     compile: bool = False
     max_batch: int = 8
-    max_wait_ms: float = 2.0  # how long a partial batch waits for company
+    max_wait_ms: float = 0.0  # extra wait for a partial batch; at 0 batches form from what queued during the last one
     capacity: int | None = None  # requests the broker may give at once; default 2 x max_batch
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     reconnect_min_s: float = 0.25
