@@ -27,6 +27,7 @@ import zmq
 
 from .codec import DEPTH_DTYPES, decode_arrays, image_descriptor, params_frame
 from .config import read_key
+from .curve import CurveClient
 from .errors import BadRequest, DeadlineExceeded, InternalError, error_from_code
 from .imageio import decode_image, encode_jpeg
 from .pointcloud import Intrinsics, depth_to_points
@@ -281,7 +282,7 @@ class ClientBase:
         max_depth: float | None = None,
         depth_dtype: str = "float32",
         wire_format: str = "raw",
-        curve: Any = None,
+        curve: CurveClient | None = None,
     ) -> None:
         if not isinstance(address, str) or "://" not in address:
             raise ValueError(f"address must be a ZeroMQ endpoint such as 'tcp://gpu-box:5555', got {address!r}")

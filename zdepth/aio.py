@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterable, AsyncIterator, Iterable, Sequence
+from typing import Any, AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import zmq
 import zmq.asyncio
 
 from ._requests import (
-    DEFAULT_ADDRESS,
-    DEFAULT_DATASET,
     ClientBase,
     ClientState,
     Exchange,
@@ -31,8 +29,6 @@ from ._requests import (
 from .client import Client, StreamItem
 from .pointcloud import Intrinsics
 
-if TYPE_CHECKING:
-    from .curve import CurveClient
 from .protocol import OP_RELATIVE
 from .results import DepthResult, PointCloudResult
 
@@ -50,37 +46,9 @@ class AsyncClient(ClientBase):
     Use ``async with``, or ``await client.aclose()``.
     """
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        *,
-        key: str | None = None,
-        timeout: float = 30.0,
-        retries: int = 1,
-        encoder: str | None = "vits",
-        dataset: str | None = DEFAULT_DATASET,
-        input_size: int | None = None,
-        max_depth: float | None = None,
-        depth_dtype: str = "float32",
-        wire_format: str = "raw",
-        curve: CurveClient | None = None,
-    ) -> None:
-        super().__init__(
-            address,
-            key=key,
-            timeout=timeout,
-            retries=retries,
-            encoder=encoder,
-            dataset=dataset,
-            input_size=input_size,
-            max_depth=max_depth,
-            depth_dtype=depth_dtype,
-            wire_format=wire_format,
-            curve=curve,
-        )
-        self._context = zmq.asyncio.Context.instance()
-        self._socket: zmq.asyncio.Socket | None = None
-        self._receiver: asyncio.Task | None = None
+    # Options and their checks live in ClientBase.__init__; the socket is made on first use.
+    _socket: zmq.asyncio.Socket | None = None
+    _receiver: asyncio.Task | None = None
 
     @classmethod
     def from_profile(cls, name: str, **overrides: Any) -> AsyncClient:
@@ -97,7 +65,7 @@ class AsyncClient(ClientBase):
     def _open(self) -> zmq.asyncio.Socket:
         self._check_usable()
         if self._socket is None:
-            sock = self._context.socket(zmq.DEALER)
+            sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
             try:
                 configure_socket(sock, self.curve)
                 sock.connect(self.address)

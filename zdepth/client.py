@@ -19,13 +19,12 @@ import math
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Union
+from typing import Any, Iterable, Iterator, Union
 
 import zmq
 
 from ._requests import (
     DEFAULT_ADDRESS,
-    DEFAULT_DATASET,
     ClientBase,
     ClientState,
     Exchange,
@@ -36,8 +35,6 @@ from ._requests import (
 )
 from .pointcloud import Intrinsics
 
-if TYPE_CHECKING:
-    from .curve import CurveClient
 from .protocol import OP_RELATIVE
 from .results import DepthResult, PointCloudResult
 
@@ -75,36 +72,8 @@ class Client(ClientBase):
     CurveZMQ; without it such a broker never answers, and calls time out.
     """
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        *,
-        key: str | None = None,
-        timeout: float = 30.0,
-        retries: int = 1,
-        encoder: str | None = "vits",
-        dataset: str | None = DEFAULT_DATASET,
-        input_size: int | None = None,
-        max_depth: float | None = None,
-        depth_dtype: str = "float32",
-        wire_format: str = "raw",
-        curve: CurveClient | None = None,
-    ) -> None:
-        super().__init__(
-            address,
-            key=key,
-            timeout=timeout,
-            retries=retries,
-            encoder=encoder,
-            dataset=dataset,
-            input_size=input_size,
-            max_depth=max_depth,
-            depth_dtype=depth_dtype,
-            wire_format=wire_format,
-            curve=curve,
-        )
-        self._context = zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
+    # Options and their checks live in ClientBase.__init__; the socket is made on first use.
+    _socket: zmq.Socket | None = None
 
     @classmethod
     def from_profile(cls, name: str, **overrides: Any) -> Client:
@@ -117,7 +86,7 @@ class Client(ClientBase):
         """Connect now (otherwise the first call connects). Connecting never waits for the broker."""
         self._check_usable()
         if self._socket is None:
-            sock = self._context.socket(zmq.DEALER)
+            sock = zmq.Context.instance().socket(zmq.DEALER)
             try:
                 configure_socket(sock, self.curve)
                 sock.connect(self.address)
