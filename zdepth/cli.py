@@ -22,10 +22,8 @@ import contextlib
 import json
 import logging
 import math
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,6 +32,7 @@ import typer
 
 from . import __version__
 from .errors import ConfigError, ZdepthError
+from .signals import on_stop_signals
 
 __all__ = ["app", "default_curve_dir", "main", "resolve_server", "setup_logging"]
 
@@ -446,31 +445,6 @@ def _parse_warmup(values: list[str] | None) -> tuple[tuple[int, int], ...] | Non
     return tuple(_parse_size(item, "--warmup") for item in items)
 
 
-def _on_signals(stop: Callable[[], None]) -> Callable[[], None]:
-    """SIGINT/SIGTERM call ``stop()``; a second one raises KeyboardInterrupt. Returns a restore function."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    signals = [signal.SIGINT, signal.SIGTERM]
-    previous = {sig: signal.getsignal(sig) for sig in signals}
-    count = [0]
-
-    def handle(signum: int, _frame: Any) -> None:
-        count[0] += 1
-        if count[0] > 1:
-            raise KeyboardInterrupt
-        logger.info("%s received: stopping (send it again to stop at once)", signal.Signals(signum).name)
-        stop()
-
-    for sig in signals:
-        signal.signal(sig, handle)
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    return restore
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"zdepth {__version__}")
@@ -551,7 +525,7 @@ def broker(
             curve=curve,
         )
         server = Broker(config)
-        restore = _on_signals(server.stop)
+        restore = on_stop_signals(server.stop)
         try:
             server.bind()
             server.run()
@@ -753,7 +727,7 @@ def serve(
         logger.info(
             "serving %s on %s (workers on %s): %d worker(s) on %s", ", ".join(models), clients, workers, len(devices), ", ".join(devices)
         )
-        restore = _on_signals(supervisor.stop)
+        restore = on_stop_signals(supervisor.stop)
         try:
             supervisor.run()
         except KeyboardInterrupt:

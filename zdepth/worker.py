@@ -32,7 +32,6 @@ import math
 import os
 import queue
 import random
-import signal
 import socket
 import threading
 import time
@@ -50,6 +49,7 @@ from .config import WorkerConfig
 from .curve import apply_client
 from .errors import BadRequest, ConfigError, InternalError, ServiceError, Unauthorized, UnknownModel, ZdepthError
 from .pointcloud import Intrinsics, depth_to_points
+from .signals import on_stop_signals
 
 __all__ = ["Worker", "backoff_delay", "run_worker"]
 
@@ -748,7 +748,12 @@ def run_worker(config: WorkerConfig) -> int:
     except ZdepthError as exc:
         logger.error("%s", exc)
         return 2 if isinstance(exc, ConfigError) else 1
-    restore = _install_signal_handlers(worker)
+    def stop_now() -> None:
+        if not worker.serving:
+            raise KeyboardInterrupt  # still loading models: nothing to drain
+        worker.stop()
+
+    restore = on_stop_signals(worker.stop, stop_now, doing="draining")
     try:
         worker.run()
     except ZdepthError as exc:
@@ -759,29 +764,3 @@ def run_worker(config: WorkerConfig) -> int:
     finally:
         restore()
     return 0
-
-
-def _install_signal_handlers(worker: Worker):
-    """SIGTERM/SIGINT -> worker.stop(); returns a function that puts the old handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    signals = [signal.SIGINT, signal.SIGTERM]
-    previous = {sig: signal.getsignal(sig) for sig in signals}
-    received = [0]
-
-    def handle(signum: int, _frame: Any) -> None:
-        received[0] += 1
-        if received[0] == 1:
-            logger.info("%s: draining; send it again to stop at once", signal.Signals(signum).name)
-        elif not worker.serving:
-            raise KeyboardInterrupt  # still loading models: nothing to drain
-        worker.stop()
-
-    for sig in signals:
-        signal.signal(sig, handle)
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    return restore
