@@ -18,6 +18,7 @@ from .errors import (
     WorkerLost,
     ZdepthError,
 )
+from .pointcloud import Intrinsics, depth_to_points
 from .results import DepthResult, PointCloudResult
 
 __version__ = "0.1.0"
@@ -28,6 +29,8 @@ __all__ = [
     "Client",
     "DepthResult",
     "PointCloudResult",
+    "Intrinsics",
+    "depth_to_points",
     "BadRequest",
     "ConfigError",
     "DeadlineExceeded",
