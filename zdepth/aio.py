@@ -28,7 +28,6 @@ from ._requests import (
 )
 from .client import Client, StreamItem
 from .pointcloud import Intrinsics
-
 from .protocol import OP_RELATIVE
 from .results import DepthResult, PointCloudResult
 

@@ -34,7 +34,6 @@ from ._requests import (
     configure_socket,
 )
 from .pointcloud import Intrinsics
-
 from .protocol import OP_RELATIVE
 from .results import DepthResult, PointCloudResult
 
