@@ -502,8 +502,12 @@ class Worker:
                 link.close()
                 logger.warning("broker silent while draining; %d replies will be lost", self._outstanding)
             else:
+                answered_before = link.answered
                 delay = link.drop(now)
-                logger.warning("broker %s silent for %.1f s; reconnecting in %.2f s", self.config.broker, self.config.heartbeat.expiry_s, delay)
+                hint = ""
+                if self.config.curve is not None and not answered_before:
+                    hint = " (it never answered: with CurveZMQ, check that this worker's public key is in the broker's allow directory)"
+                logger.warning("broker %s silent for %.1f s; reconnecting in %.2f s%s", self.config.broker, self.config.heartbeat.expiry_s, delay, hint)
         link.heartbeat_if_due(now)
 
     def _read_broker(self) -> None:
