@@ -64,3 +64,15 @@ def golden_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in GENERATED_FILES[:2]:
         (directory / name).symlink_to(GOLDEN / "depth_anything_v2_vits.pth")
     return directory
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A typer CliRunner with no ZDEPTH_* settings leaking in from the environment."""
+    from typer.testing import CliRunner
+
+    for name in list(os.environ):
+        if name.startswith("ZDEPTH_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("ZDEPTH_CONFIG", str(tmp_path / "no-profiles.toml"))
+    return CliRunner()

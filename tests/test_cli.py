@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,16 +32,6 @@ from zdepth.pointcloud import read_ply
 
 COMMANDS = ("broker", "worker", "serve", "predict", "health", "bench")
 FX, FY, CX, CY = 80.0, 82.0, 47.5, 31.5
-
-
-@pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
-    """A CliRunner with no ZDEPTH_* settings leaking in from the environment."""
-    for name in list(os.environ):
-        if name.startswith("ZDEPTH_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("ZDEPTH_CONFIG", str(tmp_path / "no-profiles.toml"))
-    return CliRunner()
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,8 @@ byte both ways, so the tests can show what crosses the wire.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import stat
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq.auth
-from procs import Proc, child_env, free_port, small_image, spawn, zdepth_argv
+from procs import Proc, Relay, child_env, free_port, small_image, spawn, zdepth_argv
 from typer.testing import CliRunner
 
 from zdepth import Client, ConfigError
@@ -33,68 +30,6 @@ from zdepth.errors import DeadlineExceeded
 KEY = "cli-curve-shared-key-7f3a"
 MARKER = b"PLAINTEXT-PIXELS"  # 16 bytes; the test image is this, repeated
 HEARTBEAT = ["--heartbeat", "0.5", "--liveness", "3"]
-
-
-@pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
-    """A CliRunner with no ZDEPTH_* settings leaking in from the environment."""
-    for name in list(os.environ):
-        if name.startswith("ZDEPTH_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("ZDEPTH_CONFIG", str(tmp_path / "no-profiles.toml"))
-    return CliRunner()
-
-
-class Relay:
-    """A TCP relay to ``127.0.0.1:target_port`` that records every byte, both ways."""
-
-    def __init__(self, target_port: int) -> None:
-        self.captured = bytearray()
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.target_port = target_port
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
-
-    def seen(self) -> bytes:
-        with self._lock:
-            return bytes(self.captured)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                return
-            self._sockets += [conn, upstream]
-            threading.Thread(target=self._pipe, args=(conn, upstream), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, conn), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                with self._lock:
-                    self.captured += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self._sockets:
-            sock.close()
 
 
 @dataclass
