@@ -8,7 +8,7 @@ import torch
 import zdepth.engine
 from zdepth.engine import Engine
 from zdepth.errors import BadRequest, UnknownModel, WeightsNotFound
-from zdepth.imageio import read_image
+from zdepth.imageio import EncodedJpeg, decode_image, device_decodable_jpeg, encode_jpeg, read_image
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GOLDEN, DATA = SHARED / "golden", SHARED / "data"
@@ -77,7 +77,7 @@ def test_mixed_batch_equals_one_by_one(engine, tensor_path, monkeypatch):
         forwards.append(tuple(x.shape))
         return model(x, max_depth)
 
-    monkeypatch.setattr(engine, "model", lambda model_id: counting_model)
+    monkeypatch.setitem(engine._forwards, "vits-hypersim", counting_model)
     depths = [5.0, None, 7.0, 9.0, 11.0]
     together = engine.infer(images, "vits-hypersim", input_size=SMALL, max_depth=depths)
     assert sorted(forwards) == sorted([(3, 3, 28, 42), (1, 3, 42, 28), (1, 3, 28, 28)])
@@ -172,6 +172,7 @@ def test_unknown_model_and_missing_weights(engine, tmp_path):
         (dict(precision="bf16"), "fp32"),
         (dict(precision="fp64"), "fp64"),
         (dict(device="nonsense"), "nonsense"),
+        (dict(cuda_graphs=True), "CUDA graphs need a CUDA device"),
     ],
 )
 def test_bad_engine_options(kwargs, match):
@@ -185,6 +186,67 @@ def test_cpu_defaults_and_cuda_unavailable():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             Engine(device="cuda")
+
+
+def test_cpu_engine_decodes_encoded_jpegs_with_cv2(engine):
+    """Off CUDA an EncodedJpeg is decoded on the CPU first: the same depth as its cv2-decoded array."""
+    data = encode_jpeg(frame(60, 80))
+    assert not engine.decodes_jpeg
+    by_bytes, by_array = engine.infer([device_decodable_jpeg(data), decode_image(data)], "vits", input_size=SMALL)
+    np.testing.assert_allclose(by_bytes, by_array, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def device_decoding_engine(weights_dir):
+    """The CUDA pipeline run on the CPU: JPEGs decoded by torchvision's decoder (libjpeg-turbo here, nvjpeg on
+    CUDA) inside the engine, then torch resize and normalise."""
+    engine = Engine(weights_dir=weights_dir)
+    engine._cv2_preprocess = False
+    engine._decode_jpeg = zdepth.engine._torchvision_jpeg_decoder()
+    assert engine.decodes_jpeg
+    return engine
+
+
+def test_device_decoded_jpegs_match_cv2_decoded_arrays(device_decoding_engine):
+    """The same depth whether the engine decodes a JPEG itself or gets cv2's pixels: the decoders agree
+    and the colour order comes out the same (RGB from the decoder, BGR arrays flipped)."""
+    sizes = [(60, 80), (60, 80), (35, 35), (61, 80)]
+    jpegs = [encode_jpeg(frame(h, w)) for h, w in sizes] + [encode_jpeg(frame(60, 80)[:, :, 0])]  # the last one grey
+    inputs = [device_decodable_jpeg(data) for data in jpegs]
+    inputs.insert(1, decode_image(jpegs[1]))  # a decoded array among JPEGs of its size, in one upload
+    expected_inputs = [decode_image(data) for data in [jpegs[0], *jpegs[1:]]]
+    expected_inputs.insert(1, expected_inputs[1])
+    max_depths = [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    depths = device_decoding_engine.infer(inputs, "vits-hypersim", input_size=SMALL, max_depth=max_depths)
+    device_decoding_engine._decode_jpeg = None  # from here on, arrays only
+    for depth, array, max_depth in zip(depths, expected_inputs, max_depths, strict=True):
+        (expected,) = device_decoding_engine.infer([array], "vits-hypersim", input_size=SMALL, max_depth=max_depth)
+        assert depth.shape == array.shape[:2]
+        np.testing.assert_allclose(depth, expected, rtol=1e-4, atol=1e-5 * max_depth)
+    swapped = device_decoding_engine.infer([expected_inputs[0][:, :, ::-1].copy()], "vits-hypersim", input_size=SMALL, max_depth=3.0)
+    assert rel_l2(swapped[0], depths[0]) > 1e-3  # the comparison above would see a colour swap
+
+
+def test_a_corrupt_jpeg_falls_back_to_cv2_and_fails_alone(device_decoding_engine):
+    good = encode_jpeg(frame(60, 80))
+    corrupt = good[:200] + bytes(len(good) - 200)  # a valid header, then zeros
+    (depth,) = device_decoding_engine.infer([device_decodable_jpeg(good)], "vits", input_size=SMALL)
+    assert depth.shape == (60, 80)
+    with pytest.raises(BadRequest, match="could not decode"):
+        device_decoding_engine.infer([device_decodable_jpeg(good), device_decodable_jpeg(corrupt)], "vits", input_size=SMALL)
+    assert device_decoding_engine.decodes_jpeg  # one bad file does not turn the decoder off
+
+
+def test_a_decoder_that_always_fails_is_switched_off(device_decoding_engine):
+    def broken(data, device):
+        raise RuntimeError("nvjpeg is not available")
+
+    device_decoding_engine._decode_jpeg = broken
+    data = encode_jpeg(frame(60, 80))
+    (depth,) = device_decoding_engine.infer([device_decodable_jpeg(data)], "vits", input_size=SMALL)
+    assert not device_decoding_engine.decodes_jpeg
+    (again,) = device_decoding_engine.infer([device_decodable_jpeg(data)], "vits", input_size=SMALL)
+    np.testing.assert_array_equal(depth, again)
 
 
 # --- CUDA: skipped where there is none ------------------------------------------------
@@ -241,3 +303,39 @@ def test_cuda_compile(golden_weights_dir, photos):
     engine.warmup("vits", sizes=[photos[2].shape[:2]])
     (depth,) = engine.infer(photos[2:], "vits")
     assert rel_l2(depth, eager[0]) < 2e-3
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fast_path_within_1e2_of_the_fp32_reference(golden_weights_dir, photos):
+    """The accuracy guard: JPEG bytes decoded by nvjpeg, GPU preprocessing, fp16, one batch, against
+    the reference pipeline (cv2 decode and preprocessing, fp32, one image at a time)."""
+    files = [(DATA / name).read_bytes() for name in ("demo01.jpg", "demo04.jpg")]
+    fast_engine = Engine(device="cuda", weights_dir=golden_weights_dir)
+    inputs = [device_decodable_jpeg(data) for data in files]
+    assert all(isinstance(item, EncodedJpeg) for item in inputs) and fast_engine.decodes_jpeg
+    reference_engine = Engine(device="cuda", precision="fp32", weights_dir=golden_weights_dir)
+    reference_engine._cv2_preprocess = True
+    for model_id in ("vits", "vits-hypersim"):
+        fast = fast_engine.infer(inputs, model_id)
+        for depth, data in zip(fast, files, strict=True):
+            (reference,) = reference_engine.infer([decode_image(data)], model_id)
+            assert depth.shape == reference.shape
+            assert rel_l2(depth, reference) <= 1e-2
+    assert fast_engine.decodes_jpeg  # nvjpeg decoded them; no fallback to cv2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("model_id, max_depth", [("vits", None), ("vits-hypersim", [5.0, 10.0, 15.0, 20.0, 25.0])])
+def test_cuda_graphs_match_eager(weights_dir, model_id, max_depth):
+    eager = Engine(device="cuda", weights_dir=weights_dir)
+    graphed = Engine(device="cuda", weights_dir=weights_dir, cuda_graphs=True)
+    images = [frame(60, 80) for _ in range(5)]
+    for count in (1, 3, 5, 1, 5):  # 3 and 5 run padded to 4 and 8; repeats replay the graphs
+        depths = max_depth[:count] if max_depth else None
+        expected = eager.infer(images[:count], model_id, input_size=SMALL, max_depth=depths)
+        got = graphed.infer(images[:count], model_id, input_size=SMALL, max_depth=depths)
+        for a, b in zip(got, expected, strict=True):
+            assert rel_l2(a, b) < 2e-3
+    assert graphed._forwards[model_id].captured == 3  # batches 1, 4 and 8

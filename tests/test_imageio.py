@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from zdepth.errors import BadRequest
-from zdepth.imageio import decode_image, encode_jpeg, read_image
+from zdepth.imageio import (
+    EncodedJpeg,
+    decode_image,
+    device_decodable_jpeg,
+    encode_jpeg,
+    read_image,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BGR = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
@@ -173,11 +179,52 @@ def test_no_torch_import():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
+def with_exif_orientation(jpg: bytes, orientation: int) -> bytes:
+    """``jpg`` with an APP1 Exif segment whose IFD0 holds only Orientation."""
+    ifd = struct.pack("<H", 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    app1 = b"Exif\0\0" + b"II*\0" + struct.pack("<I", 8) + ifd
+    return jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpg[2:]
+
+
 def test_jpeg_exif_orientation_applied_like_imread():
     image = np.zeros((20, 40, 3), np.uint8)
     image[:, :20] = 255
-    jpg = encode(".jpg", image)
-    ifd = struct.pack("<H", 1) + struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0) + struct.pack("<I", 0)
-    app1 = b"Exif\0\0" + b"II*\0" + struct.pack("<I", 8) + ifd
-    rotated = jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpg[2:]
+    rotated = with_exif_orientation(encode(".jpg", image), 6)
     assert decode_image(rotated).shape == (40, 20, 3)
+
+
+FRAME = np.random.default_rng(1).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(encode(".jpg", FRAME), id="baseline"),
+        pytest.param(cv2.imencode(".jpg", FRAME, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes(), id="progressive"),
+        pytest.param(encode(".jpg", FRAME[:, :, 0]), id="grey"),
+    ],
+)
+@pytest.mark.parametrize("wrap", [bytes, memoryview])
+def test_device_decodable_jpeg_keeps_the_bytes_and_the_size(data, wrap):
+    jpeg = device_decodable_jpeg(wrap(data))
+    assert isinstance(jpeg, EncodedJpeg) and jpeg.shape == (48, 64, 3)
+    assert bytes(jpeg.data) == data
+    np.testing.assert_array_equal(jpeg.decode(), decode_image(data))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(with_exif_orientation(encode(".jpg", FRAME), 1), id="exif"),
+        pytest.param(encode(".png", FRAME), id="png"),
+        pytest.param(b"\xff\xd8\xff\xe0", id="truncated"),
+        pytest.param(b"not an image at all", id="junk"),
+    ],
+)
+def test_device_decodable_jpeg_leaves_the_rest_to_cv2(data):
+    assert device_decodable_jpeg(data) is None
+
+
+def test_device_decodable_jpeg_refuses_a_bomb_from_its_header():
+    with pytest.raises(BadRequest, match="JPEG header declares 64x48"):
+        device_decodable_jpeg(encode(".jpg", FRAME), max_pixels=64 * 48 - 1)

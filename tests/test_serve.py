@@ -235,3 +235,33 @@ def test_serve_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
     finally:
         serve.stop(signal.SIGKILL)
         kill_quietly(sorted(known))
+
+
+def test_serve_hands_the_engine_options_to_every_worker(monkeypatch: pytest.MonkeyPatch, runner) -> None:
+    """The worker command lines serve builds (the supervisor that would run them is replaced)."""
+    built: list[list[ChildSpec]] = []
+
+    class NotRunning:
+        def __init__(self, children, restart_delay_s):
+            built.append(children)
+
+        def run(self):
+            return None
+
+        def stop(self):
+            return None
+
+    monkeypatch.setattr("zdepth.supervisor.Supervisor", NotRunning)
+    from zdepth.cli import app
+
+    args = ["serve", "--device", "cuda:0,cuda:1", "--cuda-graphs", "--no-gpu-decode", "--compile", "--max-batch", "4"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    workers = [child for child in built[0] if child.name.startswith("worker")]
+    assert [child.name for child in workers] == ["worker cuda:0", "worker cuda:1"]
+    for child in workers:
+        assert {"--cuda-graphs", "--no-gpu-decode", "--compile"} <= set(child.argv)
+        assert child.argv[child.argv.index("--max-batch") + 1] == "4"
+    result = runner.invoke(app, ["serve", "--device", "cpu"])
+    worker = next(child for child in built[1] if child.name.startswith("worker"))
+    assert {"--no-cuda-graphs", "--gpu-decode", "--no-compile"} <= set(worker.argv)

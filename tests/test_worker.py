@@ -263,6 +263,15 @@ def test_models_are_loaded_and_warmed_before_ready(broker, start):
     ]
 
 
+def test_warm_up_covers_every_padded_batch_size_with_cuda_graphs(broker, start):
+    recording = RecordingEngine()
+    recording.cuda_graphs = True  # what a CUDA engine with cuda_graphs=True reports
+    start(make_config(broker.endpoint, models=("vits",), max_batch=6, warmup_sizes=((48, 64),)), recording)
+    broker.expect(protocol.READY)
+    batches = [len(call[2]) for call in recording.calls if call[0] == "infer"]
+    assert batches == [1, 2, 4, 8]  # batches of 5 and 6 run padded to 8
+
+
 def test_stop_while_loading_returns_without_announcing(broker, start):
     recording = RecordingEngine()
     loading, release = threading.Event(), threading.Event()
@@ -360,6 +369,58 @@ def test_bad_requests_fail_alone_while_good_ones_in_the_batch_succeed(broker, en
         assert header["message"]
     assert "input_size" in replies[3][1]["message"]
     assert "metric" in replies[4][1]["message"]
+
+
+class KindRecordingEngine:
+    """The real engine; remembers what kind of image (array or EncodedJpeg) each infer call got."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.kinds: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def infer(self, images, model_id, **kwargs):
+        self.kinds += [type(image).__name__ for image in images]
+        return self.engine.infer(images, model_id, **kwargs)
+
+
+def test_jpegs_go_to_an_engine_that_decodes_them_and_the_rest_to_the_pool(broker, weights_dir, start):
+    """With an engine that decodes JPEGs on its device (CUDA's pipeline, run here on the CPU with
+    torchvision's decoder), plain JPEGs reach it encoded; others are decoded by cv2 first; bad ones
+    fail alone, with the same errors as from the pool."""
+    import struct
+
+    import zdepth.engine
+    from zdepth.engine import Engine
+
+    real = Engine(device="cpu", weights_dir=weights_dir)
+    real._cv2_preprocess = False
+    real._decode_jpeg = zdepth.engine._torchvision_jpeg_decoder()
+    engine = KindRecordingEngine(real)
+    start(make_config(broker.endpoint, max_batch=8, max_wait_ms=300), engine)
+    identity, _, _ = broker.expect(protocol.READY)
+    sof = JPEG.index(b"\xff\xc0")
+    bomb = JPEG[: sof + 5] + struct.pack(">HH", 10_000, 10_000) + JPEG[sof + 9 :]
+    app1 = b"Exif\0\0II*\0" + struct.pack("<IHHHIHHI", 8, 1, 0x0112, 3, 1, 1, 0, 0)
+    exif = JPEG[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + JPEG[2:]
+    broker.request(identity, 1)
+    broker.request(identity, 2, image=exif)
+    broker.request(identity, 3, image=IMAGE)
+    broker.request(identity, 4, image=JPEG[:200] + bytes(len(JPEG) - 200))  # a good header, then zeros
+    broker.request(identity, 5, image=bomb)
+    replies = broker.replies(5)
+    # One batch of 1-4 (5 failed on its header), then 1-4 one by one after 4 failed the batch.
+    assert engine.kinds == ["EncodedJpeg", "ndarray", "ndarray", "EncodedJpeg"] * 2
+    real._decode_jpeg = None
+    for rid, image in ((1, _decoded_jpeg()), (2, _decoded_jpeg()), (3, IMAGE)):
+        command, header, arrays = replies[rid]
+        assert command["status"] == "ok", header
+        expected = real.infer([image], "vits", input_size=28)[0]
+        np.testing.assert_allclose(arrays["depth"], expected, rtol=1e-4, atol=1e-5)
+    assert replies[4][0]["status"] == "bad_request" and "could not decode" in replies[4][1]["message"]
+    assert replies[5][0]["status"] == "bad_request" and "10000x10000" in replies[5][1]["message"]
 
 
 def test_an_engine_failure_fails_only_its_own_request(broker, engine, start, caplog):

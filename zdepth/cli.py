@@ -93,6 +93,19 @@ MaxWaitMs = Annotated[
         help="Milliseconds a partial batch waits for more requests. At 0, requests that arrive while a batch runs form the next one, and a lone request never waits.",
     ),
 ]
+CudaGraphs = Annotated[
+    bool,
+    typer.Option(
+        "--cuda-graphs/--no-cuda-graphs",
+        envvar="ZDEPTH_CUDA_GRAPHS",
+        help="Replay each forward pass as a CUDA graph (CUDA only): less launch overhead at small batches; "
+        "captured per padded batch size during the warm-up, and holds that memory.",
+    ),
+]
+GpuDecode = Annotated[
+    bool,
+    typer.Option("--gpu-decode/--no-gpu-decode", envvar="ZDEPTH_GPU_DECODE", help="Decode JPEG frames on the GPU with nvjpeg (CUDA only; else cv2)."),
+]
 Heartbeat = Annotated[float, typer.Option("--heartbeat", envvar="ZDEPTH_HEARTBEAT", min=0.01, help="Seconds between heartbeats.")]
 Liveness = Annotated[
     int, typer.Option("--liveness", envvar="ZDEPTH_LIVENESS", min=1, help="Missed heartbeats before a peer counts as dead.")
@@ -562,6 +575,8 @@ def worker(
         int | None, typer.Option("--capacity", envvar="ZDEPTH_CAPACITY", min=1, help="Requests held at once. Default: 2 x max batch.", show_default=False)
     ] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", envvar="ZDEPTH_COMPILE", help="torch.compile the models (slow start, faster steps).")] = False,
+    cuda_graphs: CudaGraphs = False,
+    gpu_decode: GpuDecode = True,
     warmup: Annotated[
         list[str] | None,
         typer.Option("--warmup", envvar="ZDEPTH_WARMUP", help="Frame sizes HxW to warm up on before serving, or 'none'. Default: 480x640.", show_default=False),
@@ -606,6 +621,8 @@ def worker(
             weights_dir=str(weights_dir) if weights_dir else None,
             download=download,
             compile=compile,
+            cuda_graphs=cuda_graphs,
+            gpu_decode=gpu_decode,
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             capacity=capacity,
@@ -647,6 +664,8 @@ def serve(
     ] = None,
     download: Annotated[bool, typer.Option("--download/--no-download", envvar="ZDEPTH_DOWNLOAD", help="Fetch missing checkpoints from the model hub.")] = False,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", envvar="ZDEPTH_COMPILE", help="torch.compile the models.")] = False,
+    cuda_graphs: CudaGraphs = False,
+    gpu_decode: GpuDecode = True,
     warmup: Annotated[
         list[str] | None,
         typer.Option("--warmup", envvar="ZDEPTH_WARMUP", help="Frame sizes HxW the workers warm up on, or 'none'. Default: 480x640.", show_default=False),
@@ -719,6 +738,7 @@ def serve(
         if weights_dir:
             worker_args += ["--weights-dir", str(weights_dir)]
         worker_args += ["--download" if download else "--no-download", "--compile" if compile else "--no-compile"]
+        worker_args += ["--cuda-graphs" if cuda_graphs else "--no-cuda-graphs", "--gpu-decode" if gpu_decode else "--no-gpu-decode"]
         if sizes is not None:
             worker_args += ["--warmup", ",".join(f"{h}x{w}" for h, w in sizes) or "none"]
         for dev in devices:

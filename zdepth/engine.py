@@ -8,10 +8,12 @@ Two preprocessing paths, chosen by device:
 
 - CPU (fp32): ``preprocess_cv2`` per image, exactly the official pipeline, so
   outputs reproduce the official ``infer_image`` (shared/golden) to ~1e-5.
-- CUDA (fp16 by default): uint8 frames go up once through pinned memory;
-  colour order, resize and normalisation run on the GPU (``preprocess_tensor``),
-  so do the forward and the resize back; one host copy comes back per batch of
-  equally sized images. torch's bicubic differs from cv2's by float rounding only.
+- CUDA (fp16 by default): JPEGs (``EncodedJpeg``) are decoded on the GPU by
+  nvjpeg, all of a batch in one call; arrays go up once through pinned memory.
+  Colour order, resize and normalisation run on the GPU (``preprocess_tensor``),
+  so do the forward (optionally replayed as a CUDA graph, ``cuda_graphs=True``)
+  and the resize back; one host copy comes back per batch of equally sized
+  images. torch's bicubic differs from cv2's by float rounding only.
 
 One Engine serves one device from one thread; ``torch.set_num_threads`` is the
 caller's business.
@@ -30,7 +32,9 @@ import numpy as np
 import torch
 
 from depth_anything_v2 import build_model, load_checkpoint, network_input_size, preprocess_cv2, preprocess_tensor, resize_depth
+from zdepth.cudagraphs import GraphedForward
 from zdepth.errors import BadRequest
+from zdepth.imageio import EncodedJpeg
 from zdepth.weights import ModelSpec, find_checkpoint, get_spec
 
 __all__ = ["Engine", "PRECISIONS", "MIN_INPUT_SIZE", "MAX_INPUT_SIZE"]
@@ -42,6 +46,7 @@ MIN_INPUT_SIZE = 14
 MAX_INPUT_SIZE = 2058  # 147 patches a side; 518 (the training size) is the default
 
 MaxDepth = float | Sequence[float | None] | None
+Image = np.ndarray | EncodedJpeg
 
 
 class Engine:
@@ -52,6 +57,10 @@ class Engine:
     ``weights_dir`` and ``download`` are passed to ``find_checkpoint``.
     ``compile=True`` wraps each model in ``torch.compile``; call ``warmup`` with
     the sizes you expect, since every new input shape compiles again.
+    ``cuda_graphs=True`` (CUDA only) replays each forward pass as a CUDA graph,
+    captured on the first batch of each padded size (see ``zdepth.cudagraphs``).
+    ``gpu_decode`` (CUDA only, on by default) decodes ``EncodedJpeg`` inputs with
+    nvjpeg where torchvision has it.
     """
 
     def __init__(
@@ -62,6 +71,8 @@ class Engine:
         weights_dir: str | os.PathLike[str] | None = None,
         download: bool = False,
         compile: bool = False,
+        cuda_graphs: bool = False,
+        gpu_decode: bool = True,
     ) -> None:
         try:
             self.device = torch.device(device)
@@ -75,14 +86,24 @@ class Engine:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.device.type == "cpu" and precision != "fp32":
             raise ValueError(f"precision {precision!r} is not supported on the CPU; use precision='fp32'")
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device!r}; leave cuda_graphs off")
         self.precision = precision
         self.dtype = PRECISIONS[precision]
         self.weights_dir = weights_dir
         self.download = download
         self.compile = compile
+        self.cuda_graphs = cuda_graphs
         # The official cv2 pipeline on the CPU; the batched torch pipeline elsewhere.
         self._cv2_preprocess = self.device.type == "cpu"
+        self._decode_jpeg = _torchvision_jpeg_decoder() if gpu_decode and self.device.type == "cuda" else None
         self._models: dict[str, torch.nn.Module] = {}
+        self._forwards: dict[str, torch.nn.Module | GraphedForward] = {}
+
+    @property
+    def decodes_jpeg(self) -> bool:
+        """Whether ``infer`` decodes ``EncodedJpeg`` inputs on the device; otherwise cv2 decodes them first."""
+        return self._decode_jpeg is not None
 
     @property
     def loaded(self) -> tuple[str, ...]:
@@ -109,6 +130,7 @@ class Engine:
         if self.compile:
             model = torch.compile(model)
         self._models[spec.id] = model
+        self._forwards[spec.id] = GraphedForward(model) if self.cuda_graphs else model
         logger.info(
             "loaded %s from %s on %s (%s) in %.1f s; license %s",
             spec.id, path, self.device, self.precision, time.perf_counter() - start, spec.license,
@@ -121,13 +143,13 @@ class Engine:
 
     def infer(
         self,
-        images: Sequence[np.ndarray],
+        images: Sequence[Image],
         model_id: str,
         *,
         input_size: int = 518,
         max_depth: MaxDepth = None,
     ) -> list[np.ndarray]:
-        """Depth for each HxWx3 uint8 BGR image, as float32 HxW at the image's own size.
+        """Depth for each HxWx3 uint8 BGR image (or ``EncodedJpeg``), as float32 HxW at the image's own size.
 
         ``input_size``: the network's short side, a multiple of 14 in
         [14, 2058]. ``max_depth`` (metric models only): one value for all
@@ -143,7 +165,10 @@ class Engine:
         scales = _max_depths(spec, max_depth, len(images))
         if not images:
             return []
-        model = self.model(spec.id)
+        if not self.decodes_jpeg:
+            images = [image.decode() if isinstance(image, EncodedJpeg) else image for image in images]
+        self.load(spec.id)
+        forward = self._forwards[spec.id]
         groups: dict[tuple[int, int], list[int]] = {}
         for index, image in enumerate(images):
             groups.setdefault(network_input_size(*image.shape[:2], input_size), []).append(index)
@@ -153,9 +178,9 @@ class Engine:
                 batch = [images[i] for i in indices]
                 scale = None if scales is None else torch.tensor([scales[i] for i in indices], dtype=torch.float32)
                 if self._cv2_preprocess:
-                    depths = self._forward_cv2(model, batch, input_size, scale)
+                    depths = self._forward_cv2(forward, batch, input_size, scale)
                 else:
-                    depths = self._forward_tensor(model, batch, size, scale)
+                    depths = self._forward_tensor(forward, batch, size, scale)
                 results.update(zip(indices, depths))
         return [results[i] for i in range(len(images))]
 
@@ -182,26 +207,34 @@ class Engine:
         return [resize_depth(depth[i : i + 1], image.shape[:2])[0].cpu().numpy() for i, image in enumerate(batch)]
 
     def _forward_tensor(
-        self, model: torch.nn.Module, batch: list[np.ndarray], size: tuple[int, int], scale: torch.Tensor | None
+        self, forward: torch.nn.Module | GraphedForward, batch: list[Image], size: tuple[int, int], scale: torch.Tensor | None
     ) -> list[np.ndarray]:
+        frames = self._decode_on_device(batch)
         # Equally sized images share one upload and one resize back.
         by_shape: dict[tuple[int, int], list[int]] = {}
         for j, image in enumerate(batch):
             by_shape.setdefault(image.shape[:2], []).append(j)
         pinned = self.device.type == "cuda"
-        inputs = []
+        inputs, order = [], []
         for shape, members in by_shape.items():
-            host = torch.empty((len(members), *shape, 3), dtype=torch.uint8, pin_memory=pinned)
-            for k, j in enumerate(members):
-                host[k].numpy()[...] = batch[j]
-            frames = host.to(self.device, non_blocking=pinned)
-            rgb = frames.permute(0, 3, 1, 2).flip(1)  # NHWC BGR -> NCHW RGB
-            inputs.append(preprocess_tensor(rgb, size))
+            arrays = [j for j in members if isinstance(frames[j], np.ndarray)]
+            decoded = [j for j in members if not isinstance(frames[j], np.ndarray)]
+            parts = []
+            if arrays:
+                host = torch.empty((len(arrays), *shape, 3), dtype=torch.uint8, pin_memory=pinned)
+                for k, j in enumerate(arrays):
+                    host[k].numpy()[...] = frames[j]
+                uploaded = host.to(self.device, non_blocking=pinned)
+                parts.append(uploaded.permute(0, 3, 1, 2).flip(1))  # NHWC BGR -> NCHW RGB
+            if decoded:
+                parts.append(torch.stack([frames[j] for j in decoded]))  # already CHW RGB on the device
+            inputs.append(preprocess_tensor(parts[0] if len(parts) == 1 else torch.cat(parts), size))
+            members[:] = arrays + decoded
+            order += members
         x = (inputs[0] if len(inputs) == 1 else torch.cat(inputs)).to(self.dtype)
-        order = [j for members in by_shape.values() for j in members]
         if scale is not None:
             scale = scale[order].to(self.device, non_blocking=pinned)
-        depth = model(x, scale).float()
+        depth = forward(x, scale).float()
         out: dict[int, np.ndarray] = {}
         start = 0
         for shape, members in by_shape.items():
@@ -209,6 +242,36 @@ class Engine:
             start += len(members)
             out.update(zip(members, resized))
         return [out[j] for j in range(len(batch))]
+
+    def _decode_on_device(self, batch: list[Image]) -> list[np.ndarray | torch.Tensor]:
+        """``batch`` with each EncodedJpeg decoded on the device as CHW RGB uint8, all in one call.
+
+        A JPEG the device decoder refuses, or decodes to another size than its
+        header declares, is decoded by cv2 instead (which also gives a corrupt
+        file its proper BadRequest). If the decoder fails on every image of a
+        batch that cv2 could read, it is switched off for good, with a warning.
+        """
+        jpegs = [j for j, image in enumerate(batch) if isinstance(image, EncodedJpeg)]
+        frames: list[np.ndarray | torch.Tensor] = list(batch)  # type: ignore[arg-type]
+        if not jpegs:
+            return frames
+        data = [torch.frombuffer(bytearray(batch[j].data), dtype=torch.uint8) for j in jpegs]
+        try:
+            decoded = self._decode_jpeg(data, self.device)
+        except RuntimeError:  # nvjpeg returns nothing when one image fails: find which, one by one
+            decoded = [_try_decode(self._decode_jpeg, item, self.device) for item in data]
+        failed = 0
+        for j, tensor in zip(jpegs, decoded):
+            jpeg = batch[j]
+            if tensor is not None and tuple(tensor.shape) == (3, jpeg.height, jpeg.width):
+                frames[j] = tensor
+            else:
+                frames[j] = jpeg.decode()  # raises BadRequest for a file cv2 cannot read either
+                failed += 1
+        if failed == len(jpegs):
+            logger.warning("the device JPEG decoder failed on %d JPEG(s) that cv2 decoded; decoding with cv2 from now on", failed)
+            self._decode_jpeg = None
+        return frames
 
 
 def _check_input_size(input_size: object) -> None:
@@ -224,7 +287,34 @@ def _check_input_size(input_size: object) -> None:
         )
 
 
+def _torchvision_jpeg_decoder():
+    """A function ``(list of uint8 CPU tensors, device) -> list of CHW RGB uint8`` on that device, or None.
+
+    torchvision's ``decode_jpeg`` (nvjpeg on CUDA) is deprecated from 0.29 on in
+    favour of TorchCodec; while it is there we use it, else cv2 decodes.
+    """
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        logger.warning("torchvision has no decode_jpeg; JPEGs are decoded with cv2 on the CPU")
+        return None
+
+    def decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    return decode
+
+
+def _try_decode(decode, data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode([data], device)[0]
+    except RuntimeError:
+        return None
+
+
 def _check_image(index: int, image: object) -> None:
+    if isinstance(image, EncodedJpeg):
+        return
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         described = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise BadRequest(f"image {index}: expected an HxWx3 uint8 BGR array (see zdepth.imageio.decode_image), got {described}")

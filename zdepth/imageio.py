@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -20,7 +21,7 @@ import numpy as np
 
 from zdepth.errors import BadRequest
 
-__all__ = ["DEFAULT_MAX_PIXELS", "decode_image", "encode_jpeg", "read_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "EncodedJpeg", "decode_image", "device_decodable_jpeg", "encode_jpeg", "read_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,45 @@ def decode_image(data: bytes | bytearray | memoryview | np.ndarray, *, max_pixel
     if image is None:
         raise BadRequest(f"could not decode the {fmt} image ({len(view)} bytes): corrupt or truncated file")
     return _to_bgr8(image, max_pixels)
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedJpeg:
+    """A JPEG left encoded for a decoder on the GPU (nvjpeg), with its size from the header.
+
+    ``shape`` is the decoded image's (H, W, 3), so size checks and batching
+    treat it like the array ``decode_image`` would return.
+    """
+
+    data: bytes | bytearray | memoryview
+    height: int
+    width: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, 3)
+
+    def decode(self) -> np.ndarray:
+        """The same image decoded on the CPU, as ``decode_image`` does."""
+        return decode_image(self.data)
+
+
+def device_decodable_jpeg(data: bytes | bytearray | memoryview, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> EncodedJpeg | None:
+    """``data`` as an EncodedJpeg when a GPU decoder gives the pixels ``decode_image`` would, else None.
+
+    That is an 8-bit baseline or progressive JPEG in grey or colour without an
+    Exif segment (cv2 applies Exif orientation; nvjpeg does not). Anything
+    else, including data that is no JPEG at all, is left to ``decode_image``.
+    A header over ``max_pixels`` raises BadRequest, as decoding would.
+    """
+    view = memoryview(data).cast("B")
+    if len(view) < 4 or bytes(view[:3]) != b"\xff\xd8\xff":
+        return None
+    frame = _jpeg_frame(view)
+    if frame is None or frame.sof not in (0xC0, 0xC2) or frame.precision != 8 or frame.components not in (1, 3) or frame.exif:
+        return None
+    _check_size(frame.width, frame.height, max_pixels, "JPEG header declares")
+    return EncodedJpeg(view, frame.height, frame.width)
 
 
 def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -144,9 +184,28 @@ def _sniff(data: memoryview) -> tuple[str | None, tuple[int, int] | None]:
 
 
 def _jpeg_size(data: memoryview) -> tuple[int, int] | None:
-    """(width, height) from the first SOF segment, walking the markers before it."""
+    """(width, height) from the first SOF segment."""
+    frame = _jpeg_frame(data)
+    return None if frame is None else (frame.width, frame.height)
+
+
+@dataclass(frozen=True)
+class _JpegFrame:
+    """What a JPEG's frame header (and the markers before it) says about decoding it."""
+
+    sof: int  # the SOF marker: 0xC0 baseline, 0xC1 extended, 0xC2 progressive, others rarer codings
+    precision: int  # bits per sample
+    width: int
+    height: int
+    components: int  # 1 grey, 3 YCbCr, 4 CMYK/YCCK
+    exif: bool  # an APP1 Exif segment came before the frame (it may rotate the image)
+
+
+def _jpeg_frame(data: memoryview) -> _JpegFrame | None:
+    """The first SOF segment, walking the markers before it; None if there is none."""
     i, n = 2, len(data)
     copy: bytes | None = None
+    exif = False
     while i + 9 <= n:
         if data[i] != 0xFF:  # libjpeg skips stray bytes before a marker (with a warning), so the walk must too
             copy = copy if copy is not None else bytes(data)  # find() runs in C; a valid file never gets here
@@ -164,10 +223,17 @@ def _jpeg_size(data: memoryview) -> tuple[int, int] | None:
         if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
             return None
         length = (data[i + 2] << 8) | data[i + 3]
+        if marker == 0xE1 and bytes(data[i + 4 : i + 10]) == b"Exif\0\0":
+            exif = True
         if marker in _JPEG_SOF:
-            height = (data[i + 5] << 8) | data[i + 6]
-            width = (data[i + 7] << 8) | data[i + 8]
-            return width, height
+            return _JpegFrame(
+                sof=marker,
+                precision=data[i + 4],
+                height=(data[i + 5] << 8) | data[i + 6],
+                width=(data[i + 7] << 8) | data[i + 8],
+                components=data[i + 9] if i + 9 < n else 0,
+                exif=exif,
+            )
         i += 2 + length
     return None
 

@@ -16,7 +16,8 @@ polls beside the DEALER, so replies go out at once without busy polling. (A
 socket pair rather than an inproc PAIR: any thread, and a signal handler,
 may write to it, where a ZeroMQ socket belongs to one thread.) Images are
 decoded by a small thread pool as they arrive, overlapping the batch in
-progress (cv2 releases the GIL).
+progress (cv2 releases the GIL), except JPEGs that an engine decodes on the
+GPU (``engine.decodes_jpeg``): those stay encoded until their batch runs.
 
 Reliability follows the ZeroMQ Guide's Paranoid Pirate worker: a broker silent
 for ``heartbeat.expiry_s`` is presumed dead; the worker closes its socket,
@@ -449,13 +450,21 @@ class Worker:
         self._wakeup.set()
 
     def _load_models(self) -> None:
-        """Load every model and run one forward pass per warm-up size, before announcing READY."""
+        """Load every model and run a forward pass per warm-up size before announcing READY.
+
+        With CUDA graphs, one per padded batch size (1, 2, 4, ... up to max_batch's), so that
+        no request waits for a capture.
+        """
+        batches = [1]
+        if getattr(self._engine, "cuda_graphs", False):
+            batches = [1 << i for i in range((self.config.max_batch - 1).bit_length() + 1)]
         for model in self.config.models:
             started = time.monotonic()
             try:
                 self._engine.load(model)
                 for height, width in self.config.warmup_sizes:
-                    self._engine.infer([np.zeros((height, width, 3), np.uint8)], model)
+                    for count in batches:
+                        self._engine.infer([np.zeros((height, width, 3), np.uint8)] * count, model)
             except ValueError as exc:  # a checkpoint that does not fit, a bad warm-up size
                 if isinstance(exc, ZdepthError):
                     raise
@@ -565,10 +574,24 @@ class Worker:
             )
             self._link.send(error_frames(rid, job.request_id, "overloaded", message))
             return
-        job.decoded = self._decoder.submit(imageio.decode_image, job.image)
+        job.decoded = self._decode(job.image)
         self._outstanding += 1
         self._held_bytes += job.held_bytes
         self._jobs.put(job)
+
+    def _decode(self, image: Any) -> Future[Any]:
+        """The image's pixels from the decode pool, or, for a JPEG the engine decodes on the GPU, the JPEG itself."""
+        if getattr(self._engine, "decodes_jpeg", False) and not isinstance(image, np.ndarray):
+            done: Future[Any] = Future()
+            try:
+                jpeg = imageio.device_decodable_jpeg(image)
+            except BadRequest as exc:
+                done.set_exception(exc)
+                return done
+            if jpeg is not None:
+                done.set_result(jpeg)
+                return done
+        return self._decoder.submit(imageio.decode_image, image)
 
     def _on_disconnect(self, reason: Any, now: float) -> None:
         link = self._link
@@ -723,8 +746,10 @@ def _build_engine(config: WorkerConfig) -> Any:
             weights_dir=config.weights_dir,
             download=config.download,
             compile=config.compile,
+            cuda_graphs=config.cuda_graphs,
+            gpu_decode=config.gpu_decode,
         )
-    except ValueError as exc:  # bad device or precision
+    except ValueError as exc:  # bad device or precision, CUDA graphs off CUDA
         raise ConfigError(str(exc)) from exc
 
 
