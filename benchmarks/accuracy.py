@@ -5,9 +5,11 @@ On the test photos (``shared/data``: demo01.jpg 2048x1362 and demo04.jpg
 (the golden vits checkpoint when present, else random weights in the
 official format; real ones with ``--weights-dir``):
 
-  fast-path   ``Engine`` as served (fp16 and GPU preprocessing on CUDA) vs the
-              reference (``preprocess_cv2``, fp32 model, one image at a time,
-              ``resize_depth``): relative L2 <= 1e-2
+  fast-path   ``Engine`` as served, from the JPEG bytes (nvjpeg decode, GPU
+              preprocessing and fp16 on CUDA) vs the reference (cv2 decode of
+              the same bytes, ``preprocess_cv2``, fp32 model, one image at a
+              time, ``resize_depth``): relative L2 <= 1e-2; on CUDA also with
+              CUDA graphs (``fast-path+graphs``)
   fp16        the fp16 model vs the fp32 model on the same ``preprocess_cv2``
               input, both resized back the same way: relative L2 <= 2e-3
   torch-pre   the fast path's preprocessing (``preprocess_tensor``: torch bicubic)
@@ -29,7 +31,7 @@ from typing import Any
 import _common
 
 NAME = "accuracy"
-TOLERANCES = {"fast-path": 1e-2, "fp16": 2e-3, "torch-pre": 1e-2}
+TOLERANCES = {"fast-path": 1e-2, "fast-path+graphs": 1e-2, "fp16": 2e-3, "torch-pre": 1e-2}
 
 
 def main() -> int:
@@ -48,6 +50,7 @@ def main() -> int:
     from depth_anything_v2 import build_model, load_checkpoint, preprocess_cv2, preprocess_tensor, resize_depth
     from depth_anything_v2.transforms import network_input_size
     from zdepth.engine import Engine
+    from zdepth.imageio import decode_image, device_decodable_jpeg
 
     torch.set_num_threads(1)  # on the CPU see _common.CPU_THREADS_NOTE; on CUDA the host does little
     if args.device == "auto":
@@ -66,16 +69,18 @@ def main() -> int:
     print(f"accuracy: {','.join(encoders)} at input {args.input_size} on {device}")
     print(_common.machine_line(machine))
 
-    photos: list[tuple[str, np.ndarray]] = []
+    # (label, JPEG bytes): what a camera sends; the reference decodes them with cv2.
+    photos: list[tuple[str, bytes]] = []
     for path in _common.photo_paths()[: 1 if args.quick else None]:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        data = path.read_bytes()
+        image = decode_image(data)
         if args.native:
-            photos.append((f"{path.name} {image.shape[0]}x{image.shape[1]}", image))
-        photos.append((f"{path.name} 480x640", cv2.resize(image, (640, 480), interpolation=cv2.INTER_AREA)))
+            photos.append((f"{path.name} {image.shape[0]}x{image.shape[1]}", data))
+        photos.append((f"{path.name} 480x640", _common.jpeg_bytes(cv2.resize(image, (640, 480), interpolation=cv2.INTER_AREA))))
     source = "photos"
     if not photos:
         source = "synthetic (no shared/data photos found)"
-        photos = [("synthetic 480x640", _common.synthetic_frame(480, 640))]
+        photos = [("synthetic 480x640", _common.jpeg_bytes(_common.synthetic_frame(480, 640)))]
         print("warning: no test photos found; checking on a synthetic frame")
 
     weights_dir, weights_source = _common.prepare_weights(args.weights_dir, encoders)
@@ -92,7 +97,9 @@ def main() -> int:
         load_checkpoint(fp16, weights_dir / f"depth_anything_v2_{encoder}.pth")
         fp16 = fp16.eval().requires_grad_(False).to(device, torch.float16)
         engine = Engine(device=device, weights_dir=weights_dir)
-        for label, image in photos:
+        graphed = Engine(device=device, weights_dir=weights_dir, cuda_graphs=True) if cuda else None
+        for label, data in photos:
+            image = decode_image(data)
             size = image.shape[:2]
             with torch.inference_mode():
                 x = preprocess_cv2(image, args.input_size).to(device)
@@ -101,13 +108,18 @@ def main() -> int:
                 rgb = torch.from_numpy(image).to(device).permute(2, 0, 1).flip(0)[None]
                 xt = preprocess_tensor(rgb, network_input_size(*size, args.input_size))
                 torch_pre = resize_depth(fp32(xt), size)[0].cpu().numpy()
-            (fast,) = engine.infer([image], encoder, input_size=args.input_size)
-            for check, got in (("fast-path", fast), ("fp16", half), ("torch-pre", torch_pre)):
+            jpeg = device_decodable_jpeg(data)
+            fast_input = jpeg if jpeg is not None else image  # a JPEG nvjpeg cannot take is decoded by cv2 anyway
+            decoder = "nvjpeg" if jpeg is not None and engine.decodes_jpeg else "cv2"
+            checks = [("fast-path", engine.infer([fast_input], encoder, input_size=args.input_size)[0], f"Engine {engine.precision}, {decoder} decode")]
+            if graphed is not None:
+                checks.append(("fast-path+graphs", graphed.infer([fast_input], encoder, input_size=args.input_size)[0], f"Engine {graphed.precision}, CUDA graphs"))
+            checks += [("fp16", half, "fp16 model"), ("torch-pre", torch_pre, "torch preprocessing")]
+            for check, got, path in checks:
                 error = rel_l2(got, reference)
-                path = f"Engine {engine.precision}" if check == "fast-path" else check
                 rows.append({"model": encoder, "image": label, "check": check, "compared": path, "rel L2": error, "tolerance": TOLERANCES[check], "ok": error <= TOLERANCES[check]})
-            print(f"  {encoder} {label}: " + ", ".join(f"{r['check']} {r['rel L2']:.2e}" for r in rows[-3:]), flush=True)
-        fp32 = fp16 = engine = None  # free the device memory before the next encoder
+            print(f"  {encoder} {label}: " + ", ".join(f"{r['check']} {r['rel L2']:.2e}" for r in rows[-len(checks):]), flush=True)
+        fp32 = fp16 = engine = graphed = None  # free the device memory before the next encoder
         if cuda:
             torch.cuda.empty_cache()
 

@@ -53,6 +53,8 @@ def main() -> int:
     parser.add_argument("--input-size", type=int, default=None, help="default 518 on CUDA, 182 on the CPU")
     parser.add_argument("--batches", default="1,8", help="engine batch sizes")
     parser.add_argument("--forward", action="store_true", help="also time the forward pass alone")
+    parser.add_argument("--jpeg", action="store_true", help="also time both paths from JPEG bytes (the engine decodes on the GPU with nvjpeg; the reference with cv2)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="also time an Engine(cuda_graphs=True) (CUDA only)")
     parser.add_argument("--seconds", type=float, default=None, help="about this long per measurement (default 2 on CUDA, 6 on the CPU)")
     parser.add_argument("--min-iterations", type=int, default=None)
     parser.add_argument("--weights-dir", default=None, help="a weights dir (real checkpoints); missing files are generated there (golden vits if reachable, else random weights)")
@@ -64,6 +66,7 @@ def main() -> int:
 
     from depth_anything_v2 import build_model, load_checkpoint, network_input_size, preprocess_cv2, resize_depth
     from zdepth.engine import Engine
+    from zdepth.imageio import decode_image, device_decodable_jpeg
 
     if not args.threads and (args.quick or not args.device.startswith("cuda")):
         args.threads = 1  # see CPU_THREADS_NOTE
@@ -133,6 +136,41 @@ def main() -> int:
             })
             print(f"  {encoder} e2e batch {batch}: {stats['p50'] / batch:.2f} ms/frame (reference {ref['p50']:.2f})", flush=True)
 
+        if args.jpeg:
+            jpegs = [_common.jpeg_bytes(frame) for frame in frames]
+            encoded = [device_decodable_jpeg(data) for data in jpegs]
+            ref_jpeg = _common.summarize(timed(lambda: reference_frame(decode_image(jpegs[0])), sync, **measure))
+            e2e_rows.append({"model": encoder, "path": "reference fp32 from JPEG (cv2 decode), 1 at a time", "batch": 1, "ms/frame p50": ref_jpeg["p50"], "ms/frame mean": ref_jpeg["mean"], "speedup vs reference": 1.0})
+            decoder = "nvjpeg" if engine.decodes_jpeg else "cv2"
+            for batch in batches:
+                items = encoded[:batch]
+                stats = _common.summarize(timed(lambda: engine.infer(items, encoder, input_size=args.input_size), sync, **measure))
+                e2e_rows.append({
+                    "model": encoder,
+                    "path": f"Engine {engine.precision} from JPEG ({decoder} decode)",
+                    "batch": batch,
+                    "ms/frame p50": stats["p50"] / batch,
+                    "ms/frame mean": stats["mean"] / batch,
+                    "speedup vs reference": _common.ratio(ref_jpeg["p50"], stats["p50"] / batch),
+                })
+                print(f"  {encoder} e2e from JPEG batch {batch}: {stats['p50'] / batch:.2f} ms/frame (reference {ref_jpeg['p50']:.2f})", flush=True)
+        if args.cuda_graphs and cuda:
+            graphed = Engine(device=device, precision=args.precision, weights_dir=weights_dir, compile=args.compile, cuda_graphs=True)
+            graphed.load(encoder)
+            for batch in batches:
+                images = frames[:batch]
+                stats = _common.summarize(timed(lambda: graphed.infer(images, encoder, input_size=args.input_size), sync, **measure))
+                e2e_rows.append({
+                    "model": encoder,
+                    "path": f"Engine {graphed.precision}" + (" compiled" if args.compile else "") + " + CUDA graphs",
+                    "batch": batch,
+                    "ms/frame p50": stats["p50"] / batch,
+                    "ms/frame mean": stats["mean"] / batch,
+                    "speedup vs reference": _common.ratio(ref["p50"], stats["p50"] / batch),
+                })
+                print(f"  {encoder} e2e CUDA graphs batch {batch}: {stats['p50'] / batch:.2f} ms/frame (reference {ref['p50']:.2f})", flush=True)
+            graphed = None
+
         # The reference's own steps, to see where its milliseconds go.
         with torch.inference_mode():
             x = preprocess_cv2(frames[0], args.input_size).to(device)
@@ -167,7 +205,7 @@ def main() -> int:
         if cuda:
             torch.cuda.empty_cache()
 
-    report.table(e2e_rows, list(e2e_rows[0]), title=f"End to end per 480x640 frame (decoded BGR in, depth on the host out), input {args.input_size}, {device}")
+    report.table(e2e_rows, list(e2e_rows[0]), title=f"End to end per 480x640 frame (decoded BGR in, or JPEG bytes where it says so; depth on the host out), input {args.input_size}, {device}")
     report.table(breakdown_rows, list(breakdown_rows[0]), title="Where the reference's milliseconds go (batch 1)")
     if forward_rows:
         report.table(forward_rows, list(forward_rows[0]), title=f"Forward pass alone, {net_h}x{net_w}")

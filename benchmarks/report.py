@@ -56,6 +56,7 @@ def partial_tables(result: dict) -> list[str]:
                 "input": r.get("input"),
                 "streams": r.get("streams"),
                 "max wait ms": r.get("max_wait_ms"),
+                "cuda graphs": "yes" if r.get("cuda_graphs") else "no",
                 "fps": r.get("fps"),
                 "p50 ms": r.get("latency", {}).get("p50"),
                 "p99 ms": r.get("latency", {}).get("p99"),

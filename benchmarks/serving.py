@@ -134,7 +134,7 @@ def run_streams(address: str, streams: int, options: dict[str, Any], frame) -> d
 # ----------------------------------------------------------------------------- servers
 
 
-def start_servers(encoder: str, args, weights_dir: Path, max_wait_ms: float) -> tuple[list, str]:
+def start_servers(encoder: str, args, weights_dir: Path, max_wait_ms: float, cuda_graphs: bool = False) -> tuple[list, str]:
     broker, clients, workers = _common.start_broker(KEY)
     processes = [broker]
     try:
@@ -146,6 +146,8 @@ def start_servers(encoder: str, args, weights_dir: Path, max_wait_ms: float) -> 
                 "precision": args.precision,
                 "weights_dir": str(weights_dir),
                 "compile": args.compile,
+                "cuda_graphs": cuda_graphs,
+                "gpu_decode": not args.no_gpu_decode,
                 "max_batch": args.max_batch,
                 "max_wait_ms": max_wait_ms,
                 # On CUDA the worker warms up before READY, as in production; on the CPU at 518
@@ -183,6 +185,8 @@ def main() -> int:
     parser.add_argument("--gpus", type=int, default=1, help="workers go round-robin over this many GPUs")
     parser.add_argument("--precision", default=None, help="fp32, fp16, bf16 (default: the engine's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in the workers")
+    parser.add_argument("--compare-cuda-graphs", action="store_true", help="also run every encoder's workers with CUDA graphs (jpeg input, every stream count)")
+    parser.add_argument("--no-gpu-decode", action="store_true", help="decode JPEGs with cv2 in the workers even on CUDA")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--streams", default="1,8", help="comma-separated numbers of concurrent client streams")
     parser.add_argument("--inputs", default="jpeg", help="comma-separated: jpeg, raw, raw-jpeg (see above)")
@@ -191,7 +195,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=None, help="seconds each configuration runs (default 10 on CUDA, 30 on the CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="requests per stream before timing")
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="WorkerConfig.max_wait_ms: how long a partial batch waits for company")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0, help="WorkerConfig.max_wait_ms: how long a partial batch waits for company (0, the default, as in production)")
     parser.add_argument("--compare-max-wait", type=float, default=None, help="also run the first encoder's workers with this max_wait_ms (jpeg input, every stream count)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default 1: " + _common.CPU_THREADS_NOTE + ")")
     parser.add_argument("--weights-dir", default=None, help="a weights dir (real checkpoints); missing files are generated there (golden vits if reachable, else random weights)")
@@ -235,20 +239,22 @@ def main() -> int:
 
     weights_dir, weights_source = _common.prepare_weights(args.weights_dir, encoders)
 
-    # (encoder, max_wait_ms, [(streams, input), ...]): one worker set each.
+    # (encoder, max_wait_ms, cuda_graphs, [(streams, input), ...]): one worker set each.
     setups = []
     for index, encoder in enumerate(encoders):
         plan = [(n, i) for n in stream_counts for i in inputs]
         if index == 0:
             plan += [(stream_counts[0], i) for i in compare]
-        setups.append((encoder, args.max_wait_ms, plan))
+        setups.append((encoder, args.max_wait_ms, False, plan))
         if index == 0 and args.compare_max_wait is not None:
-            setups.append((encoder, args.compare_max_wait, [(n, inputs[0]) for n in stream_counts]))
+            setups.append((encoder, args.compare_max_wait, False, [(n, inputs[0]) for n in stream_counts]))
+        if args.compare_cuda_graphs and cuda:
+            setups.append((encoder, args.max_wait_ms, True, [(n, inputs[0]) for n in stream_counts]))
 
     runs: list[dict[str, Any]] = []
-    for encoder, max_wait_ms, plan in setups:
+    for encoder, max_wait_ms, graphs, plan in setups:
         started = time.monotonic()
-        processes, address = start_servers(encoder, args, weights_dir, max_wait_ms)
+        processes, address = start_servers(encoder, args, weights_dir, max_wait_ms, graphs)
         startup_s = time.monotonic() - started
         try:
             warm_input_size(address, encoder, args.input_size, jpeg, 2 if args.quick else 5, args.timeout)
@@ -263,25 +269,26 @@ def main() -> int:
                     "in_flight": args.in_flight,
                 }
                 result = run_streams(address, streams, options, frames[input_name])
-                run = {"encoder": encoder, "input": input_name, "streams": streams, "workers": args.workers, "max_wait_ms": max_wait_ms, "startup_s": startup_s, **result}
+                run = {"encoder": encoder, "input": input_name, "streams": streams, "workers": args.workers, "max_wait_ms": max_wait_ms, "cuda_graphs": graphs, "startup_s": startup_s, **result}
                 runs.append(run)
                 partial = {"benchmark": NAME, "partial": True, "machine": machine, "weights": weights_source, "config": dict(vars(args)), "runs": runs}
                 _common.write_json(NAME, partial, args.json, quiet=True)
                 lat = result["latency"]
-                print(f"  {encoder} {input_name:8s} streams={streams} max_wait={max_wait_ms:g}: {result['fps']:.1f} fps, p50 {lat.get('p50', float('nan')):.2f} ms, p99 {lat.get('p99', float('nan')):.2f} ms ({result['frames']} frames, {result['errors']} errors)", flush=True)
+                print(f"  {encoder} {input_name:8s} streams={streams} max_wait={max_wait_ms:g}{' graphs' if graphs else ''}: {result['fps']:.1f} fps, p50 {lat.get('p50', float('nan')):.2f} ms, p99 {lat.get('p99', float('nan')):.2f} ms ({result['frames']} frames, {result['errors']} errors)", flush=True)
         finally:
             for process in reversed(processes):
                 _common.stop_process(process)
 
     rows = []
     for run in runs:
-        base = next((r for r in runs if r["encoder"] == run["encoder"] and r["streams"] == run["streams"] and r["input"] == "jpeg" and r["max_wait_ms"] == args.max_wait_ms), None)
+        base = next((r for r in runs if r["encoder"] == run["encoder"] and r["streams"] == run["streams"] and r["input"] == "jpeg" and r["max_wait_ms"] == args.max_wait_ms and not r["cuda_graphs"]), None)
         lat, srv = run["latency"], run["server_mean"]
         rows.append({
             "model": run["encoder"],
             "input": run["input"],
             "streams": run["streams"],
             "max wait ms": run["max_wait_ms"],
+            "cuda graphs": "yes" if run["cuda_graphs"] else "no",
             "fps": run["fps"],
             "p50 ms": lat.get("p50"),
             "p90 ms": lat.get("p90"),
@@ -308,7 +315,8 @@ def main() -> int:
                 metric, limit = goal
                 value = run["latency"]["p50"] if metric == "p50" else run["fps"]
                 met = value <= limit if metric == "p50" else value >= limit
-                targets[f"{run['encoder']} {run['streams']} stream(s) {metric}"] = {"value": value, "target": limit, "met": met}
+                graphs = " (CUDA graphs)" if run["cuda_graphs"] else ""
+                targets[f"{run['encoder']} {run['streams']} stream(s) {metric}{graphs}"] = {"value": value, "target": limit, "met": met}
         if targets:
             report.table([{"goal": k, **v} for k, v in targets.items()], ["goal", "value", "target", "met"], title="Targets (one GPU)")
 
