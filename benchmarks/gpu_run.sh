@@ -20,9 +20,10 @@
 #   1. environment (GPU, versions)
 #   2. accuracy guard: fast path vs fp32 reference <= 1e-2 rel L2, fp16 vs fp32 <= 2e-3 (vits, vitb, vitl)
 #   3. pytest -m "gpu and not slow"
-#   4. in process: forward pass and end to end, vits/vitb/vitl at 518, batch 1 and 8, vs the reference
-#   5. serving through the broker: 1 and 8 streams, vits/vitb/vitl, without and with CUDA graphs;
-#      raw vs JPEG wire format (vits)
+#   4. serving through the broker (the targets, so before what is less urgent): 1 and 8 streams,
+#      vits/vitb/vitl, without and with CUDA graphs; raw vs JPEG wire format (vits)
+#   5. in process: forward pass and end to end (also from JPEG, also with CUDA graphs), vits/vitb/vitl
+#      at 518, batch 1 and 8, vs the reference
 #   6. pytest -m "gpu and slow" (torch.compile) with whatever time is left
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -122,8 +123,8 @@ ENCODERS=vits,vitb,vitl
 step environment 30 "torch" bash -c "nvidia-smi -L 2>/dev/null; \"$PY\" -c 'import torch, zmq, cv2, numpy; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no GPU\", \"pyzmq\", zmq.__version__, \"cv2\", cv2.__version__, \"numpy\", numpy.__version__)'"
 step accuracy 60 "passed" "$PY" benchmarks/accuracy.py $QUICK --device "$DEVICE" --encoders "$ENCODERS" --weights-dir "$WEIGHTS" --json "$OUTDIR/accuracy.json"
 step tests-gpu 90 "passed|failed|error|no tests ran|skipped" "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --timeout 80 tests
-step inprocess 100 "wrote" "$PY" benchmarks/inprocess.py $QUICK --device "$DEVICE" --encoders "$ENCODERS" --forward --jpeg --cuda-graphs --batches 1,8 --seconds 0.5 --min-iterations 5 --weights-dir "$WEIGHTS" --json "$OUTDIR/inprocess.json"
 step serving 170 "wrote" "$PY" benchmarks/serving.py $QUICK --device "$DEVICE" --encoders "$ENCODERS" --streams 1,8 --duration 3 --warmup 3 --compare-cuda-graphs --weights-dir "$WEIGHTS" --json "$OUTDIR/serving.json"
+step inprocess 100 "wrote" "$PY" benchmarks/inprocess.py $QUICK --device "$DEVICE" --encoders "$ENCODERS" --forward --jpeg --cuda-graphs --batches 1,8 --seconds 0.5 --min-iterations 5 --weights-dir "$WEIGHTS" --json "$OUTDIR/inprocess.json"
 step tests-gpu-slow 120 "passed|failed|error|no tests ran|skipped" "$PY" -m pytest -m "gpu and slow" -q -p no:cacheprovider --timeout 110 tests
 
 # Steps table and RESULTS.md.
