@@ -217,7 +217,8 @@ def test_device_decodable_jpeg_keeps_the_bytes_and_the_size(data, wrap):
     [
         pytest.param(with_exif_orientation(encode(".jpg", FRAME), 1), id="exif"),
         pytest.param(encode(".png", FRAME), id="png"),
-        pytest.param(b"\xff\xd8\xff\xe0", id="truncated"),
+        pytest.param(b"\xff\xd8\xff\xe0", id="truncated header"),
+        pytest.param(encode(".jpg", FRAME)[:-200], id="truncated scan"),
         pytest.param(b"not an image at all", id="junk"),
     ],
 )

@@ -408,7 +408,7 @@ def test_jpegs_go_to_an_engine_that_decodes_them_and_the_rest_to_the_pool(broker
     broker.request(identity, 1)
     broker.request(identity, 2, image=exif)
     broker.request(identity, 3, image=IMAGE)
-    broker.request(identity, 4, image=JPEG[:200] + bytes(len(JPEG) - 200))  # a good header, then zeros
+    broker.request(identity, 4, image=JPEG[:200] + bytes(len(JPEG) - 202) + b"\xff\xd9")  # a good header, zeros, the end
     broker.request(identity, 5, image=bomb)
     replies = broker.replies(5)
     # One batch of 1-4 (5 failed on its header), then 1-4 one by one after 4 failed the batch.

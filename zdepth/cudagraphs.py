@@ -7,7 +7,9 @@ H200). A captured graph replays the whole pass with one launch.
 A graph is fixed to its input shape, so batches are padded up to a power of
 two (1, 2, 4, 8, ...): a handful of graphs per network input size covers every
 batch the worker forms. Samples never mix in this model (no batch statistics
-in eval mode), so the padding rows change nothing but the work done.
+in eval mode), so the padding rows change nothing but the work done. The
+graphs of one model share a memory pool: their outputs are read before the
+next replay, so one graph's activations may reuse another's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ __all__ = ["GraphedForward", "padded_batch"]
 
 logger = logging.getLogger(__name__)
 
-MAX_GRAPHS = 32  # per model; past it, new shapes run eagerly (each graph holds its own activations)
+MAX_GRAPHS = 32  # per model; past it, new shapes run eagerly
 WARMUP_CALLS = 2  # eager calls on a side stream before capture: cuBLAS/cuDNN workspaces, lazy inits
 
 
@@ -45,13 +47,16 @@ class GraphedForward:
 
     The returned tensor is the graph's static output (a view of its first
     ``len(x)`` rows): read or copy it before the next call. One instance is
-    used from one thread, the engine's.
+    used from one thread, the engine's, inside ``torch.inference_mode``. A
+    shape whose capture fails (out of memory, say) runs eagerly from then on.
     """
 
     def __init__(self, model: torch.nn.Module, *, max_graphs: int = MAX_GRAPHS) -> None:
         self.model = model
         self.max_graphs = max_graphs
         self._graphs: dict[tuple, _Graph] = {}
+        self._eager: set[tuple] = set()  # shapes whose capture failed
+        self._pool = None  # one memory pool for all of this model's graphs
         self._warned = False
 
     @property
@@ -65,31 +70,49 @@ class GraphedForward:
         key = (padded_batch(count), *x.shape[1:], x.dtype, scale is not None)
         entry = self._graphs.get(key)
         if entry is None:
-            if len(self._graphs) >= self.max_graphs:
-                if not self._warned:
-                    self._warned = True
-                    logger.warning("%d CUDA graphs captured; shape %s and later new ones run without a graph", self.max_graphs, key[:-2])
+            if key in self._eager or not self._room(key):
                 return self.model(x, scale)
-            entry = self._graphs[key] = self._capture(key, x)
-        entry.x[:count].copy_(x)
-        if entry.scale is not None:
-            entry.scale[:count].copy_(scale)
-        entry.graph.replay()
+            entry = self._capture(key, x)
+            if entry is None:
+                return self.model(x, scale)
+        with torch.cuda.device(x.device):  # replay() launches on the current device's stream
+            entry.x[:count].copy_(x)
+            if entry.scale is not None:
+                entry.scale[:count].copy_(scale)
+            entry.graph.replay()
         return entry.out[:count]
 
-    def _capture(self, key: tuple, like: torch.Tensor) -> _Graph:
-        padded = key[0]
-        x = torch.zeros((padded, *like.shape[1:]), dtype=like.dtype, device=like.device)
-        scale = torch.ones(padded, dtype=torch.float32, device=like.device) if key[-1] else None
-        current = torch.cuda.current_stream(like.device)
-        side = torch.cuda.Stream(like.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                self.model(x, scale)
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.model(x, scale)
+    def _room(self, key: tuple) -> bool:
+        if len(self._graphs) < self.max_graphs:
+            return True
+        if not self._warned:
+            self._warned = True
+            logger.warning("%d CUDA graphs captured; shape %s and later new ones run without a graph", self.max_graphs, key[:-2])
+        return False
+
+    def _capture(self, key: tuple, like: torch.Tensor) -> _Graph | None:
+        padded, device = key[0], like.device
+        try:
+            with torch.cuda.device(device):  # streams, pool and capture on the model's GPU, not the current one
+                x = torch.zeros((padded, *like.shape[1:]), dtype=like.dtype, device=device)
+                scale = torch.ones(padded, dtype=torch.float32, device=device) if key[-1] else None
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                current = torch.cuda.current_stream(device)
+                side = torch.cuda.Stream(device)
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_CALLS):
+                        self.model(x, scale)
+                current.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=side):
+                    out = self.model(x, scale)
+                current.wait_stream(side)
+        except Exception as exc:  # out of memory, an op that cannot be captured: run this shape eagerly
+            self._eager.add(key)
+            logger.warning("capturing a CUDA graph for batch %d at %s failed (%s: %s); that shape runs without one", padded, tuple(like.shape[2:]), type(exc).__name__, exc)
+            return None
         logger.info("captured a CUDA graph for batch %d at %s (%s)", padded, tuple(like.shape[2:]), like.dtype)
-        return _Graph(graph, x, scale, out)
+        self._graphs[key] = entry = _Graph(graph, x, scale, out)
+        return entry

@@ -21,6 +21,7 @@ caller's business.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -45,6 +46,7 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 MIN_INPUT_SIZE = 14
 MAX_INPUT_SIZE = 2058  # 147 patches a side; 518 (the training size) is the default
 
+DECODER_STRIKES = 8  # batches in a row on which the device decoder failed every JPEG cv2 could read: then it is switched off
 MaxDepth = float | Sequence[float | None] | None
 Image = np.ndarray | EncodedJpeg
 
@@ -97,6 +99,7 @@ class Engine:
         # The official cv2 pipeline on the CPU; the batched torch pipeline elsewhere.
         self._cv2_preprocess = self.device.type == "cpu"
         self._decode_jpeg = _torchvision_jpeg_decoder() if gpu_decode and self.device.type == "cuda" else None
+        self._decoder_strikes = 0
         self._models: dict[str, torch.nn.Module] = {}
         self._forwards: dict[str, torch.nn.Module | GraphedForward] = {}
 
@@ -173,7 +176,9 @@ class Engine:
         for index, image in enumerate(images):
             groups.setdefault(network_input_size(*image.shape[:2], input_size), []).append(index)
         results: dict[int, np.ndarray] = {}
-        with torch.inference_mode():
+        # The current CUDA device is per thread and is cuda:0 unless set: make it this engine's.
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), on_device:
             for size, indices in groups.items():
                 batch = [images[i] for i in indices]
                 scale = None if scales is None else torch.tensor([scales[i] for i in indices], dtype=torch.float32)
@@ -248,8 +253,9 @@ class Engine:
 
         A JPEG the device decoder refuses, or decodes to another size than its
         header declares, is decoded by cv2 instead (which also gives a corrupt
-        file its proper BadRequest). If the decoder fails on every image of a
-        batch that cv2 could read, it is switched off for good, with a warning.
+        file its proper BadRequest). If the decoder fails on every JPEG of
+        ``DECODER_STRIKES`` batches in a row that cv2 could read, it is taken
+        to be broken and switched off, with a warning.
         """
         jpegs = [j for j, image in enumerate(batch) if isinstance(image, EncodedJpeg)]
         frames: list[np.ndarray | torch.Tensor] = list(batch)  # type: ignore[arg-type]
@@ -268,8 +274,9 @@ class Engine:
             else:
                 frames[j] = jpeg.decode()  # raises BadRequest for a file cv2 cannot read either
                 failed += 1
-        if failed == len(jpegs):
-            logger.warning("the device JPEG decoder failed on %d JPEG(s) that cv2 decoded; decoding with cv2 from now on", failed)
+        self._decoder_strikes = self._decoder_strikes + 1 if failed == len(jpegs) else 0
+        if self._decoder_strikes >= DECODER_STRIKES:
+            logger.warning("the device JPEG decoder failed on %d batches in a row that cv2 decoded; decoding with cv2 from now on", self._decoder_strikes)
             self._decode_jpeg = None
         return frames
 

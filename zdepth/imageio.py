@@ -93,15 +93,19 @@ class EncodedJpeg:
 
 
 def device_decodable_jpeg(data: bytes | bytearray | memoryview, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> EncodedJpeg | None:
-    """``data`` as an EncodedJpeg when a GPU decoder gives the pixels ``decode_image`` would, else None.
+    """``data`` as an EncodedJpeg when a GPU decoder can stand in for ``decode_image``, else None.
 
-    That is an 8-bit baseline or progressive JPEG in grey or colour without an
-    Exif segment (cv2 applies Exif orientation; nvjpeg does not). Anything
-    else, including data that is no JPEG at all, is left to ``decode_image``.
-    A header over ``max_pixels`` raises BadRequest, as decoding would.
+    That is a complete (ends with the end-of-image marker: nvjpeg decodes a
+    truncated file where cv2 refuses it) 8-bit baseline or progressive JPEG in
+    grey or colour without an Exif segment (cv2 applies Exif orientation;
+    nvjpeg does not). The pixels are close to cv2's, not identical: grey and
+    4:4:4 JPEGs agree exactly, 4:2:0 chroma is upsampled differently (a few
+    levels on average). Anything else, including data that is no JPEG at all,
+    is left to ``decode_image``. A header over ``max_pixels`` raises
+    BadRequest, as decoding would.
     """
     view = memoryview(data).cast("B")
-    if len(view) < 4 or bytes(view[:3]) != b"\xff\xd8\xff":
+    if len(view) < 4 or bytes(view[:3]) != b"\xff\xd8\xff" or bytes(view[-2:]) != b"\xff\xd9":
         return None
     frame = _jpeg_frame(view)
     if frame is None or frame.sof not in (0xC0, 0xC2) or frame.precision != 8 or frame.components not in (1, 3) or frame.exif:

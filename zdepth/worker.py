@@ -453,7 +453,7 @@ class Worker:
         """Load every model and run a forward pass per warm-up size before announcing READY.
 
         With CUDA graphs, one per padded batch size (1, 2, 4, ... up to max_batch's), so that
-        no request waits for a capture.
+        no request waits for a capture; with GPU decoding, one from a JPEG.
         """
         batches = [1]
         if getattr(self._engine, "cuda_graphs", False):
@@ -463,8 +463,11 @@ class Worker:
             try:
                 self._engine.load(model)
                 for height, width in self.config.warmup_sizes:
+                    black = np.zeros((height, width, 3), np.uint8)
                     for count in batches:
-                        self._engine.infer([np.zeros((height, width, 3), np.uint8)] * count, model)
+                        self._engine.infer([black] * count, model)
+                    if getattr(self._engine, "decodes_jpeg", False):  # the GPU decoder's start-up, too
+                        self._engine.infer([imageio.device_decodable_jpeg(imageio.encode_jpeg(black))], model)
             except ValueError as exc:  # a checkpoint that does not fit, a bad warm-up size
                 if isinstance(exc, ZdepthError):
                     raise
