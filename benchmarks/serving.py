@@ -185,6 +185,7 @@ def main() -> int:
     parser.add_argument("--gpus", type=int, default=1, help="workers go round-robin over this many GPUs")
     parser.add_argument("--precision", default=None, help="fp32, fp16, bf16 (default: the engine's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in the workers")
+    parser.add_argument("--cuda-graphs", action="store_true", help="run every worker with CUDA graphs")
     parser.add_argument("--compare-cuda-graphs", action="store_true", help="also run every encoder's workers with CUDA graphs (jpeg input, every stream count)")
     parser.add_argument("--no-gpu-decode", action="store_true", help="decode JPEGs with cv2 in the workers even on CUDA")
     parser.add_argument("--workers", type=int, default=1)
@@ -245,10 +246,11 @@ def main() -> int:
         plan = [(n, i) for n in stream_counts for i in inputs]
         if index == 0:
             plan += [(stream_counts[0], i) for i in compare]
-        setups.append((encoder, args.max_wait_ms, False, plan))
+        graphs = args.cuda_graphs and cuda
+        setups.append((encoder, args.max_wait_ms, graphs, plan))
         if index == 0 and args.compare_max_wait is not None:
-            setups.append((encoder, args.compare_max_wait, False, [(n, inputs[0]) for n in stream_counts]))
-        if args.compare_cuda_graphs and cuda:
+            setups.append((encoder, args.compare_max_wait, graphs, [(n, inputs[0]) for n in stream_counts]))
+        if args.compare_cuda_graphs and cuda and not graphs:
             setups.append((encoder, args.max_wait_ms, True, [(n, inputs[0]) for n in stream_counts]))
 
     runs: list[dict[str, Any]] = []
