@@ -106,9 +106,9 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     stage_rows: list[dict[str, Any]] = []
     for encoder in encoders:
-        engines = {"eager": Engine(device=device, weights_dir=weights_dir)}
+        engines = {"eager": Engine(device=device, weights_dir=weights_dir, gpu_decode=True)}
         if cuda:
-            engines["CUDA graphs"] = Engine(device=device, weights_dir=weights_dir, cuda_graphs=True)
+            engines["CUDA graphs"] = Engine(device=device, weights_dir=weights_dir, cuda_graphs=True, gpu_decode=True)
         for mode, engine in engines.items():
             engine.load(encoder)
             image = jpeg if engine.decodes_jpeg else frame

@@ -53,7 +53,7 @@ def main() -> int:
     parser.add_argument("--input-size", type=int, default=None, help="default 518 on CUDA, 182 on the CPU")
     parser.add_argument("--batches", default="1,8", help="engine batch sizes")
     parser.add_argument("--forward", action="store_true", help="also time the forward pass alone")
-    parser.add_argument("--jpeg", action="store_true", help="also time both paths from JPEG bytes (the engine decodes on the GPU with nvjpeg; the reference with cv2)")
+    parser.add_argument("--jpeg", action="store_true", help="also time both paths from JPEG bytes (the engine decodes on the GPU with nvjpeg, gpu_decode=True; the reference with cv2)")
     parser.add_argument("--cuda-graphs", action="store_true", help="also time an Engine(cuda_graphs=True) (CUDA only)")
     parser.add_argument("--seconds", type=float, default=None, help="about this long per measurement (default 2 on CUDA, 6 on the CPU)")
     parser.add_argument("--min-iterations", type=int, default=None)
@@ -110,7 +110,7 @@ def main() -> int:
         reference = build_model(encoder)
         load_checkpoint(reference, weights_dir / f"depth_anything_v2_{encoder}.pth")
         reference = reference.eval().requires_grad_(False).to(device, torch.float32)
-        engine = Engine(device=device, precision=args.precision, weights_dir=weights_dir, compile=args.compile)
+        engine = Engine(device=device, precision=args.precision, weights_dir=weights_dir, compile=args.compile, gpu_decode=args.jpeg)
         engine.load(encoder)
         fast_model = None
 

@@ -147,7 +147,7 @@ def start_servers(encoder: str, args, weights_dir: Path, max_wait_ms: float, cud
                 "weights_dir": str(weights_dir),
                 "compile": args.compile,
                 "cuda_graphs": cuda_graphs,
-                "gpu_decode": not args.no_gpu_decode,
+                "gpu_decode": args.gpu_decode,
                 "max_batch": args.max_batch,
                 "max_wait_ms": max_wait_ms,
                 # On CUDA the worker warms up before READY, as in production; on the CPU at 518
@@ -187,7 +187,7 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in the workers")
     parser.add_argument("--cuda-graphs", action="store_true", help="run every worker with CUDA graphs")
     parser.add_argument("--compare-cuda-graphs", action="store_true", help="also run every encoder's workers with CUDA graphs (jpeg input, every stream count)")
-    parser.add_argument("--no-gpu-decode", action="store_true", help="decode JPEGs with cv2 in the workers even on CUDA")
+    parser.add_argument("--gpu-decode", action="store_true", help="workers decode JPEGs with nvjpeg (WorkerConfig.gpu_decode)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--streams", default="1,8", help="comma-separated numbers of concurrent client streams")
     parser.add_argument("--inputs", default="jpeg", help="comma-separated: jpeg, raw, raw-jpeg (see above)")

@@ -20,6 +20,7 @@ _FFNS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
 
 INTERPOLATE_OFFSET = 0.1
 """DINOv2 (without registers) adds this to the target grid when resizing pos_embed."""
+POS_CACHE_SIZE = 16  # resized position tables kept per model (one per network input size)
 
 
 def interpolate_pos_embed(
@@ -93,6 +94,7 @@ class DinoVisionTransformer(nn.Module):
         # Non-trivial embeddings so that random models exercise the interpolation.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        self._pos_cache: dict[tuple, Tensor] = {}
 
     def prepare_tokens(self, x: Tensor) -> Tensor:
         """``[B, 3, H, W]`` image to ``[B, 1 + N, C]`` tokens with positions added."""
@@ -100,7 +102,27 @@ class DinoVisionTransformer(nn.Module):
         tokens = self.patch_embed(x)
         tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
-        return tokens + interpolate_pos_embed(self.pos_embed, grid_h, grid_w, dtype=tokens.dtype)
+        return tokens + self._pos_embed_for(grid_h, grid_w, tokens.dtype)
+
+    def _pos_embed_for(self, grid_h: int, grid_w: int, dtype: torch.dtype) -> Tensor:
+        """The position table for a grid; cached when no gradient is recorded.
+
+        On a GPU, resizing the table costs about 3 ms (the bicubic kernel runs
+        one thread per output position and loops over the channels): more than
+        the rest of a vits forward pass at batch 1. It depends only on the grid,
+        so inference computes it once per input size. The key holds the
+        parameter's version, so loading new weights recomputes it.
+        """
+        if torch.is_grad_enabled() or _compiling():
+            return interpolate_pos_embed(self.pos_embed, grid_h, grid_w, dtype=dtype)
+        table = self.pos_embed
+        key = (grid_h, grid_w, dtype, table.device, table.data_ptr(), table._version)
+        cached = self._pos_cache.get(key)
+        if cached is None:
+            if len(self._pos_cache) >= POS_CACHE_SIZE:
+                self._pos_cache.clear()
+            cached = self._pos_cache[key] = interpolate_pos_embed(table, grid_h, grid_w, dtype=dtype)
+        return cached
 
     def get_intermediate_layers(
         self, x: Tensor, indices: Sequence[int]
@@ -118,3 +140,9 @@ class DinoVisionTransformer(nn.Module):
             if i in wanted:
                 outputs[i] = self.norm(x)
         return [(outputs[i][:, 1:], outputs[i][:, 0]) for i in indices]
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing (it fuses the resize itself; a Python cache would only break its graph)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())

@@ -180,7 +180,7 @@ def test_worker_options_map_onto_config(runner: CliRunner, monkeypatch: pytest.M
     args = [
         "worker", "--broker", "tcp://gpu:5556", "-m", "vits", "--model", "vits-hypersim,vits-vkitti", "--device", "cpu",
         "--precision", "fp32", "--max-batch", "3", "--max-wait-ms", "5", "--compile", "--download", "--warmup", "64x96,32x32",
-        "--cuda-graphs", "--no-gpu-decode",
+        "--cuda-graphs", "--gpu-decode",
     ]  # fmt: skip
     result = runner.invoke(app, args, env={"ZDEPTH_WEIGHTS_DIR": str(tmp_path), "ZDEPTH_KEY": "k"})
     assert result.exit_code == 0, result.output
@@ -190,15 +190,15 @@ def test_worker_options_map_onto_config(runner: CliRunner, monkeypatch: pytest.M
     assert (config.device, config.precision, config.max_batch, config.max_wait_ms) == ("cpu", "fp32", 3, 5.0)
     assert (config.compile, config.download, config.weights_dir, config.key) == (True, True, str(tmp_path), "k")
     assert config.warmup_sizes == ((64, 96), (32, 32))
-    assert (config.cuda_graphs, config.gpu_decode) == (True, False)
+    assert (config.cuda_graphs, config.gpu_decode) == (True, True)
 
     result = runner.invoke(app, ["worker", "--device", "cpu", "--warmup", "none"], env={"ZDEPTH_MODEL": "vits-hypersim", "ZDEPTH_MAX_BATCH": "2"})
     assert result.exit_code == 0, result.output
     assert seen[-1].models == ("vits-hypersim",) and seen[-1].max_batch == 2 and seen[-1].warmup_sizes == ()
     assert seen[-1].key is None
-    assert (seen[-1].cuda_graphs, seen[-1].gpu_decode) == (False, True)
-    result = runner.invoke(app, ["worker", "--device", "cpu"], env={"ZDEPTH_CUDA_GRAPHS": "1", "ZDEPTH_GPU_DECODE": "0"})
-    assert (seen[-1].cuda_graphs, seen[-1].gpu_decode) == (True, False)
+    assert (seen[-1].cuda_graphs, seen[-1].gpu_decode) == (False, False)
+    result = runner.invoke(app, ["worker", "--device", "cpu"], env={"ZDEPTH_CUDA_GRAPHS": "1", "ZDEPTH_GPU_DECODE": "1"})
+    assert (seen[-1].cuda_graphs, seen[-1].gpu_decode) == (True, True)
 
 
 @pytest.mark.timeout(60)

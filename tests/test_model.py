@@ -193,3 +193,29 @@ def test_backbone_adds_pos_embed_for_the_input_grid(height: int, width: int) -> 
     assert tokens.shape == (1, 1 + (height // 14) * (width // 14), 8)
     assert torch.equal(tokens, torch.cat((vit.cls_token, patches), dim=1) + pos)
     assert (pos is vit.pos_embed) == (height == width == 518)
+
+
+def test_resized_pos_embed_is_cached_for_inference_only() -> None:
+    """The resize costs ~3 ms on a GPU per forward: inference computes it once per grid; a forward that
+    records gradients, or new weights, never sees a stale table."""
+    torch.manual_seed(0)
+    vit = DinoVisionTransformer(embed_dim=8, depth=1, num_heads=2)
+    x = torch.randn(2, 3, 70, 98)
+    with torch.inference_mode():
+        first = vit.prepare_tokens(x)
+        table = vit._pos_embed_for(5, 7, x.dtype)
+        assert vit._pos_embed_for(5, 7, x.dtype) is table and len(vit._pos_cache) == 1
+        assert torch.equal(vit.prepare_tokens(x), first)
+        vit.prepare_tokens(torch.randn(1, 3, 42, 42))
+        assert len(vit._pos_cache) == 2  # one table per grid
+    with torch.enable_grad():
+        recorded = vit.prepare_tokens(x)
+    assert recorded.requires_grad and torch.equal(recorded.detach(), first)
+    state = vit.state_dict()
+    state["pos_embed"] = state["pos_embed"] * 2
+    vit.load_state_dict(state)
+    with torch.no_grad():
+        moved = vit.prepare_tokens(x)
+        expected = vit.patch_embed(x)
+        expected = torch.cat((vit.cls_token.expand(2, -1, -1), expected), dim=1) + interpolate_pos_embed(vit.pos_embed, 5, 7, dtype=x.dtype)
+    assert torch.equal(moved, expected) and not torch.equal(moved, first)

@@ -254,14 +254,14 @@ def test_serve_hands_the_engine_options_to_every_worker(monkeypatch: pytest.Monk
     monkeypatch.setattr("zdepth.supervisor.Supervisor", NotRunning)
     from zdepth.cli import app
 
-    args = ["serve", "--device", "cuda:0,cuda:1", "--cuda-graphs", "--no-gpu-decode", "--compile", "--max-batch", "4"]
+    args = ["serve", "--device", "cuda:0,cuda:1", "--cuda-graphs", "--gpu-decode", "--compile", "--max-batch", "4"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     workers = [child for child in built[0] if child.name.startswith("worker")]
     assert [child.name for child in workers] == ["worker cuda:0", "worker cuda:1"]
     for child in workers:
-        assert {"--cuda-graphs", "--no-gpu-decode", "--compile"} <= set(child.argv)
+        assert {"--cuda-graphs", "--gpu-decode", "--compile"} <= set(child.argv)
         assert child.argv[child.argv.index("--max-batch") + 1] == "4"
     result = runner.invoke(app, ["serve", "--device", "cpu"])
     worker = next(child for child in built[1] if child.name.startswith("worker"))
-    assert {"--no-cuda-graphs", "--gpu-decode", "--no-compile"} <= set(worker.argv)
+    assert {"--no-cuda-graphs", "--no-gpu-decode", "--no-compile"} <= set(worker.argv)
