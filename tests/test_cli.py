@@ -196,7 +196,7 @@ def test_worker_options_map_onto_config(runner: CliRunner, monkeypatch: pytest.M
     assert result.exit_code == 0, result.output
     assert seen[-1].models == ("vits-hypersim",) and seen[-1].max_batch == 2 and seen[-1].warmup_sizes == ()
     assert seen[-1].key is None
-    assert (seen[-1].cuda_graphs, seen[-1].gpu_decode) == (False, False)
+    assert (seen[-1].cuda_graphs, seen[-1].gpu_decode) == (None, False)  # None: on for CUDA devices
     result = runner.invoke(app, ["worker", "--device", "cpu"], env={"ZDEPTH_CUDA_GRAPHS": "1", "ZDEPTH_GPU_DECODE": "1"})
     assert (seen[-1].cuda_graphs, seen[-1].gpu_decode) == (True, True)
 

@@ -264,4 +264,5 @@ def test_serve_hands_the_engine_options_to_every_worker(monkeypatch: pytest.Monk
         assert child.argv[child.argv.index("--max-batch") + 1] == "4"
     result = runner.invoke(app, ["serve", "--device", "cpu"])
     worker = next(child for child in built[1] if child.name.startswith("worker"))
-    assert {"--no-cuda-graphs", "--no-gpu-decode", "--no-compile"} <= set(worker.argv)
+    assert {"--no-gpu-decode", "--no-compile"} <= set(worker.argv)
+    assert not {"--cuda-graphs", "--no-cuda-graphs"} & set(worker.argv)  # the worker's own default: on for CUDA

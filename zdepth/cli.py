@@ -94,12 +94,13 @@ MaxWaitMs = Annotated[
     ),
 ]
 CudaGraphs = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--cuda-graphs/--no-cuda-graphs",
         envvar="ZDEPTH_CUDA_GRAPHS",
-        help="Replay each forward pass as a CUDA graph (CUDA only): less launch overhead at small batches; "
-        "captured per padded batch size during the warm-up, and holds that memory.",
+        help="Replay each forward pass as a CUDA graph (default: on for CUDA devices): far less launch overhead "
+        "at small batches; captured per padded batch size during the warm-up, and holds that memory.",
+        show_default=False,
     ),
 ]
 GpuDecode = Annotated[
@@ -580,7 +581,7 @@ def worker(
         int | None, typer.Option("--capacity", envvar="ZDEPTH_CAPACITY", min=1, help="Requests held at once. Default: 2 x max batch.", show_default=False)
     ] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", envvar="ZDEPTH_COMPILE", help="torch.compile the models (slow start, faster steps).")] = False,
-    cuda_graphs: CudaGraphs = False,
+    cuda_graphs: CudaGraphs = None,
     gpu_decode: GpuDecode = False,
     warmup: Annotated[
         list[str] | None,
@@ -669,7 +670,7 @@ def serve(
     ] = None,
     download: Annotated[bool, typer.Option("--download/--no-download", envvar="ZDEPTH_DOWNLOAD", help="Fetch missing checkpoints from the model hub.")] = False,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", envvar="ZDEPTH_COMPILE", help="torch.compile the models.")] = False,
-    cuda_graphs: CudaGraphs = False,
+    cuda_graphs: CudaGraphs = None,
     gpu_decode: GpuDecode = False,
     warmup: Annotated[
         list[str] | None,
@@ -743,7 +744,9 @@ def serve(
         if weights_dir:
             worker_args += ["--weights-dir", str(weights_dir)]
         worker_args += ["--download" if download else "--no-download", "--compile" if compile else "--no-compile"]
-        worker_args += ["--cuda-graphs" if cuda_graphs else "--no-cuda-graphs", "--gpu-decode" if gpu_decode else "--no-gpu-decode"]
+        if cuda_graphs is not None:
+            worker_args.append("--cuda-graphs" if cuda_graphs else "--no-cuda-graphs")
+        worker_args.append("--gpu-decode" if gpu_decode else "--no-gpu-decode")
         if sizes is not None:
             worker_args += ["--warmup", ",".join(f"{h}x{w}" for h, w in sizes) or "none"]
         for dev in devices:

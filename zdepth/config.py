@@ -92,7 +92,7 @@ class WorkerConfig:
     weights_dir: str | None = None
     download: bool = False
     compile: bool = False
-    cuda_graphs: bool = False  # replay forward passes as CUDA graphs (CUDA only); see zdepth.cudagraphs
+    cuda_graphs: bool | None = None  # replay forward passes as CUDA graphs; None: on CUDA devices. See zdepth.cudagraphs
     gpu_decode: bool = False  # decode JPEGs with nvjpeg (CUDA only): faster, ~1e-2 from cv2's pixels; see Engine
     max_batch: int = 8
     max_wait_ms: float = 0.0  # extra wait for a partial batch; at 0 batches form from what queued during the last one

@@ -749,7 +749,7 @@ def _build_engine(config: WorkerConfig) -> Any:
             weights_dir=config.weights_dir,
             download=config.download,
             compile=config.compile,
-            cuda_graphs=config.cuda_graphs,
+            cuda_graphs=config.device.startswith("cuda") if config.cuda_graphs is None else config.cuda_graphs,
             gpu_decode=config.gpu_decode,
         )
     except ValueError as exc:  # bad device or precision, CUDA graphs off CUDA
