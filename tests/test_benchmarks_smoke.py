@@ -91,3 +91,9 @@ def test_report_renders_a_section(tmp_path):
 
 def test_gpu_script_parses():
     subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_run.sh")], check=True)
+
+
+def test_gpu_profile(tmp_path):
+    result = run_quick("gpu_profile", tmp_path, "--encoders", "vits")
+    assert {row["condition"] for row in result["rows"]} >= {"back to back, main thread"}
+    assert any(row["stage (batch 1)"].startswith("forward") for row in result["stages"])
