@@ -40,7 +40,7 @@ def main() -> int:
 
     from depth_anything_v2 import network_input_size, preprocess_tensor, resize_depth
     from zdepth.engine import Engine
-    from zdepth.imageio import device_decodable_jpeg
+    from zdepth.imageio import decode_image, device_decodable_jpeg
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,7 +138,7 @@ def main() -> int:
             x = preprocess_tensor(rgb, size).to(engine.dtype)
             out = model(x)
             stages = {
-                "cv2 decode (CPU)": lambda: _decode_cv2(jpeg_data),
+                "cv2 decode (CPU)": lambda: decode_image(jpeg_data),
                 "upload BGR frame": lambda: (torch.from_numpy(frame).pin_memory() if cuda else torch.from_numpy(frame)).to(device, non_blocking=cuda),
                 "preprocess on the device": lambda: preprocess_tensor(rgb, size),
                 "forward, eager": lambda: model(x),
@@ -173,12 +173,6 @@ def main() -> int:
     }
     _common.write_json(NAME, result, args.json)
     return 0
-
-
-def _decode_cv2(data: bytes):
-    from zdepth.imageio import decode_image
-
-    return decode_image(data)
 
 
 if __name__ == "__main__":

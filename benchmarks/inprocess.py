@@ -120,55 +120,40 @@ def main() -> int:
             depth = reference(x)
             return resize_depth(depth, image.shape[:2])[0].cpu().numpy()
 
-        # End to end, per frame: the reference one by one, the engine in batches.
-        ref = _common.summarize(timed(lambda: reference_frame(frames[0]), sync, **measure))
-        e2e_rows.append({"model": encoder, "path": "reference fp32, 1 at a time", "batch": 1, "ms/frame p50": ref["p50"], "ms/frame mean": ref["mean"], "speedup vs reference": 1.0})
-        for batch in batches:
-            images = frames[:batch]
-            stats = _common.summarize(timed(lambda: engine.infer(images, encoder, input_size=args.input_size), sync, **measure))
-            e2e_rows.append({
-                "model": encoder,
-                "path": f"Engine {engine.precision}" + (" compiled" if args.compile else ""),
-                "batch": batch,
-                "ms/frame p50": stats["p50"] / batch,
-                "ms/frame mean": stats["mean"] / batch,
-                "speedup vs reference": _common.ratio(ref["p50"], stats["p50"] / batch),
-            })
-            print(f"  {encoder} e2e batch {batch}: {stats['p50'] / batch:.2f} ms/frame (reference {ref['p50']:.2f})", flush=True)
+        def reference_row(path: str, frame_fn: Callable[[], Any]) -> float:
+            stats = _common.summarize(timed(frame_fn, sync, **measure))
+            e2e_rows.append({"model": encoder, "path": path, "batch": 1, "ms/frame p50": stats["p50"], "ms/frame mean": stats["mean"], "speedup vs reference": 1.0})
+            return stats["p50"]
 
-        if args.jpeg:
-            jpegs = [_common.jpeg_bytes(frame) for frame in frames]
-            encoded = [device_decodable_jpeg(data) for data in jpegs]
-            ref_jpeg = _common.summarize(timed(lambda: reference_frame(decode_image(jpegs[0])), sync, **measure))
-            e2e_rows.append({"model": encoder, "path": "reference fp32 from JPEG (cv2 decode), 1 at a time", "batch": 1, "ms/frame p50": ref_jpeg["p50"], "ms/frame mean": ref_jpeg["mean"], "speedup vs reference": 1.0})
-            decoder = "nvjpeg" if engine.decodes_jpeg else "cv2"
+        def engine_rows(path: str, run: Engine, inputs: list, reference_ms: float) -> None:
+            """One row per batch size: ``run.infer`` on the first ``batch`` of ``inputs``, per frame."""
             for batch in batches:
-                items = encoded[:batch]
-                stats = _common.summarize(timed(lambda: engine.infer(items, encoder, input_size=args.input_size), sync, **measure))
+                items = inputs[:batch]
+                stats = _common.summarize(timed(lambda: run.infer(items, encoder, input_size=args.input_size), sync, **measure))
+                per_frame = stats["p50"] / batch
                 e2e_rows.append({
                     "model": encoder,
-                    "path": f"Engine {engine.precision} from JPEG ({decoder} decode)",
+                    "path": path,
                     "batch": batch,
-                    "ms/frame p50": stats["p50"] / batch,
+                    "ms/frame p50": per_frame,
                     "ms/frame mean": stats["mean"] / batch,
-                    "speedup vs reference": _common.ratio(ref_jpeg["p50"], stats["p50"] / batch),
+                    "speedup vs reference": _common.ratio(reference_ms, per_frame),
                 })
-                print(f"  {encoder} e2e from JPEG batch {batch}: {stats['p50'] / batch:.2f} ms/frame (reference {ref_jpeg['p50']:.2f})", flush=True)
+                print(f"  {encoder} {path}, batch {batch}: {per_frame:.2f} ms/frame (reference {reference_ms:.2f})", flush=True)
+
+        # End to end, per frame: the reference one by one, the engine in batches.
+        compiled = " compiled" if args.compile else ""
+        ref_ms = reference_row("reference fp32, 1 at a time", lambda: reference_frame(frames[0]))
+        engine_rows(f"Engine {engine.precision}{compiled}", engine, frames, ref_ms)
+        if args.jpeg:
+            jpegs = [_common.jpeg_bytes(frame) for frame in frames]
+            ref_jpeg_ms = reference_row("reference fp32 from JPEG (cv2 decode), 1 at a time", lambda: reference_frame(decode_image(jpegs[0])))
+            decoder = "nvjpeg" if engine.decodes_jpeg else "cv2"
+            engine_rows(f"Engine {engine.precision} from JPEG ({decoder} decode)", engine, [device_decodable_jpeg(data) for data in jpegs], ref_jpeg_ms)
         if args.cuda_graphs and cuda:
             graphed = Engine(device=device, precision=args.precision, weights_dir=weights_dir, compile=args.compile, cuda_graphs=True)
             graphed.load(encoder)
-            for batch in batches:
-                images = frames[:batch]
-                stats = _common.summarize(timed(lambda: graphed.infer(images, encoder, input_size=args.input_size), sync, **measure))
-                e2e_rows.append({
-                    "model": encoder,
-                    "path": f"Engine {graphed.precision}" + (" compiled" if args.compile else "") + " + CUDA graphs",
-                    "batch": batch,
-                    "ms/frame p50": stats["p50"] / batch,
-                    "ms/frame mean": stats["mean"] / batch,
-                    "speedup vs reference": _common.ratio(ref["p50"], stats["p50"] / batch),
-                })
-                print(f"  {encoder} e2e CUDA graphs batch {batch}: {stats['p50'] / batch:.2f} ms/frame (reference {ref['p50']:.2f})", flush=True)
+            engine_rows(f"Engine {graphed.precision}{compiled} + CUDA graphs", graphed, frames, ref_ms)
             graphed = None
 
         # The reference's own steps, to see where its milliseconds go.
@@ -179,7 +164,7 @@ def main() -> int:
             fwd = _common.summarize(timed(lambda: reference(x), sync, **measure))
             post = _common.summarize(timed(lambda: resize_depth(out, (height, width))[0].cpu().numpy(), sync, **measure))
         for step, stats in (("preprocess_cv2 + upload", pre), ("forward fp32 batch 1", fwd), ("resize back + to host", post)):
-            breakdown_rows.append({"model": encoder, "reference step": step, "ms p50": stats["p50"], "share of reference": _common.ratio(stats["p50"], ref["p50"])})
+            breakdown_rows.append({"model": encoder, "reference step": step, "ms p50": stats["p50"], "share of reference": _common.ratio(stats["p50"], ref_ms)})
 
         if args.forward:
             fast_model = engine.model(encoder)

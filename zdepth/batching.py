@@ -1,4 +1,5 @@
-"""Dynamic batching: gather requests that can share one forward pass, against a deadline.
+"""Dynamic batching: gather requests that can share one forward pass, against a deadline;
+and the padded batch sizes that CUDA graphs are captured for.
 
 A pure function over a plain ``queue.Queue`` (no ZeroMQ, no torch), so it is
 tested on its own. The worker's compute thread calls it in a loop::
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
-__all__ = ["collect_batch"]
+__all__ = ["collect_batch", "padded_batch", "padded_batches"]
 
 T = TypeVar("T")
 
@@ -90,3 +91,15 @@ def _take_pending(pending: list[T], batch: list[T], batch_key: Hashable, key: Ca
         else:
             kept.append(item)
     pending[:] = kept
+
+
+def padded_batch(size: int) -> int:
+    """``size`` rounded up to a power of two: the batch a CUDA graph is captured for (zdepth.cudagraphs)."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    return 1 << (size - 1).bit_length()
+
+
+def padded_batches(max_batch: int) -> list[int]:
+    """Every padded size a batch of 1 to ``max_batch`` items runs at: 1, 2, 4, ... up to ``padded_batch(max_batch)``."""
+    return sorted({padded_batch(size) for size in range(1, max_batch + 1)})

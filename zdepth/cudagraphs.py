@@ -19,19 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
+from zdepth.batching import padded_batch
+
 __all__ = ["GraphedForward", "padded_batch"]
 
 logger = logging.getLogger(__name__)
 
 MAX_GRAPHS = 32  # per model; past it, new shapes run eagerly
 WARMUP_CALLS = 2  # eager calls on a side stream before capture: cuBLAS/cuDNN workspaces, lazy inits
-
-
-def padded_batch(size: int) -> int:
-    """The batch a graph is captured for: ``size`` rounded up to a power of two."""
-    if size < 1:
-        raise ValueError(f"batch size must be >= 1, got {size}")
-    return 1 << (size - 1).bit_length()
 
 
 @dataclass

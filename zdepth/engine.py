@@ -238,7 +238,7 @@ class Engine:
             if decoded:
                 parts.append(torch.stack([frames[j] for j in decoded]))  # already CHW RGB on the device
             inputs.append(preprocess_tensor(parts[0] if len(parts) == 1 else torch.cat(parts), size))
-            members[:] = arrays + decoded
+            members[:] = arrays + decoded  # the order they were stacked in, which the resize back follows
             order += members
         x = (inputs[0] if len(inputs) == 1 else torch.cat(inputs)).to(self.dtype)
         if scale is not None:

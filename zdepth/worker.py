@@ -45,7 +45,7 @@ import numpy as np
 import zmq
 
 from . import __version__, codec, imageio, protocol
-from .batching import collect_batch
+from .batching import collect_batch, padded_batches
 from .config import WorkerConfig
 from .curve import apply_client
 from .errors import BadRequest, ConfigError, InternalError, ServiceError, Unauthorized, UnknownModel, ZdepthError
@@ -457,7 +457,7 @@ class Worker:
         """
         batches = [1]
         if getattr(self._engine, "cuda_graphs", False):
-            batches = [1 << i for i in range((self.config.max_batch - 1).bit_length() + 1)]
+            batches = padded_batches(self.config.max_batch)
         for model in self.config.models:
             started = time.monotonic()
             try:
