@@ -75,18 +75,23 @@ def c_proxy(conn) -> None:
     zmq.proxy(front, back)  # until SIGTERM ends the process
 
 
-def dealer_echo(conn, endpoint: str, shape: tuple[int, int]) -> None:
-    """The echo behind ``c_proxy``: a DEALER getting [client id, header, params, image]."""
+def _echo_dealer(endpoint: str, shape: tuple[int, int]):
+    """(context, a DEALER connected to ``endpoint``, and the fixed raw reply: descriptions, frames, min, max)."""
     import zmq
-
-    from zdepth import protocol
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     descs, frames, depth = _reply_parts(shape, "raw")
-    low, high = float(depth.min()), float(depth.max())
+    return ctx, sock, descs, frames, float(depth.min()), float(depth.max())
+
+
+def dealer_echo(conn, endpoint: str, shape: tuple[int, int]) -> None:
+    """The echo behind ``c_proxy``: a DEALER getting [client id, header, params, image]."""
+    from zdepth import protocol
+
+    _, sock, descs, frames, low, high = _echo_dealer(endpoint, shape)
     conn.send("ready")
     conn.close()
     while True:  # until SIGTERM ends the process
@@ -98,16 +103,9 @@ def dealer_echo(conn, endpoint: str, shape: tuple[int, int]) -> None:
 
 def echo_worker(conn, endpoint: str, key: str | None, shape: tuple[int, int], models=("vits",), capacity: int = 16) -> None:
     """A worker reduced to the protocol: READY, a heartbeat a second, a fixed REPLY per REQUEST."""
-    import zmq
-
     from zdepth import protocol
 
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    descs, frames, depth = _reply_parts(shape, "raw")
-    low, high = float(depth.min()), float(depth.max())
+    ctx, sock, descs, frames, low, high = _echo_dealer(endpoint, shape)
     sock.send_multipart([protocol.command(protocol.READY, key=key, models=list(models), capacity=capacity, info={"name": "echo-worker"})])
     conn.send("ready")
     conn.close()
