@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import data_file
 from zdepth.errors import BadRequest
 from zdepth.imageio import (
     EncodedJpeg,
@@ -16,7 +17,6 @@ from zdepth.imageio import (
     read_image,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BGR = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
 
 
@@ -155,9 +155,10 @@ def test_array_limit_and_no_limit():
 
 
 def test_read_image_real_photo():
-    image = read_image(DATA / "demo04.jpg")
-    assert_bgr8(image, (1041, 1600, 3))
-    np.testing.assert_array_equal(image, cv2.imread(str(DATA / "demo04.jpg")))
+    path = data_file("demo04.jpg")
+    image = read_image(path)
+    assert_bgr8(image, (416, 640, 3))
+    np.testing.assert_array_equal(image, cv2.imread(str(path)))
 
 
 def test_read_image_names_the_path(tmp_path):
