@@ -1,8 +1,9 @@
-"""Shared fixtures: generated checkpoints (random weights, official key names and shapes).
+"""Fixtures for every test: generated checkpoints (random weights, official key names and shapes)
+and the one way to find test data (``data_file``).
 
-Real weights cannot be downloaded where the tests run, so every test that needs
-a checkpoint uses ``weights_dir``; ``golden_weights_dir`` holds the golden
-checkpoint of shared/golden under the names the engine looks for.
+Tests never download weights: a test that needs a checkpoint uses ``weights_dir``;
+``golden_weights_dir`` holds the seeded weights of tests/data/golden under the names
+the engine looks for.
 """
 
 from __future__ import annotations
@@ -13,9 +14,17 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-GOLDEN = SHARED / "golden"
-DATA = SHARED / "data"
+# Everything the tests read lives in the repository, so a fresh clone runs them with nothing beside it.
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def data_file(*parts: str) -> Path:
+    """The path of a file under tests/data. A missing file fails the test (an incomplete clone must
+    not pass by skipping)."""
+    path = DATA_DIR.joinpath(*parts)
+    if not path.is_file():
+        raise FileNotFoundError(f"test data file missing: {path} (tests/data is part of the repository)")
+    return path
 
 # One vits state dict serves all three ids: relative and metric share every key.
 GENERATED_FILES = (
@@ -59,10 +68,16 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def golden_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """shared/golden's checkpoint as both vits and vits-hypersim (symlinks, no copy)."""
+    """The seeded weights of tests/data/golden (fp32, as the references were made) as vits and
+    vits-hypersim, so an Engine can be checked against the golden outputs."""
+    import torch
+
+    from seeded_weights import seeded_state_dict
+
     directory = tmp_path_factory.mktemp("golden_weights")
-    for name in GENERATED_FILES[:2]:
-        (directory / name).symlink_to(GOLDEN / "depth_anything_v2_vits.pth")
+    first = directory / GENERATED_FILES[0]
+    torch.save(seeded_state_dict(), first)
+    _link_or_copy(first, directory / GENERATED_FILES[1])
     return directory
 
 

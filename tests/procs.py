@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conftest import DATA_DIR as DATA
+from conftest import data_file
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DATA = SHARED / "data"
 
 
 def free_port() -> int:
@@ -197,8 +198,8 @@ def small_image(path: Path, source: str = "demo01.jpg", size: tuple[int, int] = 
     """A demo photo resized to ``size`` (width, height), written to ``path``."""
     import cv2
 
-    image = cv2.imread(str(DATA / source))
-    assert image is not None, DATA / source
+    image = cv2.imread(str(data_file(source)))
+    assert image is not None, data_file(source)
     cv2.imwrite(str(path), cv2.resize(image, size, interpolation=cv2.INTER_AREA))
     return path
 
@@ -208,7 +209,7 @@ def small_video(path: Path, frames: int = 12, size: tuple[int, int] = (96, 64), 
     import cv2
     import numpy as np
 
-    image = cv2.imread(str(DATA / "demo01.jpg"))
+    image = cv2.imread(str(data_file("demo01.jpg")))
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
     assert writer.isOpened(), "cv2.VideoWriter cannot write MJPG"
     try:

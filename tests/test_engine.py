@@ -1,17 +1,15 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import zdepth.engine
+from conftest import data_file
 from zdepth.engine import Engine
 from zdepth.errors import BadRequest, UnknownModel, WeightsNotFound
 from zdepth.imageio import EncodedJpeg, decode_image, device_decodable_jpeg, encode_jpeg, read_image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-GOLDEN, DATA = SHARED / "golden", SHARED / "data"
 SMALL = 28  # a fast input size: 60x80 frames become 28x42 network inputs
 RNG = np.random.default_rng(0)
 
@@ -34,21 +32,19 @@ def golden_engine(golden_weights_dir):
     return Engine(weights_dir=golden_weights_dir)
 
 
-GOLDEN_CASES = json.loads((GOLDEN / "cases.json").read_text())["cases"]
+GOLDEN_CASES = json.loads(data_file("golden", "cases.json").read_text())["cases"]
 
 
-def _golden_param(case):
-    # Two 518 cases on the larger-aspect frame add ~10 s on two cores; the other six pin the pipeline.
-    slow = case["image"] == "frame_300x500.png" and case["input_size"] == 518
-    return pytest.param(case, id=case["output"], marks=[pytest.mark.slow] if slow else [])
+def golden(name):
+    return data_file("golden", name)
 
 
-@pytest.mark.parametrize("case", [_golden_param(case) for case in GOLDEN_CASES])
+@pytest.mark.parametrize("case", GOLDEN_CASES, ids=lambda case: case["output"])
 def test_golden_cpu_fp32(golden_engine, case):
-    image = read_image(GOLDEN / case["image"])
+    image = read_image(golden(case["image"]))
     model_id = "vits" if case["model"] == "relative" else "vits-hypersim"
     (depth,) = golden_engine.infer([image], model_id, input_size=case["input_size"], max_depth=case.get("max_depth"))
-    reference = np.load(GOLDEN / case["output"])
+    reference = np.load(golden(case["output"]))
     assert depth.shape == tuple(case["shape"]) and depth.dtype == np.float32
     assert rel_l2(depth, reference) < 1e-5
 
@@ -58,8 +54,8 @@ def test_tensor_path_matches_golden_on_cpu(golden_weights_dir):
     engine = Engine(weights_dir=golden_weights_dir)
     engine._cv2_preprocess = False
     case = next(c for c in GOLDEN_CASES if c["input_size"] == 364 and c["model"] == "metric")
-    (depth,) = engine.infer([read_image(GOLDEN / case["image"])], "vits-hypersim", input_size=364, max_depth=20.0)
-    assert rel_l2(depth, np.load(GOLDEN / case["output"])) < 1e-4
+    (depth,) = engine.infer([read_image(golden(case["image"]))], "vits-hypersim", input_size=364, max_depth=20.0)
+    assert rel_l2(depth, np.load(golden(case["output"]))) < 1e-4
 
 
 # Heights 60 and 61 share the network size 28x42 at input_size 28; 80x60 and 35x35 do not.
@@ -258,7 +254,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.fixture(scope="module")
 def photos():
-    return [read_image(DATA / "demo01.jpg"), read_image(DATA / "demo04.jpg"), read_image(GOLDEN / "frame_480x640.png")]
+    return [read_image(data_file("demo01.jpg")), read_image(data_file("demo04.jpg")), read_image(golden("frame_240x320.png"))]
 
 
 # The issue bounds fp16 (2e-3). bf16 keeps 8 mantissa bits: 1.1e-2 measured for vits on an H200.
@@ -281,8 +277,8 @@ def test_cuda_matches_golden(golden_weights_dir):
     assert engine.precision == "fp16"
     for case in GOLDEN_CASES:
         model_id = "vits" if case["model"] == "relative" else "vits-hypersim"
-        (depth,) = engine.infer([read_image(GOLDEN / case["image"])], model_id, input_size=case["input_size"])
-        assert rel_l2(depth, np.load(GOLDEN / case["output"])) < 3e-3, case["output"]
+        (depth,) = engine.infer([read_image(golden(case["image"]))], model_id, input_size=case["input_size"])
+        assert rel_l2(depth, np.load(golden(case["output"]))) < 3e-3, case["output"]
 
 
 @pytest.mark.gpu
@@ -315,7 +311,7 @@ def test_cuda_fast_path_close_to_the_fp32_reference(golden_weights_dir, gpu_deco
     """The accuracy guard: JPEG bytes through the fast path (GPU preprocessing, fp16, CUDA graphs, one
     batch) against the reference (cv2 decode and preprocessing, fp32, one image at a time): 1e-2 as
     served by default. With nvjpeg (opt-in) its different chroma upsampling adds up to ~2e-2."""
-    files = [(DATA / name).read_bytes() for name in ("demo01.jpg", "demo04.jpg")]
+    files = [data_file(name).read_bytes() for name in ("demo01.jpg", "demo04.jpg")]
     fast_engine = Engine(device="cuda", weights_dir=golden_weights_dir, cuda_graphs=True, gpu_decode=gpu_decode)
     inputs = [device_decodable_jpeg(data) for data in files]
     assert all(isinstance(item, EncodedJpeg) for item in inputs) and fast_engine.decodes_jpeg == gpu_decode
