@@ -263,6 +263,41 @@ def test_resolve_server_addresses_and_profiles(tmp_path: Path, monkeypatch: pyte
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["health", "--server", "tcp://127.0.0.1"], "--server: 'tcp://127.0.0.1' has no port (did you mean tcp://127.0.0.1:5555?)"),
+        (["health", "--server", "tcp//gpu-box:5555"], "--server: 'tcp//gpu-box:5555' is not an address (did you mean tcp://gpu-box:5555?)"),
+        (["predict", "x.jpg", "--server", "http://gpu-box:8000"], "--server: 'http://gpu-box:8000': zdepth speaks ZeroMQ, not HTTP"),
+        (["bench", "--server", "gpu-box:99999"], "--server: 'gpu-box:99999': port '99999' is not a number from 1 to 65535"),
+        (["health", "--server", "gpu-box"], "no profile 'gpu-box'"),
+        (["worker", "--device", "cpu", "--broker", "tcp://*:5556"], "--broker: 'tcp://*:5556' is an address to listen on"),
+        (["broker", "--clients", "tcp://*"], "--clients: 'tcp://*' has no port"),
+        (["broker", "--workers", "5556"], "--workers: '5556' has no port"),
+        (["serve", "--workers", "udp://*:5556"], "--workers: 'udp://*:5556': unsupported scheme udp://"),
+    ],
+)
+def test_address_options_refuse_bad_forms_in_one_line(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, args: list[str], says: str) -> None:
+    monkeypatch.setattr("zdepth.worker.run_worker", lambda config: pytest.fail("must not start"))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and says in errors[0], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.timeout(30)
+def test_address_options_accept_every_form(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[WorkerConfig] = []
+    monkeypatch.setattr("zdepth.worker.run_worker", lambda config: seen.append(config) or 0)
+    for given, endpoint in [("gpu:5556", "tcp://gpu:5556"), ("TCP://gpu:5556", "tcp://gpu:5556"), (f"ipc://{tmp_path}/w", f"ipc://{tmp_path}/w")]:
+        result = runner.invoke(app, ["worker", "--device", "cpu", "--broker", given])
+        assert result.exit_code == 0, result.output
+        assert seen[-1].broker == endpoint
+
+
+@pytest.mark.timeout(30)
 def test_unknown_profile_is_a_clear_error(runner: CliRunner, tmp_path: Path) -> None:
     profiles = tmp_path / "p.toml"
     profiles.write_text('[lab]\naddress = "tcp://gpu-box:5555"\n')

@@ -253,36 +253,28 @@ def _resolve_key(key: str | None, key_file: Path | None, profile_key: str | None
     return profile_key or read_key()
 
 
-def _is_address(server: str) -> bool:
-    if "://" in server:
-        return True
-    host, sep, port = server.rpartition(":")
-    return bool(sep and host and port.isdigit())
+def _address(value: str, option: str, *, bind: bool = False) -> str:
+    """An address option as a ZeroMQ endpoint; ConfigError (exit 2) naming the option and the accepted forms."""
+    from .profiles import normalize_address
+
+    try:
+        return normalize_address(value, bind=bind)
+    except ConfigError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
 
 
-def resolve_server(server: str | None, key: str | None = None, key_file: Path | None = None, *, profile: Any = None) -> tuple[str, str | None, str | None]:
-    """(address, key, default model) for ``--server``: an address, ``host:port``, or a profile name.
+def resolve_server(server: str | None, key: str | None = None, key_file: Path | None = None) -> tuple[str, str | None, str | None]:
+    """(address, key, default model) for ``--server``: an address (``tcp://host:5555``, ``host:5555``, ...) or a profile name.
 
-    ``tcp://host:5555`` (any ``scheme://``) is taken as it is and ``host:port``
-    read as ``tcp://host:port``; anything else names a profile in the profiles
-    file, whose key is used unless ``--key``/``--key-file`` say otherwise.
-    ``profile``: that profile, when the caller has loaded it already.
+    The profile's key is used unless ``--key``/``--key-file`` say otherwise.
     """
-    server = (server or DEFAULT_SERVER).strip()
-    if "://" in server:
-        return server, _resolve_key(key, key_file), None
-    if _is_address(server):
-        return f"tcp://{server}", _resolve_key(key, key_file), None
-    if profile is None:
-        from .profiles import load_profile
-
-        profile = load_profile(server)  # ConfigError lists the profiles and names the file
-    return profile.address, _resolve_key(key, key_file, profile.key), profile.model
+    target = _resolve_target(server, key, key_file, None, None)
+    return target.address, target.key, target.model
 
 
 @dataclass(frozen=True)
 class _Target:
-    """Where a client command goes: resolve_server's answer plus the profile's timeout and CurveZMQ settings."""
+    """Where a client command goes: the address, key, default model, timeout and CurveZMQ settings."""
 
     address: str
     key: str | None
@@ -293,15 +285,15 @@ class _Target:
 
 def _resolve_target(server: str | None, key: str | None, key_file: Path | None, curve_secret: Path | None, curve_server_key: Path | None) -> _Target:
     """``--server`` (an address or a profile) with the key, timeout and CurveZMQ certificates that go with it."""
-    name = (server or DEFAULT_SERVER).strip()
-    profile = None
-    if not _is_address(name):
-        from .profiles import load_profile
+    from .profiles import resolve_server as resolve
 
-        profile = load_profile(name)
-    address, secret, model = resolve_server(server, key, key_file, profile=profile)
+    try:
+        address, profile = resolve(server if server is not None else DEFAULT_SERVER)
+    except ConfigError as exc:
+        raise ConfigError(f"--server: {exc}") from None
+    secret = _resolve_key(key, key_file, profile.key if profile else None)
     curve = _curve_client(curve_secret, curve_server_key, profile)
-    return _Target(address, secret, model, profile.timeout if profile else None, curve)
+    return _Target(address, secret, profile.model if profile else None, profile.timeout if profile else None, curve)
 
 
 def _curve_client(secret: Path | None, server_key: Path | None, profile: Any = None):
@@ -524,6 +516,9 @@ def broker(
     and worker into DIR, and give them broker.key (--curve-server-key).
     """
     setup_logging(log_level)
+    with _errors():
+        clients = _address(clients, "--clients", bind=True)
+        workers = _address(workers, "--workers", bind=True)
     import zmq
 
     from .broker import Broker
@@ -610,6 +605,7 @@ def worker(
     from .worker import run_worker
 
     with _errors():
+        broker = _address(broker, "--broker")
         curve = _curve_pair(curve_secret, curve_server_key)
         if device == "auto":
             import torch  # a worker imports torch anyway
@@ -717,6 +713,8 @@ def serve(
     from .supervisor import ChildSpec, Supervisor, connect_address, detect_devices
 
     with _errors():
+        clients = _address(clients, "--clients", bind=True)
+        workers = _address(workers, "--workers", bind=True)
         secret = _resolve_key(key, key_file)
         broker_curve, worker_curve = _serve_curve(curve_secret, curve_allow, curve_worker_secret)
         if not devices or devices == ["auto"]:

@@ -190,13 +190,18 @@ def resolve_server(text: str, *, default_port: int = 5555, path: str | os.PathLi
     name = text.strip()
     if looks_like_address(name):
         return normalize_address(name, default_port=default_port), None
-    try:
-        profile = load_profile(name, path)
-    except ConfigError as exc:
-        if not str(exc).startswith("no profile"):
-            raise
-        first = str(exc).splitlines()[0].rstrip(".")
-        raise ConfigError(f"{first}; or, for an address, give its port: tcp://{name}:{default_port}") from exc
+    file = Path(path).expanduser() if path is not None else profiles_path()
+    as_address = f"for an address, give its port: tcp://{name}:{default_port}"
+    if not file.exists():
+        raise ConfigError(
+            f"no profile {name!r}: the profiles file {file} does not exist (create it with a table "
+            f'[{_toml_key(name)}] holding address = "tcp://HOST:{default_port}", or point {CONFIG_ENV} at one); {as_address}'
+        )
+    profiles = load_profiles(file)
+    if name not in profiles:
+        available = ", ".join(sorted(profiles)) or "none"
+        raise ConfigError(f"no profile {name!r} in {file} (available profiles: {available}); {as_address}")
+    profile = profiles[name]
     return profile.address, profile
 
 
