@@ -2,7 +2,12 @@
 
     python examples/camera_loop.py --server tcp://gpu-box:5555            # webcam 0
     python examples/camera_loop.py --source clip.mp4 --model vits-hypersim
-    python examples/camera_loop.py --source clip.mp4 --no-display --save-dir out/   # headless
+    python examples/camera_loop.py --source clip.mp4 --no-display --save-dir out/   # no window
+
+A window needs an OpenCV build with a GUI. zdepth installs the headless build
+(opencv-python-headless); with it, the default mode writes the annotated frames
+to ./camera_loop_frames/ instead and says how to get a window:
+``pip uninstall -y opencv-python-headless && pip install opencv-python``.
 
 Frames go through ``Client.stream`` with ``latest_only=True``: a few requests
 stay in flight (pipelining hides the network round trip), and when the camera
@@ -67,10 +72,39 @@ def colorize(depth: np.ndarray, *, metric: bool) -> np.ndarray:
     return cv2.applyColorMap((unit * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
 
 
-def overlay(image: np.ndarray, text: str) -> np.ndarray:
-    cv2.putText(image, text, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3, cv2.LINE_AA)
-    cv2.putText(image, text, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+def overlay(image: np.ndarray, text: str, origin: tuple[int, int] = (8, 24)) -> np.ndarray:
+    """White text with a black outline. The outline is the text's own mask grown by a pixel, not a
+    second, thicker putText: in some OpenCV builds a thicker stroke also widens each glyph's advance,
+    so the two renderings drift apart along the line."""
+    mask = np.zeros(image.shape[:2], np.uint8)
+    cv2.putText(mask, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 255, 1, cv2.LINE_AA)
+    outline = cv2.dilate(mask, np.ones((3, 3), np.uint8))
+    shaded = image.astype(np.float32) * (1.0 - outline[..., None] / 255.0)  # black outline
+    alpha = mask[..., None] / 255.0
+    image[...] = (shaded * (1.0 - alpha) + 255.0 * alpha).round().astype(np.uint8)
     return image
+
+
+GUI_HINT = "pip uninstall -y opencv-python-headless && pip install opencv-python"
+FALLBACK_DIR = Path("camera_loop_frames")
+
+
+def why_no_window() -> str | None:
+    """Why cv2 cannot open a window here, or None when it can (as far as one can tell without trying)."""
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GUI:") and line.split(":", 1)[1].strip().upper() == "NONE":
+            return f"this OpenCV build has no GUI, so it cannot open windows; for a window: {GUI_HINT}"
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "there is no display (DISPLAY is not set)"
+    return None
+
+
+def without_window(save_dir: Path | None, why: str) -> Path:
+    """Where frames go when no window can be shown; says so once on stderr."""
+    target = save_dir or FALLBACK_DIR
+    print(f"note: {why}. Writing the annotated frames to {target}/ instead (Ctrl-C stops).", file=sys.stderr)
+    target.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def main() -> int:
@@ -94,8 +128,12 @@ def main() -> int:
     if metric:
         options["dataset"] = dataset
     capture, file_fps = open_source(args.source)
+    display = not args.no_display
+    if display and (why := why_no_window()):
+        display, args.save_dir = False, without_window(args.save_dir, why)
     if args.save_dir:
         args.save_dir.mkdir(parents=True, exist_ok=True)
+    windows = False
     recent: dict[int, np.ndarray] = {}
     frames = read_frames(capture, None if args.no_pace else file_fps, recent)
 
@@ -117,12 +155,17 @@ def main() -> int:
                 frame = recent.get(result.index)
                 if frame is not None and frame.shape[:2] == view.shape[:2]:
                     view = np.hstack([frame, view])
+                if display:
+                    try:
+                        cv2.imshow("zdepth", view)
+                    except cv2.error as exc:  # a GUI build that still cannot open a window here
+                        display, args.save_dir = False, without_window(args.save_dir, f"cv2.imshow failed ({exc.err.strip()})")
+                    else:
+                        windows = True
+                        if cv2.waitKey(1) & 0xFF in (27, ord("q")):
+                            break
                 if args.save_dir:
                     cv2.imwrite(str(args.save_dir / f"depth_{result.index:06d}.png"), view)
-                if not args.no_display:
-                    cv2.imshow("zdepth", view)
-                    if cv2.waitKey(1) & 0xFF in (27, ord("q")):
-                        break
                 if args.max_frames and shown >= args.max_frames:
                     break
     except ZdepthError as exc:
@@ -132,7 +175,7 @@ def main() -> int:
         pass
     finally:
         capture.release()
-        if not args.no_display:
+        if windows:
             cv2.destroyAllWindows()
 
     elapsed = time.monotonic() - started

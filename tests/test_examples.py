@@ -9,10 +9,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from procs import REPO, child_env, small_image, small_video, start_live_server
 
 EXAMPLES = REPO / "examples"
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,11 @@ def live(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path):
 
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    assert (DATA / "demo01.jpg").is_file()
     return small_image(tmp_path_factory.mktemp("photos") / "street.jpg", "demo01.jpg")
 
 
-def run_example(name: str, *args: str, live, timeout: float = 90, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = child_env(ZDEPTH_KEY=live.key, ZDEPTH_SERVER=live.client_address)
+def run_example(name: str, *args: str, live, timeout: float = 90, cwd: Path | None = None, **env_extra: str | None) -> subprocess.CompletedProcess:
+    env = child_env(ZDEPTH_KEY=live.key, ZDEPTH_SERVER=live.client_address, **env_extra)
     return subprocess.run(
         [sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd
     )
@@ -99,6 +98,39 @@ def test_camera_loop_headless_on_a_video_file(live, tmp_path: Path) -> None:
     fast = run_example("camera_loop.py", "--source", str(video), "--no-display", "--no-pace", "--max-frames", "2", "--input-size", "28", live=live)
     assert fast.returncode == 0, fast.stderr
     assert 1 <= int(fast.stdout.split()[0]) <= 2
+
+
+@pytest.mark.timeout(150)
+def test_camera_loop_default_mode_without_a_window(live, tmp_path: Path) -> None:
+    """As a user runs it, with no display (and, as installed, OpenCV's headless build): it still works,
+    writing the annotated frames to a folder, and says how to get a window."""
+    video = small_video(tmp_path / "clip.avi", frames=6, fps=30.0)
+    result = run_example(
+        "camera_loop.py", "--source", str(video), "--input-size", "28", live=live, cwd=tmp_path, DISPLAY=None, WAYLAND_DISPLAY=None
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Writing the annotated frames to camera_loop_frames/" in result.stderr
+    if "GUI: NONE" in " ".join(cv2.getBuildInformation().split()):  # the headless build zdepth installs
+        assert "pip uninstall -y opencv-python-headless && pip install opencv-python" in result.stderr
+    saved = sorted((tmp_path / "camera_loop_frames").glob("depth_*.png"))
+    assert len(saved) == int(result.stdout.split()[0]) >= 1
+
+
+def test_camera_loop_overlay_outline_hugs_the_text() -> None:
+    """The black outline surrounds the white text along the whole line, instead of drifting off it."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from camera_loop import overlay
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    image = overlay(np.full((40, 420, 3), 128, np.uint8), "123.4 FPS  56 ms  frame 7890")
+    gray = image[..., 0]
+    text, outline = gray > 200, gray < 60
+    assert text.sum() > 200 and outline.sum() > 200
+    near_text = cv2.dilate(text.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    assert not (outline & ~near_text).any()  # every outline pixel is within 2 px of the text
+    near_outline = cv2.dilate(outline.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    assert near_outline[text].mean() > 0.3  # and the text is edged by it, not bare
 
 
 @pytest.mark.timeout(60)

@@ -6,7 +6,7 @@ import pytest
 from zdepth.errors import BadRequest, ConfigError
 from zdepth.pointcloud import Intrinsics, depth_to_points, read_ply, write_ply
 
-# The real 4095x3071 camera from shared/data/README.md.
+# The real 4095x3071 camera of tests/data/README.md.
 CAMERA = Intrinsics(fx=1982.43, fy=1978.03, cx=2061.59, cy=1546.35)
 
 
