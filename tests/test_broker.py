@@ -13,6 +13,7 @@ import msgpack
 import pytest
 import zmq
 
+from zdepth.auth import apply_peer_security
 from zdepth.broker import Broker
 from zdepth.config import BrokerConfig, Heartbeat
 from zdepth.protocol import VERSION, command, request_header
@@ -47,9 +48,11 @@ def broker(ctx):
     thread.join(10)
 
 
-def dealer(ctx, endpoint):
+def dealer(ctx, endpoint, *, key=KEY):
+    """A raw DEALER that proves ``key`` at the handshake, as every zdepth peer of a keyed broker does."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    apply_peer_security(sock, key=key, curve=None)
     sock.connect(endpoint)
     return sock
 
@@ -68,7 +71,7 @@ class PeerWorker:
     """A worker reduced to the protocol: READY, heartbeats on demand, replies by hand."""
 
     def __init__(self, ctx, endpoint, models=("vits",), capacity=4, key=KEY):
-        self.sock = dealer(ctx, endpoint)
+        self.sock = dealer(ctx, endpoint, key=key)
         self.sock.send_multipart([command("ready", key=key, models=list(models), capacity=capacity, info={"name": f"peer-{id(self)}"})])
 
     def beat(self):
@@ -161,7 +164,7 @@ def test_wrong_key_is_refused_before_any_worker_sees_it(ctx, broker):
 
 def test_worker_with_wrong_key_never_gets_requests(ctx, broker):
     worker = PeerWorker(ctx, broker.worker_endpoint, key="bad")
-    assert msgpack.unpackb(recv(worker.sock)[0]) == {"v": VERSION, "cmd": "disconnect", "reason": "unauthorized"}
+    assert nothing(worker.sock), "a peer without the key is refused at the handshake: not one message either way"
     assert health(ctx, broker)["workers"] == []
     time.sleep(0.7)  # past the start-up grace: the model is not served at all
     client = dealer(ctx, broker.client_endpoint)
@@ -193,11 +196,30 @@ def test_op_and_model_kind_must_agree_and_default_model_is_picked(ctx, broker):
 
 
 @pytest.mark.parametrize(
+    "fields",
+    [
+        {"v": 99, "id": "a", "op": "health"},
+        {"v": VERSION, "id": "a", "key": "wrong", "op": "explode"},
+        {"v": VERSION, "id": "a", "key": None, "op": "relative_depth", "model": 7, "timeout_ms": -1},
+        {"v": VERSION, "id": ["not", "an", "id"], "key": 1, "op": "relative_depth"},
+    ],
+)
+def test_key_is_judged_before_any_other_field(ctx, broker, fields):
+    """A peer without the key learns nothing of the protocol's other rules: only 'unauthorized'."""
+    client = dealer(ctx, broker.client_endpoint)
+    client.send_multipart([msgpack.packb(fields), b"params", b"image"])
+    header = reply_header(recv(client))
+    assert header["status"] == "unauthorized"
+    assert header["id"] == (fields["id"] if isinstance(fields["id"], str) else None)
+    assert "details" not in header and "version" not in header["message"] and "op" not in header["message"]
+
+
+@pytest.mark.parametrize(
     "frames, fragment",
     [
         ([b"\xc1garbage"], "not valid msgpack"),
         ([msgpack.packb([1, 2, 3])], "must be a msgpack map"),
-        ([msgpack.packb({"v": 99, "id": "a", "op": "health"})], "version"),
+        ([msgpack.packb({"v": 99, "id": "a", "key": KEY, "op": "health"})], "version"),
         ([msgpack.packb({"v": VERSION, "id": "a", "key": KEY, "op": "explode"})], "unknown op"),
         ([msgpack.packb({"v": VERSION, "key": KEY, "op": "health"})], "'id'"),
         ([msgpack.packb({"v": VERSION, "id": "a", "key": KEY, "op": "relative_depth", "model": 7})], "'model'"),

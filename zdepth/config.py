@@ -18,6 +18,8 @@ DEFAULT_WORKER_PORT = 5556
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_HELD_BYTES = 1024 * 1024 * 1024
 MAX_QUEUE_BYTES = 1024 * 1024 * 1024
+MAX_CLIENT_BYTES = 256 * 1024 * 1024
+CLIENT_REPLY_HWM = 64
 
 
 def read_key(key: str | None = None, key_file: str | os.PathLike | None = None) -> str | None:
@@ -56,6 +58,11 @@ class Heartbeat:
     def expiry_s(self) -> float:
         return self.interval_s * self.liveness
 
+    @property
+    def recent_s(self) -> float:
+        """Heard from within this long: the peer may be given new work (a late heartbeat holds work back, not the peer)."""
+        return min(2 * self.interval_s, self.expiry_s)
+
 
 @dataclass(frozen=True)
 class BrokerConfig:
@@ -65,6 +72,10 @@ class BrokerConfig:
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     max_queue: int = 1024  # waiting requests, all models together; past it: overloaded
     max_queue_bytes: int = MAX_QUEUE_BYTES  # their body bytes, all models together; past it: overloaded
+    max_client_bytes: int = MAX_CLIENT_BYTES  # body bytes held for one connection, queued and in flight
+    # Replies queued for one connection that is not reading; past it that connection's newest replies are dropped.
+    # With replies at most max_message_bytes, this and max_client_bytes bound what one client can make the broker hold.
+    client_reply_hwm: int = CLIENT_REPLY_HWM
     default_timeout_s: float = 30.0  # deadline for requests that name none
     max_message_bytes: int = MAX_MESSAGE_BYTES
     drain_timeout_s: float = 5.0  # on shutdown, how long replies already in flight are awaited
@@ -80,6 +91,8 @@ class BrokerConfig:
             raise ConfigError(f"max_queue_bytes must be >= 1, got {self.max_queue_bytes}")
         if self.default_timeout_s <= 0:
             raise ConfigError(f"default_timeout_s must be > 0, got {self.default_timeout_s}")
+        if self.max_client_bytes < 1 or self.client_reply_hwm < 1:
+            raise ConfigError(f"max_client_bytes and client_reply_hwm must be >= 1, got {self.max_client_bytes}, {self.client_reply_hwm}")
 
 
 @dataclass(frozen=True)

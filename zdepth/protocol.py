@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,8 @@ MAX_HEADER_BYTES = 4096
 MAX_ID_CHARS = 64
 MAX_MODEL_CHARS = 64
 MAX_TIMEOUT_MS = 3_600_000
+# An encoder name, optionally a dash and a training set: vits, vitl-hypersim. Lower-case letters and digits.
+MODEL_ID = re.compile(r"[a-z0-9]+(-[a-z0-9]+)?")
 
 # Client ops.
 OP_RELATIVE = "relative_depth"
@@ -137,13 +140,26 @@ def peek_request_id(frame: bytes | memoryview) -> str | None:
         header = msgpack.unpackb(frame, raw=False) if len(frame) <= MAX_HEADER_BYTES else None
     except Exception:
         return None
-    request_id = header.get("id") if isinstance(header, dict) else None
-    return request_id if isinstance(request_id, str) and len(request_id) <= MAX_ID_CHARS else None
+    return header_id(header) if isinstance(header, dict) else None
 
 
-def parse_request_header(frame: bytes | memoryview) -> RequestHeader:
-    """Validate a client header; raises BadRequest with a message a person can act on."""
-    header = unpack_map(frame, what="request header")
+def header_id(header: dict[str, Any]) -> str | None:
+    """The header's ``id`` if it is a valid one, else None (the reply then carries a null id)."""
+    request_id = header.get("id")
+    return request_id if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_CHARS else None
+
+
+def read_request_map(frame: bytes | memoryview) -> dict[str, Any]:
+    """The first step of reading a request: a str-keyed msgpack map of at most MAX_HEADER_BYTES.
+
+    Only this may fail before the key is compared; every other rule is judged
+    after it, so a peer without the key learns nothing of them.
+    """
+    return unpack_map(frame, what="request header")
+
+
+def validate_request_header(header: dict[str, Any]) -> RequestHeader:
+    """Judge a request header's fields (after its key was checked); raises BadRequest."""
     check_version(header, what="request header")
     request_id = header.get("id")
     if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_ID_CHARS:
@@ -153,7 +169,7 @@ def parse_request_header(frame: bytes | memoryview) -> RequestHeader:
         raise BadRequest(f"unknown op {op!r}; expected one of {sorted(OPS)}")
     model = header.get("model")
     if op in MODEL_OPS and model is not None:
-        if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_CHARS:
+        if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_CHARS or not MODEL_ID.fullmatch(model):
             raise BadRequest(f"'model' must be a model id such as 'vits' or 'vitl-hypersim', got {model!r}")
     timeout_ms = header.get("timeout_ms")
     if timeout_ms is not None:
@@ -165,6 +181,11 @@ def parse_request_header(frame: bytes | memoryview) -> RequestHeader:
         ):
             raise BadRequest(f"'timeout_ms' must be a number in (0, {MAX_TIMEOUT_MS}], got {timeout_ms!r}")
     return RequestHeader(id=request_id, key=header.get("key"), op=op, model=model, timeout_ms=timeout_ms)
+
+
+def parse_request_header(frame: bytes | memoryview) -> RequestHeader:
+    """Read and validate a client header (no key check); raises BadRequest with a message a person can act on."""
+    return validate_request_header(read_request_map(frame))
 
 
 def reply_header(request_id: str | None, **fields: Any) -> bytes:

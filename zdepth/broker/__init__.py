@@ -1,0 +1,10 @@
+"""The broker: requests routed by model from clients to workers, every promise kept in a sans-IO core.
+
+``core`` holds the state and every decision (no sockets); ``loop`` binds the
+two ROUTER sockets and feeds the core; ``stats`` makes the periodic summary.
+"""
+
+from .core import BrokerCore, Outgoing
+from .loop import Broker, run_broker
+
+__all__ = ["Broker", "BrokerCore", "Outgoing", "run_broker"]

@@ -1,0 +1,179 @@
+"""The broker's sockets: clients on one ROUTER, workers on another, and a loop that feeds BrokerCore.
+
+Everything the broker decides lives in ``core.py``; this module receives
+frames, hands them to the core with the time, and sends what the core returns.
+Body frames (images, arrays) go from one socket to the other without being
+decoded or copied. A send that fails here is reported back to the core, so a
+vanished worker costs its requests nothing and a client that stops reading
+loses only its own replies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from ..auth import apply_broker_security, start_broker_auth
+from ..config import BrokerConfig
+from .core import CLIENT, BrokerCore, Outgoing
+
+log = logging.getLogger("zdepth.broker")
+
+TICK_S = 0.05  # longest the loop sleeps: bounds stop() latency and timer drift
+FLUSH_LINGER_MS = 1000  # on exit, how long unsent replies may take to leave
+BATCH = 256  # messages read from one socket before the other gets a turn
+SUMMARY_PERIOD_S = 10.0  # one INFO line of traffic per period
+
+
+def _peer_address(frame: zmq.Frame) -> str:
+    try:
+        return frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError):
+        return "local"
+
+
+class Broker:
+    """``bind()``, then ``run()`` (blocking); ``stop()`` from any thread; ``close()`` or ``with`` frees the sockets."""
+
+    def __init__(self, config: BrokerConfig, *, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self._own_context = context is None
+        self._context = context or zmq.Context()
+        self._auth = None
+        self._clients = self._workers = None
+        try:
+            self._auth = start_broker_auth(self._context, key=config.key, curve=config.curve)
+            self._clients = self._router(hwm=config.client_reply_hwm)
+            self._workers = self._router(hwm=10_000)
+        except BaseException:
+            self.close()
+            raise
+        self._stop = threading.Event()
+        self.core = BrokerCore(config, time.monotonic())
+        self.client_endpoint = ""
+        self.worker_endpoint = ""
+
+    def _router(self, *, hwm: int) -> zmq.Socket:
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer raises instead of vanishing
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        apply_broker_security(sock, key=self.config.key, curve=self.config.curve)
+        return sock
+
+    def bind(self) -> tuple[str, str]:
+        """Bind both sockets; returns the endpoints actually bound (port 0 picks a free one)."""
+        self._clients.bind(self.config.clients)
+        self._workers.bind(self.config.workers)
+        self.client_endpoint = self._clients.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.worker_endpoint = self._workers.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.config.key is None and self.config.curve is None:
+            log.warning("no key set: any client and worker that can reach the broker is accepted")
+        elif self.config.curve is None:
+            log.info("peers prove the key at the handshake (PLAIN); CurveZMQ is off, so keys and images cross the network in clear")
+        log.info("broker listening: clients %s, workers %s", self.client_endpoint, self.worker_endpoint)
+        return self.client_endpoint, self.worker_endpoint
+
+    def stop(self) -> None:
+        """Ask ``run()`` to drain and return; safe from any thread or a signal handler."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Close the sockets (letting the last replies leave), the authenticator and our own context."""
+        for sock in (self._clients, self._workers):
+            if sock is not None and not sock.closed:
+                sock.close(linger=FLUSH_LINGER_MS)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own_context and not self._context.closed:
+            self._context.term()
+
+    def __enter__(self) -> "Broker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def health(self) -> dict[str, Any]:
+        return self.core.health(time.monotonic())
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        """Serve until ``stop()``, then drain: answer what arrives, await what is in flight, tell workers."""
+        if not self.client_endpoint:
+            self.bind()
+        poller = zmq.Poller()
+        poller.register(self._clients, zmq.POLLIN)
+        poller.register(self._workers, zmq.POLLIN)
+        core = self.core
+        next_summary = time.monotonic() + SUMMARY_PERIOD_S
+        try:
+            while not core.finished:
+                if self._stop.is_set() and not core.stopping:
+                    self._send(core.stop(time.monotonic()))
+                events = dict(poller.poll(TICK_S * 1000))
+                if events.get(self._workers):
+                    self._read(self._workers, core.worker_message)
+                if events.get(self._clients):
+                    self._read(self._clients, core.client_message)
+                now = time.monotonic()
+                self._send(core.tick(now))
+                if now >= next_summary:
+                    line = core.stats.summary(now - next_summary + SUMMARY_PERIOD_S)
+                    if line:
+                        log.info("%s", line)
+                    next_summary = now + SUMMARY_PERIOD_S
+        finally:
+            self.close()
+
+    def _read(self, sock: zmq.Socket, handler) -> None:
+        """Handle what is waiting now, a bounded number at a time so neither side starves."""
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue  # an identity alone: nothing to answer
+            try:
+                out = handler(frames[0].bytes, frames[1:], time.monotonic(), _peer_address(frames[1]))
+            except Exception:  # one bad message must never take the broker down
+                log.exception("unexpected error handling a message; dropped it")
+                continue
+            self._send(out)
+
+    def _send(self, out: list[Outgoing]) -> None:
+        """Send the core's messages in order; report failed sends back to it (which may add more)."""
+        i = 0
+        while i < len(out):
+            message = out[i]
+            i += 1
+            sock = self._clients if message.to == CLIENT else self._workers
+            try:
+                sock.send_multipart([message.identity, *message.frames], flags=zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:
+                if message.to == CLIENT:
+                    # Gone (EHOSTUNREACH) or not reading (its queue is at the high-water mark): its loss alone.
+                    log.debug("reply to client %s dropped: %s", message.identity.hex(), exc)
+                    self.core.client_unreachable(message.identity)
+                    continue
+                log.debug("message to worker %s failed: %s", message.identity.hex(), exc)
+                unsent = [m.rid for m in out[i - 1:] if m.to != CLIENT and m.identity == message.identity and m.rid is not None]
+                rest = [m for m in out[i:] if not (m.to != CLIENT and m.identity == message.identity)]
+                out = rest + self.core.worker_unreachable(message.identity, unsent, time.monotonic())
+                i = 0
+
+
+def run_broker(config: BrokerConfig) -> None:
+    """Bind, serve until stopped; for the CLI."""
+    with Broker(config) as broker:
+        broker.bind()
+        broker.run()
