@@ -255,12 +255,15 @@ def machine_line(info: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- frames
 
 
+TEST_DATA = ROOT / "tests" / "data"
+
+
 def data_dirs() -> list[Path]:
-    """Where the test photos may be: $ZDEPTH_DATA, ../shared/data, ./shared/data, benchmarks/.carry/shared/data."""
+    """Where the test photos may be: $ZDEPTH_DATA (a folder of .jpg photos), then tests/data."""
     found = []
     if os.environ.get("ZDEPTH_DATA"):
         found.append(Path(os.environ["ZDEPTH_DATA"]))
-    found += [ROOT.parent / "shared" / "data", ROOT / "shared" / "data", HERE / ".carry" / "shared" / "data"]
+    found.append(TEST_DATA)
     return [d for d in found if d.is_dir()]
 
 
@@ -339,21 +342,30 @@ def make_checkpoints(directory: str | os.PathLike, encoders: Iterable[str], *, s
     return directory
 
 
-def golden_checkpoint() -> Path | None:
-    """shared/golden's vits checkpoint (random weights, official format), if it is reachable."""
-    for directory in data_dirs():
-        candidate = directory.parent / "golden" / "depth_anything_v2_vits.pth"
-        if candidate.exists():
-            return candidate
-    return None
+def seeded_vits_checkpoint(target: Path) -> Path:
+    """The test suite's seeded vits weights (tests/seeded_weights.py), fp32, official format.
+
+    Unlike PyTorch's default init, they give depth maps that vary across the image (the test
+    suite's golden outputs come from them), so accuracy checks compare something."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("seeded_weights", ROOT / "tests" / "seeded_weights.py")
+    seeded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeded)
+    torch.save(seeded.seeded_state_dict(), target)
+    return target
 
 
 def prepare_weights(directory: str | os.PathLike | None, encoders: Iterable[str]) -> tuple[Path, str]:
     """A weights dir holding a checkpoint for each encoder; returns it and where the weights came from.
 
-    Files already there (real weights, or a previous benchmark's) are used as
-    they are; the golden vits checkpoint is linked when reachable; the rest are
-    generated with random weights (seed 0).
+    Files already there (official checkpoints, or a previous benchmark's) are used
+    as they are; missing ones are generated there: vits from the test suite's
+    seeded recipe, the others with random weights (seed 0). Without ``directory``,
+    a temporary folder removed at exit. Point it at a folder of your own, not at
+    the weights dir a server uses: generated files carry the official names.
     """
     if directory is None:
         directory = tempfile.mkdtemp(prefix="zdepth-bench-weights-")
@@ -363,12 +375,11 @@ def prepare_weights(directory: str | os.PathLike | None, encoders: Iterable[str]
     sources = []
     for encoder in encoders:
         target = directory / f"depth_anything_v2_{encoder}.pth"
-        golden = golden_checkpoint() if encoder == "vits" else None
         if target.exists():
-            sources.append(f"{encoder}: {'golden' if target.resolve() == (golden and golden.resolve()) else 'existing file'}")
-        elif golden is not None:
-            target.symlink_to(golden)
-            sources.append(f"{encoder}: golden")
+            sources.append(f"{encoder}: {target.resolve()}")
+        elif encoder == "vits":
+            seeded_vits_checkpoint(target)
+            sources.append(f"{encoder}: seeded (tests/seeded_weights.py)")
         else:
             make_checkpoints(directory, [encoder])
             sources.append(f"{encoder}: random (seed 0)")

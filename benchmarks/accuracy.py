@@ -1,9 +1,10 @@
 """Accuracy guard: the fast path must stay close to the fp32 reference.
 
-On the test photos (``shared/data``: demo01.jpg 2048x1362 and demo04.jpg
-1600x1041, at their own size and resized to 480x640), with the same weights
-(the golden vits checkpoint when present, else random weights in the
-official format; real ones with ``--weights-dir``):
+On the test photos (``tests/data``: demo01.jpg 640x426 and demo04.jpg 640x416,
+or the .jpg files in ``$ZDEPTH_DATA``; at their own size and resized to
+480x640), with the same weights (the test suite's seeded vits weights, random
+weights in the official format for the other encoders; official checkpoints
+from ``--weights-dir``):
 
   fast-path   ``Engine`` as served by default, from the JPEG bytes (cv2 decode,
               GPU preprocessing and fp16 on CUDA) vs the reference (cv2 decode
@@ -81,7 +82,7 @@ def main() -> int:
         photos.append((f"{path.name} 480x640", _common.jpeg_bytes(cv2.resize(image, (640, 480), interpolation=cv2.INTER_AREA))))
     source = "photos"
     if not photos:
-        source = "synthetic (no shared/data photos found)"
+        source = "synthetic (no test photos found)"
         photos = [("synthetic 480x640", _common.jpeg_bytes(_common.synthetic_frame(480, 640)))]
         print("warning: no test photos found; checking on a synthetic frame")
 
