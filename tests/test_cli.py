@@ -57,6 +57,13 @@ def parse_ply(path: Path) -> np.ndarray:
     return vertices
 
 
+@pytest.fixture
+def with_weights(runner: CliRunner, weights_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """ZDEPTH_WEIGHTS_DIR pointing at the generated checkpoints: `worker` checks they exist before it starts."""
+    monkeypatch.setenv("ZDEPTH_WEIGHTS_DIR", str(weights_dir))
+    return weights_dir
+
+
 # ----------------------------------------------------------------------------- help and imports
 
 
@@ -163,13 +170,13 @@ def test_broker_reports_a_port_in_use(runner: CliRunner) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = runner.invoke(app, ["broker", "--clients", f"tcp://127.0.0.1:{port}", "--workers", f"tcp://127.0.0.1:{free_port()}"])
-    assert result.exit_code == 1
-    assert "cannot bind" in result.output
+        result = runner.invoke(app, ["broker", "--clients", f"tcp://127.0.0.1:{free_port()}", "--workers", f"tcp://127.0.0.1:{port}"])
+    assert result.exit_code == 4  # EXIT_ADDRESS: permanent, `serve` does not restart it
+    assert f"error: cannot listen on --workers tcp://127.0.0.1:{port}: Address already in use (is another zdepth broker" in result.output
 
 
 @pytest.mark.timeout(30)
-def test_worker_options_map_onto_config(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_worker_options_map_onto_config(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, weights_dir: Path) -> None:
     seen: list[WorkerConfig] = []
 
     def fake_run_worker(config: WorkerConfig) -> int:
@@ -182,13 +189,14 @@ def test_worker_options_map_onto_config(runner: CliRunner, monkeypatch: pytest.M
         "--precision", "fp32", "--max-batch", "3", "--max-wait-ms", "5", "--compile", "--download", "--warmup", "64x96,32x32",
         "--cuda-graphs", "--gpu-decode",
     ]  # fmt: skip
-    result = runner.invoke(app, args, env={"ZDEPTH_WEIGHTS_DIR": str(tmp_path), "ZDEPTH_KEY": "k"})
+    result = runner.invoke(app, args, env={"ZDEPTH_WEIGHTS_DIR": str(weights_dir), "ZDEPTH_KEY": "k"})
     assert result.exit_code == 0, result.output
     config = seen[-1]
     assert config.broker == "tcp://gpu:5556"
     assert config.models == ("vits", "vits-hypersim", "vits-vkitti")
     assert (config.device, config.precision, config.max_batch, config.max_wait_ms) == ("cpu", "fp32", 3, 5.0)
-    assert (config.compile, config.download, config.weights_dir, config.key) == (True, True, str(tmp_path), "k")
+    assert (config.compile, config.download, config.weights_dir, config.key) == (True, True, str(weights_dir), "k")
+    monkeypatch.setenv("ZDEPTH_WEIGHTS_DIR", str(weights_dir))
     assert config.warmup_sizes == ((64, 96), (32, 32))
     assert (config.cuda_graphs, config.gpu_decode) == (True, True)
 
@@ -202,7 +210,7 @@ def test_worker_options_map_onto_config(runner: CliRunner, monkeypatch: pytest.M
 
 
 @pytest.mark.timeout(60)
-def test_cuda_graphs_on_a_cpu_worker_is_a_config_error(runner: CliRunner, tmp_path: Path) -> None:
+def test_cuda_graphs_on_a_cpu_worker_is_a_config_error(runner: CliRunner, with_weights: Path) -> None:
     result = runner.invoke(app, ["worker", "--device", "cpu", "--cuda-graphs", "--warmup", "none", "--broker", "tcp://127.0.0.1:9"])
     assert result.exit_code == 2
     assert "CUDA graphs need a CUDA device" in result.output
@@ -226,8 +234,43 @@ def test_worker_refuses_bad_options(runner: CliRunner, monkeypatch: pytest.Monke
     assert message in result.output
 
 
+@pytest.mark.timeout(60)
+def test_worker_without_weights_exits_3_before_loading_anything(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["worker", "--device", "cpu", "-m", "vits-vkitti", "--weights-dir", str(tmp_path), "--broker", "tcp://127.0.0.1:9"])
+    assert result.exit_code == 3, result.output  # EXIT_MISSING: serve does not restart it
+    assert f"checkpoint for model 'vits-vkitti' not found: {tmp_path}/depth_anything_v2_metric_vkitti_vits.pth" in result.output
+    assert "https://huggingface.co/depth-anything/Depth-Anything-V2-Metric-VKITTI-Small" in result.output
+
+
+@pytest.mark.timeout(60)
+def test_worker_on_a_gpu_this_machine_lacks_is_a_config_error(runner: CliRunner, with_weights: Path) -> None:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    result = runner.invoke(app, ["worker", "--device", f"cuda:{count}", "--broker", "tcp://127.0.0.1:9"])
+    assert result.exit_code == 2, result.output
+    expected = "CUDA is not available on this machine; use --device cpu" if not count else f"this machine has {count} GPU(s)"
+    assert f"error: --device cuda:{count}: {expected}" in result.output
+
+
+WITHOUT_TORCH = "import sys; sys.modules['torch'] = sys.modules['torchvision'] = None; from zdepth.cli import app; app(prog_name='zdepth')"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", ["serve", "worker", "predict"])
+def test_without_torch_the_hint_names_both_install_commands(command: str, tmp_path: Path, images: Path) -> None:
+    """torch hidden from a real process: exit 3 and an install line that works from a package index and from a clone."""
+    args = {"serve": ["--device", "cpu", "--clients", f"tcp://127.0.0.1:{free_port()}"], "worker": ["--device", "cpu"], "predict": [str(images / "street.jpg"), "-o", str(tmp_path)]}
+    out = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, command, *args[command]], capture_output=True, text=True, env=child_env(), timeout=50)
+    assert out.returncode == 3, out.stderr
+    assert out.stderr.strip() == (
+        'error: running the model needs torch, which is not installed: pip install "zdepth[worker]" '
+        '(in a clone of the repository: pip install -e ".[worker]")'
+    )
+
+
 @pytest.mark.timeout(30)
-def test_log_level_configures_zdepth_logging(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_log_level_configures_zdepth_logging(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, with_weights: Path) -> None:
     monkeypatch.setattr("zdepth.worker.run_worker", lambda config: 0)
     assert runner.invoke(app, ["worker", "--device", "cpu", "--log-level", "debug"]).exit_code == 0
     assert logging.getLogger("zdepth").level == logging.DEBUG
@@ -288,7 +331,7 @@ def test_address_options_refuse_bad_forms_in_one_line(runner: CliRunner, monkeyp
 
 
 @pytest.mark.timeout(30)
-def test_address_options_accept_every_form(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_address_options_accept_every_form(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, with_weights: Path) -> None:
     seen: list[WorkerConfig] = []
     monkeypatch.setattr("zdepth.worker.run_worker", lambda config: seen.append(config) or 0)
     for given, endpoint in [("gpu:5556", "tcp://gpu:5556"), ("TCP://gpu:5556", "tcp://gpu:5556"), (f"ipc://{tmp_path}/w", f"ipc://{tmp_path}/w")]:
@@ -313,7 +356,7 @@ def test_unknown_profile_is_a_clear_error(runner: CliRunner, tmp_path: Path) -> 
 def test_health_without_a_broker_fails_fast(runner: CliRunner) -> None:
     result = runner.invoke(app, ["health", "--server", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.3"])
     assert result.exit_code == 1
-    assert "no reply" in result.output
+    assert "cannot reach the broker at tcp://127.0.0.1:" in result.output
 
 
 def test_format_health_table() -> None:
@@ -470,8 +513,9 @@ def test_predict_intrinsics_file(runner: CliRunner, images: Path, weights_dir: P
 def test_predict_in_process_without_weights(runner: CliRunner, images: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["predict", str(images / "street.jpg"), "-o", str(tmp_path / "o"), "--weights-dir", str(tmp_path / "empty"), "--device", "cpu"])
-    assert result.exit_code == 1
-    assert "depth_anything_v2_vits.pth" in result.output and "--download" in result.output
+    assert result.exit_code == 3  # EXIT_MISSING
+    assert "depth_anything_v2_vits.pth" in result.output and "pass --download;" in result.output
+    assert "download=True" not in result.output  # the CLI speaks of options, not of Python arguments
 
 
 # ----------------------------------------------------------------------------- against a live server

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +28,9 @@ from procs import (
 )
 
 from zdepth.supervisor import (
+    EXIT_ADDRESS,
+    EXIT_FAILURE,
+    PERMANENT_EXITS,
     ChildSpec,
     Supervisor,
     connect_address,
@@ -126,19 +131,151 @@ def test_supervisor_restarts_a_crashed_child_and_stops_all(caplog: pytest.LogCap
 
 
 @pytest.mark.timeout(60)
-def test_supervisor_backs_off_a_child_that_keeps_crashing() -> None:
+def test_supervisor_backs_off_a_child_that_keeps_crashing(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="zdepth.supervisor")
     starts: list[float] = []
-    crasher = ChildSpec("worker cuda:0", [sys.executable, "-c", "raise SystemExit(3)"])
-    supervisor = Supervisor([crasher], restart_delay_s=0.2, max_restart_delay_s=0.8, on_start=lambda s, p: starts.append(time.monotonic()))
+    crasher = ChildSpec("worker cuda:0", [sys.executable, "-c", "raise SystemExit(1)"])
+    supervisor = Supervisor([crasher], restart_delay_s=0.2, max_restart_delay_s=0.8, max_failures=None, on_start=lambda s, p: starts.append(time.monotonic()))
     thread = threading.Thread(target=supervisor.run, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: len(starts) >= 4, 30, "four starts")
+        wait_until(lambda: len(starts) >= 5, 30, "five starts")
     finally:
         supervisor.stop()
         thread.join(30)
-    gaps = np.diff(starts[:4])
-    assert gaps[1] > gaps[0] * 1.3 and gaps[2] > gaps[1] * 1.1  # 0.2, 0.4, 0.8 s plus start-up time
+    delays = [float(m.group(1)) for r in caplog.records if (m := re.search(r"restarting in ([\d.]+) s", r.message))][:4]
+    for n, delay in enumerate(delays, start=1):  # a random share of 0.2, 0.4, 0.8, 0.8 s: at least half
+        ceiling = min(0.8, 0.2 * 2 ** (n - 1))
+        assert ceiling / 2 - 0.05 <= delay <= ceiling + 0.05, delays
+    gaps = np.diff(starts[:5])
+    assert all(gap >= delay for gap, delay in zip(gaps, delays)), (gaps, delays)
+
+
+def test_backoff_is_jittered_and_capped() -> None:
+    supervisor = Supervisor([], restart_delay_s=1.0, max_restart_delay_s=30.0, rand=random.Random(7))
+    for failures in range(1, 10):
+        ceiling = min(30.0, 2.0 ** (failures - 1))
+        samples = [supervisor.backoff(failures) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in samples)
+        assert len(set(samples)) > 40  # jitter: children that crashed together do not restart in step
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_gives_up_on_a_child_that_never_stays_up(caplog: pytest.LogCaptureFixture) -> None:
+    crasher = ChildSpec("worker cpu", [sys.executable, "-c", "raise SystemExit(1)"])
+    sleeper = ChildSpec("broker", SLEEPER, stop_timeout_s=5)
+    started = time.monotonic()
+    supervisor = Supervisor([sleeper, crasher], restart_delay_s=0.05, max_restart_delay_s=0.1, max_failures=3)
+    assert supervisor.run() == EXIT_FAILURE
+    assert time.monotonic() - started < 20
+    assert "3th failure in a row" in (supervisor.failure or "") and "giving up" in supervisor.failure
+    assert supervisor.pids == {"broker": None, "worker cpu": None}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("code", sorted(PERMANENT_EXITS))
+def test_a_permanent_exit_stops_everything_at_once(code: int, tmp_path: Path) -> None:
+    """A bad setting, a missing checkpoint or a port in use: no restart, every other child stopped, that status returned."""
+    starts: list[str] = []
+    failing = ChildSpec("worker cuda:0", [sys.executable, "-c", f"import time; time.sleep(0.5); raise SystemExit({code})"], group=1)
+    healthy = ChildSpec("worker cuda:1", SLEEPER, stop_timeout_s=5, group=1)
+    supervisor = Supervisor([ChildSpec("broker", SLEEPER, stop_timeout_s=5), failing, healthy], restart_delay_s=0.05, on_start=lambda s, p: starts.append(s.name))
+    started = time.monotonic()
+    assert supervisor.run() == code
+    assert time.monotonic() - started < 10
+    assert starts == ["broker", "worker cuda:0", "worker cuda:1"]  # never restarted
+    assert PERMANENT_EXITS[code] in (supervisor.failure or "") and "worker cuda:0" in supervisor.failure
+    assert all(pid is None for pid in supervisor.pids.values())
+
+
+REPORTER = """
+import json, os, sys, time
+time.sleep(float(sys.argv[1]))
+with os.fdopen(int(os.environ["ZDEPTH_READY_FD"]), "w") as pipe:
+    pipe.write(json.dumps({"workers": "tcp://127.0.0.1:" + sys.argv[2]}) + "\\n")
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_later_groups_start_once_the_broker_reports_and_get_what_it_reported() -> None:
+    starts: list[tuple[str, float, list[str]]] = []
+    seen: list[dict] = []
+
+    def worker_argv(ready):
+        seen.append(dict(ready))
+        return [*SLEEPER, ready["broker"]["workers"]]
+
+    broker = ChildSpec("broker", [sys.executable, "-c", REPORTER, "1.0", "7123"], stop_timeout_s=5, ready=True)
+    worker = ChildSpec("worker cpu", worker_argv, stop_timeout_s=5, group=1)
+    supervisor = Supervisor([broker, worker], on_start=lambda s, p: starts.append((s.name, time.monotonic(), list(p.args))))
+    thread = threading.Thread(target=supervisor.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(starts) == 2, 20, "the worker")
+    finally:
+        supervisor.stop()
+        thread.join(30)
+    (_, broker_at, _), (_, worker_at, worker_args) = starts
+    assert worker_at - broker_at >= 1.0  # it waited for the report
+    assert seen == [{"broker": {"workers": "tcp://127.0.0.1:7123"}}]
+    assert worker_args[-1] == "tcp://127.0.0.1:7123"
+    assert supervisor.ready == {"broker": {"workers": "tcp://127.0.0.1:7123"}}
+
+
+@pytest.mark.timeout(60)
+def test_a_broker_that_cannot_bind_means_no_worker_ever_starts() -> None:
+    starts: list[str] = []
+    broker = ChildSpec("broker", [sys.executable, "-c", f"raise SystemExit({EXIT_ADDRESS})"], ready=True)
+    worker = ChildSpec("worker cpu", lambda ready: pytest.fail("a worker started"), group=1)
+    supervisor = Supervisor([broker, worker], on_start=lambda s, p: starts.append(s.name))
+    assert supervisor.run() == EXIT_ADDRESS
+    assert starts == ["broker"]
+
+
+@pytest.mark.timeout(60)
+def test_a_broker_that_never_reports_is_killed_and_restarted(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="zdepth.supervisor")
+    starts: list[int] = []
+    broker = ChildSpec("broker", SLEEPER, ready=True, stop_timeout_s=5)
+    supervisor = Supervisor([broker], ready_timeout_s=0.5, restart_delay_s=0.05, max_failures=2, on_start=lambda s, p: starts.append(p.pid))
+    assert supervisor.run() == EXIT_FAILURE
+    assert len(starts) == 2
+    assert "did not report ready within" in caplog.text
+
+
+STOPPER = """
+import signal, sys, time
+def stop(*_):
+    with open(sys.argv[1], "a") as log:
+        log.write(f"{sys.argv[2]} {time.time()}\\n")
+    time.sleep(1.0)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_workers_stop_together_then_the_broker(tmp_path: Path) -> None:
+    log = tmp_path / "stops.log"
+    children = [ChildSpec("broker", [sys.executable, "-c", STOPPER, str(log), "broker"], stop_timeout_s=10)]
+    children += [ChildSpec(f"worker {i}", [sys.executable, "-c", STOPPER, str(log), f"worker{i}"], stop_timeout_s=10, group=1) for i in range(3)]
+    procs: list[subprocess.Popen] = []
+    supervisor = Supervisor(children, on_start=lambda s, p: procs.append(p))
+    thread = threading.Thread(target=supervisor.run, daemon=True)
+    thread.start()
+    wait_until(lambda: len(procs) == 4, 20, "four children")
+    time.sleep(1.0)  # let them install their handlers
+    started = time.monotonic()
+    supervisor.stop()
+    thread.join(30)
+    took = time.monotonic() - started
+    stops = {name: float(at) for name, at in (line.split() for line in log.read_text().splitlines())}
+    workers = [stops[f"worker{i}"] for i in range(3)]
+    assert max(workers) - min(workers) < 0.5  # all at once, not one after another
+    assert stops["broker"] >= max(workers) + 0.9  # the broker once they had exited
+    assert took < 3.5  # about 1 s for the workers, 1 s for the broker; one by one would take 4 s
 
 
 @pytest.mark.timeout(60)
@@ -218,13 +355,11 @@ def test_serve_restarts_a_killed_worker_and_stops_every_child_on_sigterm(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_serve_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
+def test_serve_children_die_with_a_killed_supervisor(tmp_path: Path, weights_dir: Path) -> None:
     """Even SIGKILL on `zdepth serve` leaves no orphan broker holding the port (Linux: PDEATHSIG)."""
     clients, workers = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    empty = tmp_path / "weights"
-    empty.mkdir()
-    # No weights: the worker fails and is restarted over and over; the broker stays up.
-    serve = spawn(zdepth_argv("serve", "--clients", clients, "--workers", workers, "--device", "cpu", "--restart-delay", "0.5"), tmp_path / "serve.log", child_env(empty))
+    argv = zdepth_argv("serve", "--clients", clients, "--workers", workers, "--device", "cpu", "--warmup", "none")
+    serve = spawn(argv, tmp_path / "serve.log", child_env(weights_dir))
     known: set[int] = set()
     try:
         wait_until(lambda: len(children_of(serve.pid)) == 2, 30, "two children")
@@ -237,16 +372,84 @@ def test_serve_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
         kill_quietly(sorted(known))
 
 
-def test_serve_hands_the_engine_options_to_every_worker(monkeypatch: pytest.MonkeyPatch, runner) -> None:
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "args, code, says",
+    [
+        (["--weights-dir", "{empty}"], 3, "checkpoint for model 'vits' not found: {empty}/depth_anything_v2_vits.pth"),
+        (["-m", "vits-hypersim", "-m", "vitz"], 2, "unknown model 'vitz'"),
+        (["--warmup", "tall"], 2, "HEIGHTxWIDTH"),
+        (["--clients", "tcp://127.0.0.1"], 2, "--clients: 'tcp://127.0.0.1' has no port"),
+        (["--max-batch", "0"], 2, "--max-batch"),
+    ],
+)
+def test_serve_refuses_to_start_and_says_why(tmp_path: Path, weights_dir: Path, args: list[str], code: int, says: str) -> None:
+    """Checked before any child starts: a clear message and a status that says restarting cannot help."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ports = ["--clients", f"tcp://127.0.0.1:{free_port()}", "--workers", f"tcp://127.0.0.1:{free_port()}"]
+    argv = zdepth_argv("serve", *ports, "--device", "cpu", *(a.format(empty=empty) for a in args))
+    started = time.monotonic()
+    out = subprocess.run(argv, capture_output=True, text=True, env=child_env(weights_dir, COLUMNS="200"), timeout=50)
+    assert out.returncode == code, out.stdout + out.stderr
+    assert says.format(empty=empty) in out.stderr
+    assert "started broker" not in out.stderr and "Traceback" not in out.stderr
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_serve_stops_when_a_worker_cannot_start(tmp_path: Path, weights_dir: Path) -> None:
+    """A worker's own refusal (here a CUDA device on a machine without one) ends serve with its status, not a restart loop."""
+    pytest.importorskip("torch").cuda.is_available() and pytest.skip("this machine has CUDA")
+    clients, workers = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    argv = zdepth_argv("serve", "--clients", clients, "--workers", workers, "--device", "cuda:0", "--warmup", "none", "--restart-delay", "0.1")
+    started = time.monotonic()
+    out = subprocess.run(argv, capture_output=True, text=True, env=child_env(weights_dir), timeout=100)
+    assert out.returncode == 2, out.stderr
+    assert "--device cuda:0: CUDA is not available on this machine; use --device cpu" in out.stderr
+    assert "restarting cannot help" in out.stderr and "restarting in" not in out.stderr
+    assert out.stderr.count("started worker") == 1 and "all children stopped" in out.stderr
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_second_serve_on_the_same_ports_exits_at_once(tmp_path: Path, weights_dir: Path) -> None:
+    """Its broker cannot bind, so it exits with EXIT_ADDRESS; no worker of it ever starts, let alone joins the first broker."""
+    clients, workers = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    ports = ["--clients", clients, "--workers", workers, "--device", "cpu", "--warmup", "none"]
+    first = spawn(zdepth_argv("serve", *ports), tmp_path / "first.log", child_env(weights_dir, ZDEPTH_KEY="first"))
+    known: set[int] = set()
+    try:
+        health = wait_for_health(clients, key="first", procs=[first], timeout=120)
+        known.update(children_of(first.pid))
+        (worker,) = health["workers"]
+        started = time.monotonic()
+        second = subprocess.run(zdepth_argv("serve", *ports), capture_output=True, text=True, env=child_env(weights_dir, ZDEPTH_KEY="second"), timeout=60)
+        assert second.returncode == EXIT_ADDRESS, second.stderr
+        assert time.monotonic() - started < 20
+        assert f"cannot listen on --clients {clients}: Address already in use" in second.stderr
+        assert "another zdepth broker or `zdepth serve`" in second.stderr
+        assert "started worker" not in second.stderr
+        health = wait_for_health(clients, key="first", procs=[first], timeout=10)
+        assert [w["pid"] for w in health["workers"]] == [worker["pid"]]  # still only the first serve's worker
+        assert first.stop(signal.SIGTERM, timeout=60) == 0, first.tail()
+    finally:
+        first.stop(signal.SIGKILL)
+        kill_quietly(sorted(known))
+
+
+def test_serve_hands_the_engine_options_to_every_worker(monkeypatch: pytest.MonkeyPatch, runner, weights_dir: Path) -> None:
     """The worker command lines serve builds (the supervisor that would run them is replaced)."""
     built: list[list[ChildSpec]] = []
 
     class NotRunning:
-        def __init__(self, children, restart_delay_s):
+        def __init__(self, children, **options):
             built.append(children)
 
         def run(self):
-            return None
+            return 0
 
         def stop(self):
             return None
@@ -254,15 +457,25 @@ def test_serve_hands_the_engine_options_to_every_worker(monkeypatch: pytest.Monk
     monkeypatch.setattr("zdepth.supervisor.Supervisor", NotRunning)
     from zdepth.cli import app
 
-    args = ["serve", "--device", "cuda:0,cuda:1", "--cuda-graphs", "--gpu-decode", "--compile", "--max-batch", "4"]
+    monkeypatch.setenv("ZDEPTH_WEIGHTS_DIR", str(weights_dir))
+    args = ["serve", "--device", "cuda:0,cuda:1", "--cuda-graphs", "--gpu-decode", "--compile", "--max-batch", "4", "--workers", "tcp://*:*"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    workers = [child for child in built[0] if child.name.startswith("worker")]
-    assert [child.name for child in workers] == ["worker cuda:0", "worker cuda:1"]
+    broker, *workers = built[0]
+    assert (broker.name, broker.group, broker.ready) == ("broker", 0, True)
+    first = broker.argv({})
+    assert first[first.index("--workers") + 1] == "tcp://*:*"
+    reported = {"broker": {"clients": "tcp://0.0.0.0:5555", "workers": "tcp://0.0.0.0:41234"}}
+    again = broker.argv(reported)  # a restart binds the port the first start got
+    assert again[again.index("--workers") + 1] == "tcp://0.0.0.0:41234" and again[again.index("--clients") + 1] == "tcp://*:5555"
+    assert [(child.name, child.group) for child in workers] == [("worker cuda:0", 1), ("worker cuda:1", 1)]
     for child in workers:
-        assert {"--cuda-graphs", "--gpu-decode", "--compile"} <= set(child.argv)
-        assert child.argv[child.argv.index("--max-batch") + 1] == "4"
+        argv = child.argv(reported)
+        assert argv[argv.index("--broker") + 1] == "tcp://127.0.0.1:41234"  # where our own broker really listens
+        assert {"--cuda-graphs", "--gpu-decode", "--compile"} <= set(argv)
+        assert argv[argv.index("--max-batch") + 1] == "4"
     result = runner.invoke(app, ["serve", "--device", "cpu"])
     worker = next(child for child in built[1] if child.name.startswith("worker"))
-    assert {"--no-gpu-decode", "--no-compile"} <= set(worker.argv)
-    assert not {"--cuda-graphs", "--no-cuda-graphs"} & set(worker.argv)  # the worker's own default: on for CUDA
+    argv = worker.argv({"broker": {"workers": "tcp://0.0.0.0:5556"}})
+    assert {"--no-gpu-decode", "--no-compile"} <= set(argv)
+    assert not {"--cuda-graphs", "--no-cuda-graphs"} & set(argv)  # the worker's own default: on for CUDA

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import typer
 from . import __version__
 from .errors import ConfigError, ZdepthError
 from .signals import on_stop_signals
+from .supervisor import EXIT_ADDRESS, EXIT_INTERRUPTED, EXIT_MISSING, report_ready
 
 __all__ = ["app", "default_curve_dir", "main", "resolve_server", "setup_logging"]
 
@@ -222,26 +224,63 @@ def setup_logging(level: str | None, default: str = "info") -> None:
     logging.getLogger("zdepth").setLevel(name.upper())
 
 
+TORCH_HINT = 'pip install "zdepth[worker]" (in a clone of the repository: pip install -e ".[worker]")'
+
+
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
-    """Our errors as one readable line and an exit status: 2 for bad settings, 1 for failures."""
+    """Our errors as one readable line and an exit status that says whether trying again can help.
+
+    2 for bad settings, 3 for a missing checkpoint or torch, 1 for other failures
+    (see zdepth.supervisor: ``serve`` restarts a child only after the last kind).
+    """
+    from .errors import WeightsNotFound
+    from .supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_MISSING
+
     try:
         yield
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        typer.echo(f"error: {_cli_words(str(exc))}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    except WeightsNotFound as exc:
+        typer.echo(f"error: {_cli_words(str(exc))}", err=True)
+        raise typer.Exit(EXIT_MISSING) from None
     except ZdepthError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except ValueError as exc:  # the engine's refusals (a CUDA device without CUDA, fp16 on the CPU, ...)
+        typer.echo(f"error: {_cli_words(str(exc))}", err=True)
+        raise typer.Exit(EXIT_FAILURE) from None
+    except ValueError as exc:  # the engine's refusals of settings (a CUDA device without CUDA, fp16 on the CPU, ...)
         logger.debug("details", exc_info=True)
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        typer.echo(f"error: {_cli_words(str(exc))}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
             raise
-        typer.echo(f"error: running the model needs {exc.name}: pip install 'zdepth[worker]'", err=True)
-        raise typer.Exit(1) from None
+        typer.echo(f"error: {_missing_torch(exc.name)}", err=True)
+        raise typer.Exit(EXIT_MISSING) from None
+
+
+def _missing_torch(name: str | None = "torch") -> str:
+    return f"running the model needs {name or 'torch'}, which is not installed: {TORCH_HINT}"
+
+
+# Library messages name Python arguments; on the command line the options are what a user can change.
+_API_ARGUMENTS = ("timeout", "retries", "key_file", "key", "device", "precision", "download", "max_depth", "input_size", "weights_dir", "intrinsics")
+_API_ARGUMENT = re.compile(
+    rf"(?<![\w.-])({'|'.join(_API_ARGUMENTS)})=(?:'([^']*)'|\"([^\"]*)\"|(True)\b|(?=[\s,.;)]|$))"
+)
+
+
+def _cli_words(message: str) -> str:
+    """``message`` as the CLI says it: ``timeout=`` becomes ``--timeout``, ``device='cpu'`` ``--device cpu``;
+    asides meant for Python callers only (``(... in Python)``) are dropped."""
+    message = re.sub(r"\s*\([^()]*\bin Python\)", "", message)
+
+    def option(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2) if match.group(2) is not None else match.group(3)
+        flag = "--" + name.replace("_", "-")
+        return f"{flag} {value}" if value else flag
+
+    return _API_ARGUMENT.sub(option, message)
 
 
 def _resolve_key(key: str | None, key_file: Path | None, profile_key: str | None = None) -> str | None:
@@ -415,8 +454,6 @@ def _check_models(models: list[str]) -> None:
 
 
 def _check_device(device: str) -> str:
-    import re
-
     if device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", device):
         return device
     raise typer.BadParameter(f"{device!r} is not a device; use cpu, cuda:N or auto", param_hint="--device")
@@ -541,15 +578,44 @@ def broker(
         server = Broker(config)
         restore = on_stop_signals(server.stop)
         try:
-            server.bind()
+            try:
+                bound = server.bind()
+            except zmq.ZMQError as exc:
+                server.close()
+                typer.echo(f"error: {_bind_failure(clients, workers, exc)}", err=True)
+                raise typer.Exit(EXIT_ADDRESS) from None
+            report_ready({"clients": bound[0], "workers": bound[1]})
             server.run()
-        except zmq.ZMQError as exc:
-            typer.echo(f"error: cannot bind {clients} / {workers}: {exc}", err=True)
-            raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         finally:
             restore()
+
+
+def _bind_failure(clients: str, workers: str, exc: Exception) -> str:
+    """Which of the broker's two endpoints cannot be bound, and what usually causes it."""
+    import errno
+
+    import zmq
+
+    culprit = None
+    with zmq.Context() as ctx:
+        for option, endpoint in (("--clients", clients), ("--workers", workers)):
+            with ctx.socket(zmq.ROUTER) as probe:
+                probe.linger = 0
+                try:
+                    probe.bind(endpoint)
+                except zmq.ZMQError as probe_exc:
+                    culprit, exc = (option, endpoint), probe_exc
+                    break
+    where = f"{culprit[0]} {culprit[1]}" if culprit else f"--clients {clients} / --workers {workers}"
+    hint = ""
+    if getattr(exc, "errno", None) == errno.EADDRINUSE:
+        hint = " (is another zdepth broker or `zdepth serve` running there? stop it, or choose other ports)"
+    elif getattr(exc, "errno", None) in (errno.EADDRNOTAVAIL, errno.ENODEV):
+        hint = " (no interface of this machine has that address; use * for every interface)"
+    reason = zmq.strerror(exc.errno) if getattr(exc, "errno", None) else str(exc)
+    return f"cannot listen on {where}: {reason}{hint}"
 
 
 @app.command()
@@ -607,10 +673,9 @@ def worker(
     with _errors():
         broker = _address(broker, "--broker")
         curve = _curve_pair(curve_secret, curve_server_key)
-        if device == "auto":
-            import torch  # a worker imports torch anyway
-
-            device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        _require_torch()
+        _fetch_weights(models, weights_dir, download)
+        device = _resolve_device(device)
         fields: dict[str, Any] = {}
         if sizes is not None:
             fields["warmup_sizes"] = sizes
@@ -719,6 +784,8 @@ def serve(
         broker_curve, worker_curve = _serve_curve(curve_secret, curve_allow, curve_worker_secret)
         if not devices or devices == ["auto"]:
             devices = detect_devices()
+        _require_torch()
+        _fetch_weights(models, weights_dir, download)  # once, here, rather than in every worker at once
         level = (log_level or _global_log_level or "info").lower()
         # Children get every CurveZMQ setting on their command line (paths only), none from the environment.
         env: dict[str, str | None] = {name: None for name in CURVE_ENVS}
@@ -726,13 +793,19 @@ def serve(
             env["ZDEPTH_KEY"] = secret
         common = ["--heartbeat", str(heartbeat), "--liveness", str(liveness), "--log-level", level]
         python = [sys.executable, "-m", "zdepth"]
-        broker_args = ["--clients", clients, "--workers", workers, "--max-queue", str(max_queue)]
+        broker_args = ["--max-queue", str(max_queue)]
         if broker_curve is not None:
             broker_args += ["--curve-secret", str(broker_curve.secret_file)]
             if broker_curve.allow_dir is not None:
                 broker_args += ["--curve-allow", str(broker_curve.allow_dir)]
-        children = [ChildSpec("broker", [*python, "broker", *broker_args, *common], env, stop_timeout_s=15.0)]
-        worker_args = ["--broker", connect_address(workers), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+
+        def broker_argv(ready: dict[str, Any]) -> list[str]:
+            """After a first start on port *, a restart binds the ports the first one got, which the workers know."""
+            bound = ready.get("broker") or {}
+            endpoints = [bound.get(name) if bound.get(name) and given.endswith(":*") else given for name, given in (("clients", clients), ("workers", workers))]
+            return [*python, "broker", "--clients", endpoints[0], "--workers", endpoints[1], *broker_args, *common]
+
+        worker_args = ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
         if worker_curve is not None:
             worker_args += ["--curve-secret", str(worker_curve.secret_file), "--curve-server-key", str(worker_curve.server_public_file)]
         for m in models:
@@ -740,26 +813,69 @@ def serve(
         if precision:
             worker_args += ["--precision", precision]
         if weights_dir:
-            worker_args += ["--weights-dir", str(weights_dir)]
+            worker_args += ["--weights-dir", str(weights_dir.expanduser().absolute())]
         worker_args += ["--download" if download else "--no-download", "--compile" if compile else "--no-compile"]
         if cuda_graphs is not None:
             worker_args.append("--cuda-graphs" if cuda_graphs else "--no-cuda-graphs")
         worker_args.append("--gpu-decode" if gpu_decode else "--no-gpu-decode")
         if sizes is not None:
             worker_args += ["--warmup", ",".join(f"{h}x{w}" for h, w in sizes) or "none"]
-        for dev in devices:
-            children.append(ChildSpec(f"worker {dev}", [*python, "worker", "--device", dev, *worker_args, *common], env, stop_timeout_s=30.0))
+
+        def worker_argv(dev: str):
+            def argv(ready: dict[str, Any]) -> list[str]:
+                """Pointed at the worker endpoint our own broker reported, never at whatever else listens there."""
+                endpoint = connect_address(ready["broker"]["workers"])
+                return [*python, "worker", "--broker", endpoint, "--device", dev, *worker_args, *common]
+
+            return argv
+
+        children = [ChildSpec("broker", broker_argv, env, stop_timeout_s=15.0, group=0, ready=True)]
+        children += [ChildSpec(f"worker {dev}", worker_argv(dev), env, stop_timeout_s=30.0, group=1) for dev in devices]
         supervisor = Supervisor(children, restart_delay_s=restart_delay)
         logger.info(
             "serving %s on %s (workers on %s): %d worker(s) on %s", ", ".join(models), clients, workers, len(devices), ", ".join(devices)
         )
         restore = on_stop_signals(supervisor.stop)
         try:
-            supervisor.run()
+            code = supervisor.run()
         except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         finally:
             restore()
+    raise typer.Exit(code)
+
+
+def _resolve_device(device: str) -> str:
+    """``auto`` made concrete; ConfigError (exit 2) in CLI words for a CUDA device this machine does not have."""
+    import torch  # a worker imports torch anyway
+
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def _require_torch() -> None:
+    """ModuleNotFoundError (exit 3, with the install command) now, rather than a traceback from a child later."""
+    import importlib.util
+
+    for name in ("torch", "torchvision"):
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def _fetch_weights(models: list[str], weights_dir: Path | None, download: bool) -> None:
+    """Every checkpoint present, fetched first with --download; WeightsNotFound (exit 3) names the file and where to get it."""
+    from .weights import find_checkpoint
+
+    for model in models:
+        find_checkpoint(model, weights_dir, download=download)
 
 
 def _serve_curve(secret: Path | None, allow: Path | None, worker_secret: Path | None):
@@ -821,7 +937,6 @@ def keygen(
     NAME.key goes into the broker's --curve-allow folder.
     """
     import os
-    import re
 
     with _errors():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):

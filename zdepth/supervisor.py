@@ -2,11 +2,21 @@
 
 Children are real processes (``python -m zdepth broker|worker ...``), each in
 its own process group so that a Ctrl-C in the terminal reaches only the
-supervisor, which then stops them in order: workers first (they drain, so
-requests in flight are answered while the broker is still up), then the
-broker. A child that exits on its own is logged and restarted after a
-back-off that doubles while it keeps crashing. On Linux every child also gets
-SIGTERM if the supervisor dies, so no orphan keeps a GPU or a port.
+supervisor. They start group by group: the broker first, and the workers only
+once it has reported the endpoints it actually bound (on a pipe, see
+``READY_FD_ENV``), so a worker never joins some other broker that already
+holds the port. They stop the other way round: all workers at once (they
+drain, so requests in flight are answered while the broker is still up), then
+the broker. On Linux every child also gets SIGTERM if the supervisor dies, so
+no orphan keeps a GPU or a port.
+
+Exit statuses tell a crash from a permanent error (the same for every
+``zdepth`` command): a child that exits with one of ``PERMANENT_EXITS`` (a bad
+setting, a missing checkpoint or torch, an address that cannot be bound) is
+not restarted; the supervisor stops everything and returns that status. Any
+other exit is a crash: the child is restarted after a back-off with jitter
+that doubles while it keeps dying young, up to ``max_failures`` times in a
+row.
 
 Keys travel in the environment (``ZDEPTH_KEY``), never on a command line
 where ``ps`` would show them; CurveZMQ certificates travel as file paths on
@@ -15,8 +25,11 @@ the command line (the files hold the keys). Nothing here imports torch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
+import select
 import shutil
 import signal
 import subprocess
@@ -26,12 +39,57 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ChildSpec", "Supervisor", "connect_address", "detect_devices"]
+__all__ = [
+    "EXIT_ADDRESS",
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_MISSING",
+    "EXIT_OK",
+    "PERMANENT_EXITS",
+    "READY_FD_ENV",
+    "ChildSpec",
+    "Supervisor",
+    "connect_address",
+    "describe_exit",
+    "detect_devices",
+    "report_ready",
+]
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.1
+
+# Exit statuses of every zdepth command.
+EXIT_OK = 0
+EXIT_FAILURE = 1  # something failed that may work next time (a crash, a broker that refused the key, ...)
+EXIT_CONFIG = 2  # a bad option or setting (also what click uses for usage errors): fix the command line
+EXIT_MISSING = 3  # a checkpoint (after any download attempt) or torch is missing: install or fetch it
+EXIT_ADDRESS = 4  # an address cannot be bound, usually a port in use: another broker or serve runs there
+EXIT_INTERRUPTED = 130
+PERMANENT_EXITS: dict[int, str] = {
+    EXIT_CONFIG: "a bad option or setting",
+    EXIT_MISSING: "a checkpoint or torch is missing",
+    EXIT_ADDRESS: "an address cannot be bound (a port in use?)",
+}
+
+# A child started with ``ChildSpec(ready=True)`` finds a pipe's file descriptor here and writes
+# one JSON object to it once it is up (the broker: the endpoints it bound).
+READY_FD_ENV = "ZDEPTH_READY_FD"
+
+
+def report_ready(info: Mapping[str, Any]) -> None:
+    """In a supervised child: tell the supervisor we are up (no-op when not started with ``ready=True``)."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if not fd:
+        return
+    try:
+        with os.fdopen(int(fd), "w") as pipe:
+            pipe.write(json.dumps(dict(info)) + "\n")
+    except (OSError, ValueError) as exc:
+        logger.warning("could not report readiness on fd %s: %s", fd, exc)
 
 
 def detect_devices(*, timeout_s: float = 30.0) -> list[str]:
@@ -94,14 +152,26 @@ def connect_address(bind: str) -> str:
     return f"tcp://{host}{sep}{port}"
 
 
+Argv = Sequence[str] | Callable[[Mapping[str, Mapping[str, Any]]], Sequence[str]]
+
+
 @dataclass
 class ChildSpec:
-    """One supervised process: a name for logs, its argv, extra environment (None removes a variable)."""
+    """One supervised process.
+
+    ``argv`` is a list, or a function of what the ``ready`` children reported so far
+    (by name; empty before they did), called at every (re)start. ``env``: extra
+    environment (None removes a variable). Children start by ascending ``group``,
+    each group once every ``ready`` child of the earlier ones has reported, and
+    stop by descending ``group``, a group's children all at once.
+    """
 
     name: str
-    argv: Sequence[str]
+    argv: Argv
     env: Mapping[str, str | None] = field(default_factory=dict)
     stop_timeout_s: float = 10.0  # SIGTERM, then this long, then SIGKILL
+    group: int = 0
+    ready: bool = False  # reports readiness on the pipe in $ZDEPTH_READY_FD
 
 
 @dataclass
@@ -112,16 +182,23 @@ class _Child:
     restarts: int = 0
     failures: int = 0  # consecutive short-lived runs, for the back-off
     restart_at: float | None = None
+    ready_pipe: int | None = None  # read end, until the child reported or closed it
+    reported: bool = False  # this run of a ``ready`` child has reported
 
 
 class Supervisor:
-    """Start ``children`` in order and keep them running until ``stop()``; then stop them in reverse order.
+    """Start ``children`` group by group and keep them running until ``stop()``; ``run()`` returns the exit status.
 
     ``run()`` blocks (call it from the main thread: children's death signal
     is tied to it); ``stop()`` may be called from a signal handler or any
-    thread. A child that exits is restarted after ``restart_delay_s``,
-    doubling up to ``max_restart_delay_s`` while it keeps dying within
-    ``stable_after_s`` of its start.
+    thread. A child that exits with a status in ``PERMANENT_EXITS`` stops
+    everything, and ``run()`` returns that status. Any other exit is a crash:
+    the child is restarted after a random delay between half and all of
+    ``restart_delay_s * 2**(n-1)`` (capped at ``max_restart_delay_s``) for its
+    n-th crash in a row within ``stable_after_s`` of its start; after
+    ``max_failures`` such crashes in a row, ``run()`` gives up with
+    EXIT_FAILURE. A ``ready`` child that has not reported within
+    ``ready_timeout_s`` counts as crashed.
     """
 
     def __init__(
@@ -131,14 +208,22 @@ class Supervisor:
         restart_delay_s: float = 1.0,
         max_restart_delay_s: float = 30.0,
         stable_after_s: float = 60.0,
+        max_failures: int | None = 8,
+        ready_timeout_s: float = 60.0,
         on_start: Callable[[ChildSpec, subprocess.Popen], None] | None = None,
+        rand: random.Random | None = None,
     ) -> None:
         self._children = [_Child(spec) for spec in children]
         self.restart_delay_s = restart_delay_s
         self.max_restart_delay_s = max_restart_delay_s
         self.stable_after_s = stable_after_s
+        self.max_failures = max_failures
+        self.ready_timeout_s = ready_timeout_s
         self._on_start = on_start
+        self._rand = rand or random.Random()
         self._stop = threading.Event()
+        self.ready: dict[str, dict[str, Any]] = {}  # what each ready child reported, by name
+        self.failure: str | None = None  # why run() returned non-zero, for the caller's message
 
     @property
     def pids(self) -> dict[str, int | None]:
@@ -147,30 +232,99 @@ class Supervisor:
     def stop(self) -> None:
         self._stop.set()
 
-    def run(self) -> None:
+    def run(self) -> int:
         try:
-            for child in self._children:
-                if self._stop.is_set():
-                    break
-                self._start(child)
-            while not self._stop.wait(POLL_S):
-                self._check(time.monotonic())
+            for group in sorted({c.spec.group for c in self._children}):
+                members = [c for c in self._children if c.spec.group == group]
+                for child in members:
+                    if self._stop.is_set():
+                        return EXIT_OK
+                    self._start(child)
+                # The next group starts only once this one's ready children have reported.
+                while any(not c.reported for c in members if c.spec.ready):
+                    if self._stop.is_set():
+                        return EXIT_OK
+                    code = self._tick()
+                    if code is not None:
+                        return code
+            while not self._stop.is_set():
+                code = self._tick()
+                if code is not None:
+                    return code
+            return EXIT_OK
         finally:
             self._stop_all()
 
+    def _tick(self) -> int | None:
+        """Wait up to POLL_S for reports, then check on every child; a status when run() must end."""
+        pipes = [c.ready_pipe for c in self._children if c.ready_pipe is not None]
+        if pipes:
+            readable = select.select(pipes, [], [], POLL_S)[0]
+            for child in self._children:
+                if child.ready_pipe is not None and child.ready_pipe in readable:
+                    self._read_ready(child)
+        else:
+            self._stop.wait(POLL_S)
+        now = time.monotonic()
+        for child in self._children:
+            waiting = child.spec.ready and not child.reported and child.process is not None and child.restart_at is None
+            if waiting and now - child.started > self.ready_timeout_s and child.process.poll() is None:
+                logger.error("%s did not report ready within %.0f s; killing it", child.spec.name, self.ready_timeout_s)
+                _signal(child.process, signal.SIGKILL)
+                child.process.wait()
+        return self._check(now)
+
     def _start(self, child: _Child) -> None:
         env = {**os.environ, **child.spec.env}
-        env = {name: value for name, value in env.items() if value is not None}
+        env = {name: value for name, value in env.items() if value is not None and name != READY_FD_ENV}
         env["PYTHONPATH"] = _pythonpath(env.get("PYTHONPATH"))
-        # preexec_fn runs between fork and exec; _die_with_parent only calls prctl, which is safe there.
-        child.process = subprocess.Popen(list(child.spec.argv), env=env, start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        argv = child.spec.argv(self.ready) if callable(child.spec.argv) else child.spec.argv
+        pass_fds: tuple[int, ...] = ()
+        write_end = None
+        if child.spec.ready:
+            self._close_pipe(child)
+            child.ready_pipe, write_end = os.pipe()
+            env[READY_FD_ENV] = str(write_end)
+            pass_fds = (write_end,)
+        try:
+            # preexec_fn runs between fork and exec; _die_with_parent only calls prctl, which is safe there.
+            child.process = subprocess.Popen(  # noqa: PLW1509
+                list(argv), env=env, start_new_session=True, preexec_fn=_die_with_parent, pass_fds=pass_fds
+            )
+        finally:
+            if write_end is not None:
+                os.close(write_end)  # the child holds its own copy: EOF here once it exits
         child.started = time.monotonic()
         child.restart_at = None
+        child.reported = False
         logger.info("started %s (pid %d)", child.spec.name, child.process.pid)
         if self._on_start is not None:
             self._on_start(child.spec, child.process)
 
-    def _check(self, now: float) -> None:
+    def _read_ready(self, child: _Child) -> None:
+        """The child's report, or nothing yet at EOF (it exited: _check deals with that)."""
+        data = b""
+        while not data.endswith(b"\n") and (chunk := os.read(child.ready_pipe, 65536)):
+            data += chunk
+        self._close_pipe(child)
+        if not data:
+            return
+        try:
+            info = json.loads(data)
+        except ValueError:
+            info = {}
+        self.ready[child.spec.name] = info if isinstance(info, dict) else {}
+        child.reported = True
+        logger.info("%s is up%s", child.spec.name, "".join(f", {k} {v}" for k, v in sorted(self.ready[child.spec.name].items())))
+
+    @staticmethod
+    def _close_pipe(child: _Child) -> None:
+        if child.ready_pipe is not None:
+            os.close(child.ready_pipe)
+            child.ready_pipe = None
+
+    def _check(self, now: float) -> int | None:
+        """Restart what is due, notice exits; a status when run() must end."""
         for child in self._children:
             if child.process is None or child.restart_at is not None:
                 if child.restart_at is not None and now >= child.restart_at:
@@ -180,36 +334,60 @@ class Supervisor:
             code = child.process.poll()
             if code is None:
                 continue
+            if child.ready_pipe is not None:  # it may have reported just before it died
+                self._read_ready(child)
             lived = now - child.started
+            what = f"{child.spec.name} (pid {child.process.pid}) {describe_exit(code)} after {lived:.1f} s"
+            if code in PERMANENT_EXITS:
+                self.failure = f"{what}: {PERMANENT_EXITS[code]}; restarting cannot help, so everything stops (its error is above)"
+                logger.error("%s", self.failure)
+                return code
             child.failures = child.failures + 1 if lived < self.stable_after_s else 1
-            delay = min(self.max_restart_delay_s, self.restart_delay_s * 2 ** (child.failures - 1))
-            logger.error(
-                "%s (pid %d) %s after %.1f s; restarting in %.1f s",
-                child.spec.name, child.process.pid, describe_exit(code), lived, delay,
-            )  # fmt: skip
+            if self.max_failures is not None and child.failures >= self.max_failures:
+                self.failure = f"{what}, its {child.failures}th failure in a row within {self.stable_after_s:.0f} s of starting; giving up"
+                logger.error("%s", self.failure)
+                return EXIT_FAILURE
+            delay = self.backoff(child.failures)
+            logger.error("%s; restarting in %.1f s", what, delay)
             child.restart_at = now + delay
+        return None
+
+    def backoff(self, failures: int) -> float:
+        """Seconds before a restart after ``failures`` crashes in a row: jittered, so children do not restart in step."""
+        ceiling = min(self.max_restart_delay_s, self.restart_delay_s * 2 ** (failures - 1))
+        return self._rand.uniform(ceiling / 2, ceiling)
 
     def _stop_all(self) -> None:
-        """SIGTERM in reverse start order (workers drain before the broker goes), SIGKILL whoever lingers."""
-        for child in reversed(self._children):
-            process = child.process
-            if process is None or process.poll() is not None:
-                continue
-            logger.info("stopping %s (pid %d)", child.spec.name, process.pid)
-            _signal(process, signal.SIGTERM)
+        """By descending group: SIGTERM a group's children all at once, wait for them, SIGKILL whoever lingers."""
+        for group in sorted({c.spec.group for c in self._children}, reverse=True):
+            running = [c for c in self._children if c.spec.group == group and c.process is not None and c.process.poll() is None]
+            for child in running:
+                logger.info("stopping %s (pid %d)", child.spec.name, child.process.pid)
+                _signal(child.process, signal.SIGTERM)
             try:
-                process.wait(timeout=child.spec.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s (pid %d) did not stop in %.0f s; killing it", child.spec.name, process.pid, child.spec.stop_timeout_s)
-                _signal(process, signal.SIGKILL)
-                process.wait()
+                self._wait_all(running)
             except KeyboardInterrupt:  # a second Ctrl-C: no more patience
                 for other in self._children:
                     if other.process is not None and other.process.poll() is None:
                         _signal(other.process, signal.SIGKILL)
                         other.process.wait()
                 raise
+        for child in self._children:
+            self._close_pipe(child)
         logger.info("all children stopped")
+
+    @staticmethod
+    def _wait_all(running: list[_Child]) -> None:
+        """Wait for children SIGTERMed together, each up to its own stop timeout; SIGKILL the late ones."""
+        start = time.monotonic()
+        for child in running:
+            left = child.spec.stop_timeout_s - (time.monotonic() - start)
+            try:
+                child.process.wait(timeout=max(0.0, left))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s (pid %d) did not stop in %.0f s; killing it", child.spec.name, child.process.pid, child.spec.stop_timeout_s)
+                _signal(child.process, signal.SIGKILL)
+                child.process.wait()
 
 
 def _pythonpath(current: str | None) -> str:

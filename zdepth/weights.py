@@ -175,7 +175,7 @@ def _verify_size(spec: ModelSpec, path: Path) -> None:
         )
 
 
-_DOWNLOAD_HINT = "Or let zdepth fetch it: pass --download (download=True); that needs `pip install huggingface_hub`."
+_DOWNLOAD_HINT = 'Or let zdepth fetch it: pass --download (download=True in Python); that needs `pip install "zdepth[hub]"` (or huggingface_hub).'
 
 
 def _missing_message(spec: ModelSpec, directory: Path, hint: str = "") -> str:
