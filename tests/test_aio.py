@@ -95,8 +95,8 @@ def test_concurrent_calls_share_one_socket(serve):
     assert len({rec.identity for rec in server.requests}) == 1
 
 
-def test_lost_reply_is_resent_and_others_survive_the_reset(serve):
-    # Request 1 is lost; request 2 is answered only after the client resent both on a fresh socket.
+def test_lost_replies_are_resent_each_with_a_new_id(serve):
+    # The first two requests are lost; each is resent once, on the same socket, with a new id.
     def handler(server, rec):
         if len(server.requests) <= 2:
             return None
@@ -109,9 +109,10 @@ def test_lost_reply_is_resent_and_others_survive_the_reset(serve):
             return await asyncio.gather(client.relative_depth(frame(1)), client.relative_depth(frame(2)))
 
     first, second = run(main())
+    np.testing.assert_array_equal(first.depth, fake_depth(frame(1)))
     np.testing.assert_array_equal(second.depth, fake_depth(frame(2)))
-    assert len(server.requests) == 4
-    assert server.requests[0].identity != server.requests[2].identity
+    assert len(server.requests) == 4 and len({rec.id for rec in server.requests}) == 4
+    assert len({rec.identity for rec in server.requests}) == 1
 
 
 def test_no_reply_raises_deadline_exceeded_in_bounded_time(serve):

@@ -16,9 +16,10 @@ import logging
 import math
 import os
 import threading
+import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -28,7 +29,15 @@ import zmq
 from .codec import DEPTH_DTYPES, decode_arrays, image_descriptor, params_frame
 from .config import read_key
 from .curve import CurveClient
-from .errors import BadRequest, DeadlineExceeded, InternalError, error_from_code
+from .errors import (
+    BadRequest,
+    BrokerUnreachable,
+    DeadlineExceeded,
+    InternalError,
+    ServiceError,
+    Unauthorized,
+    error_from_code,
+)
 from .imageio import decode_image, encode_jpeg
 from .pointcloud import Intrinsics, depth_to_points
 from .protocol import (
@@ -58,6 +67,19 @@ SOCKET_HWM = 1000  # messages queued each way before sends report "would block"
 MAX_REPLY_FRAME_BYTES = 256 * 1024 * 1024
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 2000  # back off up to 2 s against a broker that is down
+HEARTBEAT_IVL_MS = 2000
+HEARTBEAT_TIMEOUT_MS = 6000  # no traffic for this long after a ping: the connection is dead
+UNREACHABLE_AFTER_S = 5.0  # longest wait for a connection, when timeout is longer
+SEND_RETRY_S = 0.01  # a send that would block on an open connection is tried again this soon
+MONITOR_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class ClientState(enum.Enum):
@@ -73,27 +95,28 @@ def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def configure_socket(socket: zmq.Socket, curve: Any = None) -> None:
-    """Options of every client DEALER.
+def configure_socket(socket: zmq.Socket) -> None:
+    """Options of every client DEALER (security comes from ``zdepth.auth.apply_peer_security``).
 
-    LINGER 0: a closed socket drops its unsent requests at once (a retry or
-    ``close()`` never waits on a broker that is gone, and never delivers work
-    the caller gave up on). IMMEDIATE stays off on purpose: with it a DEALER
-    has no pipe until the TCP connection is up, so a request made while the
-    broker is still connecting (or down) would block the send; without it the
-    request waits in the pipe, and the deadline and a linger-0 close bound how
-    long. ``curve``: a ``zdepth.curve.CurveClient`` for a broker that encrypts.
+    LINGER 0: a closed socket drops its unsent requests at once. IMMEDIATE on:
+    a request is handed to ZeroMQ only while a connection is up (otherwise the
+    send reports "would block" and the request waits in the pipeline's outbox,
+    where its deadline can still drop it), so requests never pile up in a pipe
+    to a broker that is down, to be delivered, stale, when it returns; and a
+    connection that drops takes with it only what was already on it, which the
+    pipeline resends when the connection is back. ZMTP heartbeats make a broker
+    that vanished without closing the connection (a host that froze or lost
+    power) show up as a disconnection within seconds.
     """
     socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.IMMEDIATE, 1)
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_FRAME_BYTES)
     socket.setsockopt(zmq.SNDHWM, SOCKET_HWM)
     socket.setsockopt(zmq.RCVHWM, SOCKET_HWM)
     socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-    if curve is not None:
-        from .curve import apply_client  # lazy: most clients run without CurveZMQ
-
-        apply_client(socket, curve)
+    socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -107,6 +130,7 @@ class Request:
     model: str | None
     body: tuple[Any, ...]  # frames after the header: params, image
     finish: Callable[[dict[str, Any], dict[str, np.ndarray], float, int | None], Any]
+    created: float = field(default_factory=time.monotonic)  # when building began: the call's time bound starts here
 
 
 def model_id(op: str, encoder: str | None, dataset: str | None) -> str | None:
@@ -305,7 +329,7 @@ class ClientBase:
         self.wire_format = wire_format
         self.curve = curve
         self._state = ClientState.UNOPENED
-        self._pipeline = Pipeline(address=address, key=read_key(key), timeout=self.timeout, retries=retries)
+        self._pipeline = Pipeline(address=address, key=read_key(key), timeout=self.timeout, retries=retries, curve=curve)
 
     @staticmethod
     def _profile_kwargs(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -358,6 +382,7 @@ class ClientBase:
         intrinsics: Intrinsics | None = None,
         finish: Callable[..., Any] = finish_depth,
     ) -> Request:
+        created = time.monotonic()
         desc, payload = prepare_image(image, self.wire_format)
         params = params_frame(
             desc,
@@ -367,7 +392,7 @@ class ClientBase:
             depth_dtype=self.depth_dtype,
         )
         model = model_id(op, encoder or self.encoder, dataset or self.dataset)
-        return Request(op=op, model=model, body=(params, payload), finish=finish)
+        return Request(op=op, model=model, body=(params, payload), finish=finish, created=created)
 
     def _relative_request(self, image: Any, *, encoder: str | None = None, input_size: int | None = None) -> Request:
         return self._depth_request(OP_RELATIVE, image, encoder=encoder, input_size=input_size)
@@ -409,27 +434,153 @@ class ClientBase:
         return lambda frame: self._depth_request(op, frame, **kwargs)
 
 
+# ----------------------------------------------------------------------------- the connection
+
+
+class Link:
+    """What the client knows of its connection to the broker, from the socket's monitor events.
+
+    Sans-IO: the driver feeds every monitor event to ``event``; ``up`` says
+    whether a connection has passed its handshake, ``down_since`` since when
+    none has. ``plain`` is whether the next socket should offer the key at the
+    handshake (ZeroMQ PLAIN): a broker without a key answers PLAIN with a
+    mechanism mismatch, and the client then reconnects without it. A refused
+    handshake, or a CurveZMQ setting only one side has, leaves a ``failure``
+    (an exception) that fails what is pending, and makes the next call open a
+    fresh socket (ZeroMQ does not reconnect after a refusal).
+    """
+
+    def __init__(self, address: str, *, key: str | None, curve: CurveClient | None, now: float) -> None:
+        self.address = address
+        self.curve = curve
+        self.has_key = key is not None
+        self.plain = key is not None and curve is None
+        self.reset(now)
+
+    def reset(self, now: float) -> None:
+        """A fresh socket: nothing connected yet."""
+        self.up = False
+        self.down_since = now
+        self.ever_up = False
+        self.connects = 0
+        self.connect_retries = 0
+        self.handshake_failures = 0
+        self.failure: tuple[type[ServiceError], str, dict[str, Any]] | None = None
+
+    def event(self, event: int, value: int, now: float) -> str | None:
+        """Take one monitor event; returns REOPEN when the socket must be replaced (with ``plain`` now False)."""
+        from . import auth  # lazy: it imports the ZAP machinery, which plain clients rarely need
+
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.up, self.down_since, self.ever_up, self.failure = True, None, True, None
+        elif event == zmq.EVENT_DISCONNECTED:
+            if self.up:
+                self.up, self.down_since = False, now
+        elif event == zmq.EVENT_CONNECTED:
+            self.connects += 1
+        elif event == zmq.EVENT_CONNECT_RETRIED:
+            self.connect_retries += 1
+        elif auth.key_refused(event, value):
+            self.handshake_failures += 1
+            self.failure = self._refused()
+        elif auth.mechanism_mismatch(event, value):
+            self.handshake_failures += 1
+            if self.plain:
+                self.plain = False
+                log.info(
+                    "the broker at %s does not ask for the key at the handshake (an older or keyless broker); "
+                    "reconnecting without it: the key still travels in each request", self.address,
+                )
+                return REOPEN
+            self.failure = self._mismatch()
+        elif event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+            self.handshake_failures += 1
+        return None
+
+    def _refused(self) -> tuple[type[ServiceError], str, dict[str, Any]]:
+        details = {"address": self.address, "reason": "handshake_refused"}
+        if self.curve is not None:
+            return Unauthorized, (
+                f"the broker at {self.address} refused this client's CurveZMQ certificate: put the public half of "
+                f"{self.curve.secret_file} (NAME.key) in the broker's --curve-allow folder and restart the broker"
+            ), details
+        return Unauthorized, (
+            f"the broker at {self.address} refused the key; check ZDEPTH_KEY / ZDEPTH_KEY_FILE (or key / key_file in "
+            "the profile, or key=) against the broker's key"
+        ), details
+
+    def _mismatch(self) -> tuple[type[ServiceError], str, dict[str, Any]]:
+        details = {"address": self.address, "reason": "security_mismatch"}
+        curve_hint = (
+            "pass curve=CurveClient(secret_file, server_public_file) (zdepth.curve; or the profile fields "
+            "curve_secret and curve_server_key), with this client's secret certificate from `zdepth keygen` "
+            "and the broker's public one"
+        )
+        if self.curve is not None:
+            return Unauthorized, (
+                f"this client uses CurveZMQ but the broker at {self.address} does not: start the broker with "
+                "--curve-secret (and --curve-allow), or drop curve= (and the profile's curve_secret and curve_server_key)"
+            ), details
+        if self.has_key:
+            return Unauthorized, f"the broker at {self.address} uses CurveZMQ and this client does not: {curve_hint}", details
+        return Unauthorized, (
+            f"the broker at {self.address} asks for a key or CurveZMQ at the handshake, and this client has neither: "
+            f"set ZDEPTH_KEY or ZDEPTH_KEY_FILE (or key / key_file in the profile, or key=); if the broker runs CurveZMQ, {curve_hint}"
+        ), details
+
+    def unreachable(self, waited: float) -> tuple[type[ServiceError], str, dict[str, Any]]:
+        """The error for a request that found no working connection for ``waited`` seconds."""
+        details = {"address": self.address, "waited_s": waited, "reason": "unreachable"}
+        if self.ever_up:
+            what = f"the connection dropped and was not re-established in {waited:.1f} s"
+        elif self.handshake_failures:
+            what = (
+                f"{self.handshake_failures} connection(s) were made but the security handshake never completed in {waited:.1f} s"
+                + ("; with CurveZMQ, check that curve_server_key is the broker's public certificate" if self.curve is not None else "")
+            )
+        elif self.connects:
+            what = f"a connection was made but its handshake did not complete in {waited:.1f} s"
+        else:
+            what = f"no connection in {waited:.1f} s" + (f" ({self.connect_retries} retries)" if self.connect_retries else "")
+        return BrokerUnreachable, (
+            f"cannot reach the broker at {self.address}: {what}; check that the broker runs there "
+            f"(zdepth health --server {self.address}), the address and port, and any firewall between"
+        ), details
+
+
+REOPEN = "reopen"
+
+
 # ----------------------------------------------------------------------------- requests in flight
 
 
 class Exchange:
-    """One request on the wire: its id, attempts, deadline and, once done, its outcome."""
+    """One request until it is settled: its attempts (each with its own wire id), deadlines and outcome."""
 
-    __slots__ = ("id", "request", "index", "retries_left", "attempts", "first_sent", "sent_at", "deadline", "done", "value", "error", "waiter")
+    __slots__ = (
+        "id", "ids", "request", "index", "retries_left", "attempts", "opened", "final", "sent_at", "deadline",
+        "done", "value", "error", "waiter",
+    )  # fmt: skip
 
-    def __init__(self, request: Request, retries: int, index: int | None) -> None:
-        self.id = new_request_id()
+    def __init__(self, request: Request, retries: int, index: int | None, opened: float, final: float) -> None:
+        self.id = ""  # the current attempt's id
+        self.ids: dict[str, float | None] = {}  # every attempt's id: when it was handed to the socket (None: not yet)
         self.request = request
         self.index = index
         self.retries_left = retries
         self.attempts = 0
-        self.first_sent: float | None = None
+        self.opened = opened  # when the call (or the stream's frame) began: the time bound counts from here
+        self.final = final  # opened + timeout * (retries + 1): nothing about this request outlives it
         self.sent_at = 0.0
-        self.deadline = math.inf
+        self.deadline = math.inf  # the current attempt's
         self.done = False
         self.value: Any = None
         self.error: BaseException | None = None
         self.waiter: Any = None  # for the driver: an asyncio future in aio.py
+
+    @property
+    def unsent(self) -> bool:
+        return self.ids.get(self.id) is None
 
     def result(self) -> Any:
         if self.error is not None:
@@ -438,53 +589,124 @@ class Exchange:
 
 
 class Pipeline:
-    """Requests in flight on one socket, in the order they were opened.
+    """Requests in flight on one socket, in the order they were opened, and the state of its connection.
 
-    Sans-IO: the driver sends what ``message`` returns, feeds every received
-    message to ``receive``, calls ``expire`` when ``next_deadline`` passes,
-    and, when ``expire`` asks for it, replaces the socket and sends
-    ``message(ex)`` again for every exchange in ``pending()``. A request whose
-    reply is lost is sent ``retries`` more times, each attempt on a fresh
-    socket (a new identity, so a late reply to the old attempt cannot arrive)
-    and waiting ``timeout`` seconds; then it fails with DeadlineExceeded.
+    Sans-IO. The driver sends, in order, ``message(ex)`` for each exchange in
+    ``unsent()`` and calls ``sent(ex)`` for each the socket took (one that
+    would block stays, and ``send_blocked`` says when to try again); it feeds
+    every reply to ``receive`` and every monitor event to ``link_event``, and
+    calls ``expire`` whenever ``next_deadline`` passes.
+
+    The time bound: a request opened at ``t`` is settled by
+    ``t + timeout * (retries + 1)``, whatever happens. Each attempt waits at
+    most ``timeout`` (less when the bound is nearer) and tells the broker so
+    in ``timeout_ms``. Only an attempt that expired, or whose connection
+    dropped under it, is resent, and each resend spends a retry. A resend goes
+    out on the same socket with a new id: a late reply to an earlier attempt
+    still counts if it is a result, and is dropped if it is an error (the
+    current attempt decides), so a broker's "timeout" for an attempt the client
+    has already replaced cannot fail the call.
     """
 
-    def __init__(self, *, address: str, key: str | None, timeout: float, retries: int) -> None:
+    def __init__(self, *, address: str, key: str | None, timeout: float, retries: int, curve: CurveClient | None = None) -> None:
         self.address = address
         self.key = key
         self.timeout = timeout
         self.retries = retries
-        self._table: dict[str, Exchange] = {}
+        self.unreachable_after = min(timeout, UNREACHABLE_AFTER_S)
+        self.link = Link(address, key=key, curve=curve, now=time.monotonic())
+        self._exchanges: dict[int, Exchange] = {}  # by id(exchange), in the order opened
+        self._by_wire_id: dict[str, Exchange] = {}
+        self._outbox: deque[Exchange] = deque()
+        self._retry_sends_at = math.inf
 
     def __len__(self) -> int:
-        return len(self._table)
+        return len(self._exchanges)
 
-    def open(self, request: Request, *, index: int | None = None) -> Exchange:
-        exchange = Exchange(request, self.retries, index)
-        self._table[exchange.id] = exchange
+    # -- opening and sending
+
+    def open(self, request: Request, now: float, *, index: int | None = None) -> Exchange:
+        """Track a new request; its first attempt waits in ``unsent()``. The bound counts from ``request.created``."""
+        opened = min(request.created, now)
+        exchange = Exchange(request, self.retries, index, opened, opened + self.timeout * (self.retries + 1))
+        self._exchanges[id(exchange)] = exchange
+        self._start_attempt(exchange, now)
         return exchange
 
-    def forget(self, exchange: Exchange) -> None:
-        """Stop tracking a request (its result was taken, or its caller gave up); a late reply is dropped."""
-        self._table.pop(exchange.id, None)
+    def _start_attempt(self, exchange: Exchange, now: float) -> None:
+        if exchange.id and exchange.unsent:  # the previous attempt never left: forget its id
+            self._by_wire_id.pop(exchange.id, None)
+            exchange.ids.pop(exchange.id, None)
+        exchange.id = new_request_id()
+        exchange.ids[exchange.id] = None
+        self._by_wire_id[exchange.id] = exchange
+        exchange.attempts += 1
+        exchange.deadline = min(now + self.timeout, exchange.final)
+        if exchange not in self._outbox:
+            self._outbox.append(exchange)
+
+    def unsent(self) -> list[Exchange]:
+        """Exchanges whose current attempt still has to be handed to the socket, in order."""
+        return [ex for ex in self._outbox if not ex.done]
 
     def message(self, exchange: Exchange, now: float) -> list[Any]:
-        """The frames of the next attempt; starts its deadline. ``timeout_ms`` tells the broker when to give up."""
-        exchange.attempts += 1
-        exchange.sent_at = now
-        exchange.deadline = now + self.timeout
-        if exchange.first_sent is None:
-            exchange.first_sent = now
+        """The frames of the current attempt. ``timeout_ms`` is what is left of it, rounded up, so the broker
+        never gives up on an attempt before the client does."""
         request = exchange.request
-        timeout_ms = None if request.op == OP_HEALTH else max(1, min(MAX_TIMEOUT_MS, int(self.timeout * 1000)))
+        timeout_ms = None
+        if request.op != OP_HEALTH:
+            timeout_ms = max(1, min(MAX_TIMEOUT_MS, math.ceil((exchange.deadline - now) * 1000)))
         header = request_header(id=exchange.id, key=self.key, op=request.op, model=request.model, timeout_ms=timeout_ms)
         return [header, *request.body]
 
+    def sent(self, exchange: Exchange, now: float) -> None:
+        """The socket took the current attempt."""
+        exchange.ids[exchange.id] = now
+        exchange.sent_at = now
+        try:
+            self._outbox.remove(exchange)
+        except ValueError:
+            pass
+        if not self._outbox:
+            self._retry_sends_at = math.inf
+
+    def send_blocked(self, now: float) -> None:
+        """The socket would not take a message: try again soon if a connection is up, else when one comes up."""
+        self._retry_sends_at = now + SEND_RETRY_S if self.link.up else math.inf
+
+    def requeue(self) -> None:
+        """The socket was replaced: every pending attempt goes out again on the new one (same id, same deadline)."""
+        for exchange in self.pending():
+            if exchange not in self._outbox:
+                exchange.ids[exchange.id] = None
+                self._outbox.append(exchange)
+
+    def forget(self, exchange: Exchange) -> None:
+        """Stop tracking a request (its result was taken, or its caller gave up); a late reply is dropped."""
+        self._exchanges.pop(id(exchange), None)
+        for wire_id in exchange.ids:
+            if self._by_wire_id.get(wire_id) is exchange:
+                del self._by_wire_id[wire_id]
+        try:
+            self._outbox.remove(exchange)
+        except ValueError:
+            pass
+
     def pending(self) -> list[Exchange]:
-        return [ex for ex in self._table.values() if not ex.done]
+        return [ex for ex in self._exchanges.values() if not ex.done]
 
     def next_deadline(self) -> float:
-        return min((ex.deadline for ex in self._table.values() if not ex.done), default=math.inf)
+        """When ``expire`` next has something to do (or a blocked send is due another try)."""
+        when = self._retry_sends_at
+        for exchange in self._exchanges.values():
+            if exchange.done:
+                continue
+            when = min(when, exchange.deadline)
+            if not self.link.up and self.link.down_since is not None:
+                when = min(when, max(self.link.down_since, exchange.opened) + self.unreachable_after)
+        return when
+
+    # -- replies, events and deadlines
 
     def receive(self, frames: Sequence[Any], now: float) -> Exchange | None:
         """Match a reply to its request and settle it; returns the exchange, or None if the reply was dropped."""
@@ -494,14 +716,26 @@ class Pipeline:
             log.warning("dropping a malformed reply from %s: %s", self.address, exc)
             return None
         request_id, status = header.get("id"), header.get("status")
-        exchange = self._table.get(request_id) if isinstance(request_id, str) else None
+        exchange = self._by_wire_id.get(request_id) if isinstance(request_id, str) else None
         if exchange is None and request_id is None and status != STATUS_OK:
             pending = self.pending()  # an error the server could not pin on an id: unambiguous only alone
-            exchange = pending[0] if len(pending) == 1 else None
+            if len(pending) == 1:
+                exchange, request_id = pending[0], pending[0].id
         if exchange is None or exchange.done:
             log.debug("dropping a reply for an unknown or settled request %r from %s", request_id, self.address)
             return None
+        if status != STATUS_OK and header.get("v") == VERSION:
+            if request_id != exchange.id:
+                log.debug("dropping a %s reply to an earlier attempt of %s; the current one decides", status, exchange.id)
+                return None
+            if status == "timeout" and now >= exchange.deadline:
+                return None  # the attempt's own deadline passed as well: expire() retries it, or fails it
+        self._settle(exchange, header, frames, now, request_id)
+        return exchange
+
+    def _settle(self, exchange: Exchange, header: dict[str, Any], frames: Sequence[Any], now: float, request_id: Any) -> None:
         exchange.done = True
+        status = header.get("status")
         if header.get("v") != VERSION:
             exchange.error = InternalError(
                 f"{self.address} speaks protocol version {header.get('v')!r}; this client speaks {VERSION}: "
@@ -513,7 +747,8 @@ class Pipeline:
                 str(status), str(header.get("message") or "the server gave no message"), details if isinstance(details, dict) else None
             )
         else:
-            round_trip_ms = (now - exchange.sent_at) * 1000.0
+            sent_at = exchange.ids.get(request_id) or exchange.sent_at
+            round_trip_ms = (now - sent_at) * 1000.0
             try:
                 arrays = decode_arrays(header.get("arrays", []), [memoryview(f) for f in frames[1:]])
                 exchange.value = exchange.request.finish(header, arrays, round_trip_ms, exchange.index)
@@ -521,32 +756,86 @@ class Pipeline:
                 error = InternalError(f"could not decode the {exchange.request.op} reply from {self.address}: {exc}")
                 error.__cause__ = exc
                 exchange.error = error
-        return exchange
+        try:
+            self._outbox.remove(exchange)
+        except ValueError:
+            pass
 
-    def expire(self, now: float) -> tuple[bool, list[Exchange]]:
-        """Settle what is past its deadline: (whether to reset the socket and resend, exchanges that failed)."""
-        reset, failed = False, []
-        for exchange in self._table.values():
-            if exchange.done or exchange.deadline > now:
+    def _fail(self, exchange: Exchange, failure: tuple[type[ServiceError], str, dict[str, Any]]) -> None:
+        cls, message, details = failure
+        exchange.done = True
+        exchange.error = cls(message, details={**details, "attempts": exchange.attempts, "op": exchange.request.op})
+        try:
+            self._outbox.remove(exchange)
+        except ValueError:
+            pass
+
+    def link_event(self, event: int, value: int, now: float) -> tuple[str | None, list[Exchange]]:
+        """Take a monitor event: (REOPEN or None, exchanges it settled).
+
+        A connection that drops takes its replies with it (the broker routes
+        each reply to the connection its request came on), so what went out on
+        it is resent at once, spending a retry, and goes out when a connection
+        is back; a request with no retry left fails now rather than at its
+        deadline. A refused handshake or a CurveZMQ mismatch fails everything
+        pending with a message that says what to change. Drivers read every
+        waiting event before they send, so a request sent on a new connection
+        is never taken for one lost with the old.
+        """
+        action = self.link.event(event, value, now)
+        failed: list[Exchange] = []
+        if self.link.failure is not None:
+            for exchange in self.pending():
+                self._fail(exchange, self.link.failure)
+                failed.append(exchange)
+        elif event == zmq.EVENT_DISCONNECTED:
+            for exchange in self.pending():
+                if exchange.unsent:
+                    continue
+                if exchange.retries_left > 0 and exchange.final > now:
+                    exchange.retries_left -= 1
+                    log.info("the connection to %s dropped while %s %s was out; resending it", self.address, exchange.request.op, exchange.id)
+                    self._start_attempt(exchange, now)
+                else:
+                    self._fail(exchange, (
+                        DeadlineExceeded,
+                        f"the connection to {self.address} dropped while this request was out (the broker stopped, or "
+                        f"the network failed) and no retry was left ({exchange.attempts} attempt(s)); raise retries=",
+                        {"address": self.address, "reason": "connection_lost"},
+                    ))  # fmt: skip
+                    failed.append(exchange)
+        return action, failed
+
+    def expire(self, now: float) -> list[Exchange]:
+        """Settle what is past its deadline, and what found no connection for too long; returns what failed."""
+        failed = []
+        for exchange in self.pending():
+            if not self.link.up and self.link.down_since is not None:
+                waited = now - max(self.link.down_since, exchange.opened)
+                if waited >= self.unreachable_after:
+                    self._fail(exchange, self.link.unreachable(waited))
+                    failed.append(exchange)
+                    continue
+            if exchange.deadline > now:
                 continue
-            if exchange.retries_left > 0:
+            if exchange.retries_left > 0 and exchange.final > now:
                 exchange.retries_left -= 1
-                exchange.deadline = math.inf  # until it is sent again
-                reset = True
                 log.info(
-                    "no reply from %s to %s %s in %.3g s; resending on a fresh socket",
-                    self.address, exchange.request.op, exchange.id, self.timeout,
-                )
+                    "no reply from %s to %s %s in %.3g s; retrying (attempt %d of %d)",
+                    self.address, exchange.request.op, exchange.id, now - (exchange.ids.get(exchange.id) or exchange.opened),
+                    exchange.attempts + 1, self.retries + 1,
+                )  # fmt: skip
+                self._start_attempt(exchange, now)
                 continue
-            waited = now - (exchange.first_sent if exchange.first_sent is not None else now)
-            exchange.done = True
-            exchange.error = DeadlineExceeded(
+            waited = now - exchange.opened
+            self._fail(exchange, (
+                DeadlineExceeded,
                 f"no reply from {self.address} after {waited:.1f} s ({exchange.attempts} attempt(s) of {self.timeout:g} s); "
                 "check that the broker runs there (zdepth health) and the address, or raise timeout=",
-                details={"address": self.address, "waited_s": waited, "attempts": exchange.attempts, "op": exchange.request.op},
-            )
+                {"address": self.address, "waited_s": waited},
+            ))  # fmt: skip
             failed.append(exchange)
-        return reset, failed
+        return failed
 
 
 class StreamState:
@@ -566,8 +855,8 @@ class StreamState:
     def head(self) -> Exchange | None:
         return self.out[0] if self.out else None
 
-    def submit(self, index: int, frame: Any) -> Exchange:
-        exchange = self.pipeline.open(self.build(frame), index=index)
+    def submit(self, index: int, frame: Any, now: float) -> Exchange:
+        exchange = self.pipeline.open(self.build(frame), now, index=index)
         self.out.append(exchange)
         return exchange
 

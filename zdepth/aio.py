@@ -16,8 +16,11 @@ from typing import Any, AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from ._requests import (
+    MONITOR_EVENTS,
+    REOPEN,
     ClientBase,
     ClientState,
     Exchange,
@@ -26,7 +29,8 @@ from ._requests import (
     StreamState,
     configure_socket,
 )
-from .client import Client, StreamItem
+from .auth import apply_peer_security
+from .client import Client, StreamItem, _close_socket
 from .pointcloud import Intrinsics
 from .protocol import OP_RELATIVE
 from .results import DepthResult, PointCloudResult
@@ -47,7 +51,9 @@ class AsyncClient(ClientBase):
 
     # Options and their checks live in ClientBase.__init__; the socket is made on first use.
     _socket: zmq.asyncio.Socket | None = None
+    _monitor: zmq.asyncio.Socket | None = None
     _receiver: asyncio.Task | None = None
+    _watcher: asyncio.Task | None = None
 
     @classmethod
     def from_profile(cls, name: str, **overrides: Any) -> AsyncClient:
@@ -64,17 +70,36 @@ class AsyncClient(ClientBase):
     def _open(self) -> zmq.asyncio.Socket:
         self._check_usable()
         if self._socket is None:
-            sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-            try:
-                configure_socket(sock, self.curve)
-                sock.connect(self.address)
-            except BaseException:
-                sock.close(linger=0)
-                raise
-            self._socket = sock
-            self._receiver = asyncio.get_running_loop().create_task(self._receive(self._socket))
+            self._open_socket()
             self._state = ClientState.OPENED
+        elif self._pipeline.link.failure is not None:  # refused: ZeroMQ will not retry, so a new call starts afresh
+            self._reopen()
+        assert self._socket is not None
         return self._socket
+
+    def _open_socket(self) -> None:
+        """A DEALER with the client's options and security, a task reading its replies and one its monitor."""
+        loop = asyncio.get_running_loop()
+        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        monitor = None
+        try:
+            configure_socket(sock)
+            apply_peer_security(sock, key=self._pipeline.key, curve=self.curve, plain=self._pipeline.link.plain)
+            monitor = sock.get_monitor_socket(MONITOR_EVENTS)
+            sock.connect(self.address)
+        except BaseException:
+            _close_socket(sock, monitor)
+            raise
+        self._socket, self._monitor = sock, monitor
+        self._pipeline.link.reset(time.monotonic())
+        self._receiver = loop.create_task(self._receive(sock))
+        self._watcher = loop.create_task(self._watch(monitor))
+
+    def _reopen(self) -> None:
+        """Replace the socket (with the security the link now asks for); what was pending goes out on the new one."""
+        self._drop_socket()
+        self._open_socket()
+        self._pipeline.requeue()
 
     async def aclose(self) -> None:
         """Drop the socket and anything unsent; calls still waiting fail. Idempotent."""
@@ -179,35 +204,51 @@ class AsyncClient(ClientBase):
 
     async def _call(self, request: Request) -> Any:
         self._open()
-        exchange = self._pipeline.open(request)
+        exchange = self._pipeline.open(request, time.monotonic())
         exchange.waiter = asyncio.get_running_loop().create_future()
         try:
-            self._send(exchange)
+            self._flush()
             while not exchange.done:
                 await self._wait([exchange.waiter], self._pipeline.next_deadline())
             return exchange.result()
         finally:
             self._pipeline.forget(exchange)
 
-    def _send(self, exchange: Exchange) -> None:
-        if exchange.waiter is None:
-            exchange.waiter = asyncio.get_running_loop().create_future()
-        frames = self._pipeline.message(exchange, time.monotonic())
+    def _submit(self, state: StreamState, index: int, frame: Any) -> None:
+        exchange = state.submit(index, frame, time.monotonic())
+        exchange.waiter = asyncio.get_running_loop().create_future()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand the socket every attempt waiting to go out, in order, until one would block. Connection events
+        are read first, so the pipeline knows which connection a request goes out on."""
+        self._read_monitor()
+        for exchange in self._pipeline.unsent():
+            if not self._send(exchange):
+                self._pipeline.send_blocked(time.monotonic())
+                break
+
+    def _send(self, exchange: Exchange) -> bool:
+        """Send the current attempt; False when the socket would block (no connection yet, or a full queue)."""
+        now = time.monotonic()
+        frames = self._pipeline.message(exchange, now)
         # With NOBLOCK the future is already settled: sending never awaits.
         sent = self._open().send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         if sent.exception() is not None:
             if not isinstance(sent.exception(), zmq.Again):
                 raise sent.exception()  # type: ignore[misc]
-            log.warning("send queue to %s is full; %s %s waits for its deadline", self.address, exchange.request.op, exchange.id)
+            return False
+        self._pipeline.sent(exchange, now)
+        return True
 
     async def _wait(self, waitables: Sequence[asyncio.Future], until: float) -> None:
-        """Wait for any of ``waitables`` until ``until``; then settle expired deadlines."""
+        """Wait for any of ``waitables`` until ``until``; then settle expired deadlines and send what waits."""
         timeout = max(0.0, min(until - time.monotonic(), IDLE_WAIT_S))
         if waitables:
             await asyncio.wait(waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         else:
             await asyncio.sleep(timeout)
-        self._expire()
+        self._tick()
 
     async def _receive(self, sock: zmq.asyncio.Socket) -> None:
         """Match every reply on ``sock`` to its waiter, until the socket is replaced or closed."""
@@ -222,27 +263,52 @@ class AsyncClient(ClientBase):
         except zmq.ZMQError as exc:  # the socket was closed under us
             log.debug("receiver for %s stopped: %s", self.address, exc)
 
-    def _expire(self) -> None:
-        reset, failed = self._pipeline.expire(time.monotonic())
-        for exchange in failed:
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """Read the socket's connection events as they come; then send what they allow."""
+        try:
+            while self._monitor is monitor:
+                await monitor.poll(None, zmq.POLLIN)
+                if self._monitor is monitor:
+                    self._flush()  # reads the events first
+        except asyncio.CancelledError:
+            raise
+        except zmq.ZMQError as exc:  # the socket was closed under us
+            log.debug("monitor for %s stopped: %s", self.address, exc)
+
+    def _read_monitor(self) -> None:
+        """Feed every waiting connection event to the pipeline; wake what they settle; reopen when asked."""
+        while self._monitor is not None:
+            received = self._monitor.recv_multipart(zmq.NOBLOCK)  # settled at once: never awaits
+            error = received.exception()
+            if isinstance(error, zmq.Again):
+                return
+            if error is not None:
+                raise error
+            message = parse_monitor_message(received.result())
+            action, failed = self._pipeline.link_event(message["event"], message["value"], time.monotonic())
+            for exchange in failed:
+                _wake(exchange)
+            if action == REOPEN:
+                self._reopen()
+
+    def _tick(self) -> None:
+        for exchange in self._pipeline.expire(time.monotonic()):
             _wake(exchange)
-        if reset and not self.closed:
-            self._drop_socket()
-            self._open()
-            for exchange in self._pipeline.pending():
-                self._send(exchange)
+        if self._socket is not None and not self.closed:
+            self._flush()
 
     def _drop_socket(self) -> None:
-        """Close the socket (linger 0): unsent requests and late replies to it are gone."""
-        if self._receiver is not None:
-            try:
-                self._receiver.cancel()
-            except RuntimeError:  # its event loop has already closed
-                pass
-            self._receiver = None
+        """Close the socket and its monitor (linger 0): unsent requests and late replies to it are gone."""
+        for task in (self._receiver, self._watcher):
+            if task is not None:
+                try:
+                    task.cancel()
+                except RuntimeError:  # its event loop has already closed
+                    pass
+        self._receiver = self._watcher = None
         if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+            _close_socket(self._socket, self._monitor)
+            self._socket = self._monitor = None
 
     # ------------------------------------------------------------------ streams
 
@@ -264,7 +330,7 @@ class AsyncClient(ClientBase):
                     arrived.clear()  # before take(): a frame put after it sets the event again
                     while state.room() and (item := slot.take()) is not None:
                         self._check_usable()
-                        self._send(state.submit(*item))
+                        self._submit(state, *item)
                     exhausted = slot.exhausted
                 else:
                     while state.room() and not exhausted:
@@ -273,7 +339,7 @@ class AsyncClient(ClientBase):
                             exhausted = True
                         else:
                             self._check_usable()
-                            self._send(state.submit(index, frame))
+                            self._submit(state, index, frame)
                             index += 1
                 if exhausted and state.head is None:
                     return

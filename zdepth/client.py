@@ -1,10 +1,12 @@
 """The blocking client: ``with Client("tcp://gpu-box:5555") as c: c.metric_depth(frame)``.
 
-One DEALER socket per client, hidden from the caller. Every call waits at most
-``timeout`` seconds for its reply; a lost reply is retried ``retries`` times on
-a fresh socket, and then the call raises DeadlineExceeded naming the address:
-a call never hangs. ``stream`` keeps several frames in flight on the one
-socket for camera loops, and yields results in frame order.
+One DEALER socket per client, hidden from the caller. Each attempt waits at
+most ``timeout`` seconds for its reply; an attempt that gets none is retried,
+up to ``retries`` times, and then the call raises DeadlineExceeded naming the
+address: a call never takes longer than ``timeout * (retries + 1)``. Only the
+request that expired is resent; others in flight are left alone. ``stream``
+keeps several frames in flight on the one socket for camera loops, and yields
+results in frame order.
 
 A Client is for one thread at a time (ZeroMQ sockets are not thread-safe):
 give each thread its own. For asyncio, use ``zdepth.aio.AsyncClient``, the
@@ -22,9 +24,12 @@ import time
 from typing import Any, Iterable, Iterator, Union
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ._requests import (
     DEFAULT_ADDRESS,
+    MONITOR_EVENTS,
+    REOPEN,
     ClientBase,
     ClientState,
     Exchange,
@@ -33,6 +38,7 @@ from ._requests import (
     StreamState,
     configure_socket,
 )
+from .auth import apply_peer_security
 from .pointcloud import Intrinsics
 from .protocol import OP_RELATIVE
 from .results import DepthResult, PointCloudResult
@@ -52,8 +58,11 @@ class Client(ClientBase):
     None reads ``ZDEPTH_KEY`` or the file named by ``ZDEPTH_KEY_FILE``.
     ``timeout``: seconds to wait for each attempt's reply (also sent to the
     broker, which drops work whose caller has given up). ``retries``: how many
-    times a lost reply is retried on a fresh socket, so a call takes at most
-    ``timeout * (retries + 1)`` seconds. Error replies are never retried.
+    times a request whose attempt got no reply is sent again (each resend
+    spends one, including a resend after the connection dropped), so a call
+    takes at most ``timeout * (retries + 1)`` seconds from when it was made
+    (for ``stream``, from when the frame was submitted). A late reply to an
+    earlier attempt still counts. Error replies are never retried.
 
     ``encoder``, ``dataset``, ``input_size``, ``max_depth``: defaults for every
     call, which a call's own argument overrides; None leaves the choice to the
@@ -68,11 +77,14 @@ class Client(ClientBase):
     ``"raw"`` sends the pixels as they are. Encoded bytes and files are always
     sent as they are. ``curve``: a ``zdepth.curve.CurveClient`` (this client's
     secret certificate and the broker's public one) for a broker that runs
-    CurveZMQ; without it such a broker never answers, and calls time out.
+    CurveZMQ; without it, calls to such a broker fail with ``Unauthorized``
+    saying so.
     """
 
     # Options and their checks live in ClientBase.__init__; the socket is made on first use.
     _socket: zmq.Socket | None = None
+    _monitor: zmq.Socket | None = None
+    _poller: zmq.Poller | None = None  # kept with the socket: one per call would cost on every frame
 
     @classmethod
     def from_profile(cls, name: str, **overrides: Any) -> Client:
@@ -85,22 +97,33 @@ class Client(ClientBase):
         """Connect now (otherwise the first call connects). Connecting never waits for the broker."""
         self._check_usable()
         if self._socket is None:
-            sock = zmq.Context.instance().socket(zmq.DEALER)
-            try:
-                configure_socket(sock, self.curve)
-                sock.connect(self.address)
-            except BaseException:
-                sock.close(linger=0)
-                raise
-            self._socket = sock
+            self._open_socket()
             self._state = ClientState.OPENED
         return self
+
+    def _open_socket(self) -> None:
+        """A DEALER with the client's options and security, watched by a monitor socket."""
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        monitor = None
+        try:
+            configure_socket(sock)
+            apply_peer_security(sock, key=self._pipeline.key, curve=self.curve, plain=self._pipeline.link.plain)
+            monitor = sock.get_monitor_socket(MONITOR_EVENTS)
+            sock.connect(self.address)
+        except BaseException:
+            _close_socket(sock, monitor)
+            raise
+        self._socket, self._monitor = sock, monitor
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(monitor, zmq.POLLIN)
+        self._pipeline.link.reset(time.monotonic())
 
     def close(self) -> None:
         """Drop the socket and anything unsent; idempotent. A closed client cannot be reopened."""
         if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+            _close_socket(self._socket, self._monitor)
+            self._socket = self._monitor = self._poller = None
         self._state = ClientState.CLOSED
 
     def __enter__(self) -> Client:
@@ -241,37 +264,58 @@ class Client(ClientBase):
     def _ensure_socket(self) -> zmq.Socket:
         if self._socket is None:
             self.open()
+        elif self._pipeline.link.failure is not None:  # refused: ZeroMQ will not retry, so a new call starts afresh
+            self._reopen()
         assert self._socket is not None
         return self._socket
 
     def _call(self, request: Request) -> Any:
         self._check_usable()
         self._ensure_socket()
-        exchange = self._pipeline.open(request)
+        exchange = self._pipeline.open(request, time.monotonic())
         try:
-            self._send(exchange)
+            self._flush()
             while not exchange.done:
-                self._pump(exchange.deadline)
+                self._pump()
             return exchange.result()
         finally:
             self._pipeline.forget(exchange)
 
+    def _flush(self) -> None:
+        """Hand the socket every attempt waiting to go out, in order, until one would block. Connection events
+        are read first, so the pipeline knows which connection a request goes out on."""
+        if self._monitor is not None:
+            self._read_monitor(self._monitor)
+        for exchange in self._pipeline.unsent():
+            self._send(exchange)
+            if exchange.unsent:
+                self._pipeline.send_blocked(time.monotonic())
+                break
+
     def _send(self, exchange: Exchange) -> None:
-        frames = self._pipeline.message(exchange, time.monotonic())
+        """Send the exchange's current attempt; it stays unsent when the socket would block (no connection yet,
+        or a full queue)."""
+        now = time.monotonic()
+        frames = self._pipeline.message(exchange, now)
         try:
             self._ensure_socket().send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # the send queue is full: treat as a lost request; the deadline resends it
-            log.warning("send queue to %s is full; %s %s waits for its deadline", self.address, exchange.request.op, exchange.id)
+        except zmq.Again:
+            return
+        self._pipeline.sent(exchange, now)
 
-    def _pump(self, until: float, reader: _FrameReader | None = None) -> None:
-        """Wait for a reply (or a new frame from ``reader``) until ``until``; settle replies and expired deadlines."""
-        sock = self._ensure_socket()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
+    def _pump(self, reader: _FrameReader | None = None) -> None:
+        """Wait for a reply, a connection event (or a new frame from ``reader``) until the next deadline; then
+        settle replies, events and expired deadlines, and send what waits."""
+        sock, monitor, poller = self._ensure_socket(), self._monitor, self._poller
+        assert poller is not None and monitor is not None
+        wait_s = min(self._pipeline.next_deadline() - time.monotonic(), IDLE_POLL_S)
         if reader is not None:
             poller.register(reader.wake_fd, zmq.POLLIN)
-        wait_s = min(until - time.monotonic(), IDLE_POLL_S)
-        events = dict(poller.poll(max(0, math.ceil(wait_s * 1000))))
+        try:
+            events = dict(poller.poll(max(0, math.ceil(wait_s * 1000))))
+        finally:
+            if reader is not None:
+                poller.unregister(reader.wake_fd)
         if sock in events:
             while True:
                 try:
@@ -281,26 +325,32 @@ class Client(ClientBase):
                 self._pipeline.receive(frames, time.monotonic())
         if reader is not None and reader.wake_fd in events:
             reader.drain()
-        self._expire()
+        self._pipeline.expire(time.monotonic())
+        self._flush()
 
-    def _expire(self) -> None:
-        reset, _ = self._pipeline.expire(time.monotonic())
-        if reset:
-            self._reset_socket()
-            for exchange in self._pipeline.pending():
-                self._send(exchange)
+    def _read_monitor(self, monitor: zmq.Socket) -> None:
+        while self._socket is not None and monitor is self._monitor:
+            try:
+                message = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            action, _ = self._pipeline.link_event(message["event"], message["value"], time.monotonic())
+            if action == REOPEN:
+                self._reopen()
 
-    def _reset_socket(self) -> None:
-        """Replace the socket: unsent requests and late replies to the old one are gone with it."""
+    def _reopen(self) -> None:
+        """Replace the socket (with the security the link now asks for) and resend what was pending on it."""
         if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
-        self.open()
+            _close_socket(self._socket, self._monitor)
+            self._socket = self._monitor = self._poller = None
+        self._open_socket()
+        self._pipeline.requeue()
 
     # ------------------------------------------------------------------ streams
 
     def _stream_all(self, frames: Iterable[Any], state: StreamState) -> Iterator[StreamItem]:
         self._check_usable()
+        self._ensure_socket()
         source = enumerate(frames)
         exhausted = False
         try:
@@ -312,16 +362,18 @@ class Client(ClientBase):
                         exhausted = True
                     else:
                         self._check_usable()
-                        self._send(state.submit(*item))
+                        state.submit(*item, time.monotonic())
+                        self._flush()
                 if exhausted and state.head is None:
                     return
                 if state.head is not None and not state.head.done:
-                    self._pump(self._pipeline.next_deadline())
+                    self._pump()
         finally:
             state.abandon()
 
     def _stream_latest(self, frames: Iterable[Any], state: StreamState) -> Iterator[StreamItem]:
         self._check_usable()
+        self._ensure_socket()
         slot = LatestSlot()
         reader = _FrameReader(frames, slot)
         reader.start()
@@ -335,17 +387,30 @@ class Client(ClientBase):
                     if item is None:
                         break
                     self._check_usable()
-                    self._send(state.submit(*item))
+                    state.submit(*item, time.monotonic())
+                    self._flush()
                 if state.head is None and slot.exhausted:
                     if slot.error is not None:
                         raise slot.error
                     return
                 if state.head is None or not state.head.done:
                     # Wake for new frames only while one could be sent.
-                    self._pump(self._pipeline.next_deadline(), reader if state.room() else None)
+                    self._pump(reader if state.room() else None)
         finally:
             state.abandon()
             reader.stop()
+
+
+def _close_socket(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
+    """Close a client socket and its monitor. The monitor goes first: its inproc address is derived from the
+    socket's descriptor, which the next socket may get."""
+    if monitor is not None:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        monitor.close(linger=0)
+    sock.close(linger=0)
 
 
 class _FrameReader(threading.Thread):

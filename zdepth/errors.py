@@ -9,12 +9,14 @@
     │   ├── UnknownModel           unknown_model  no worker serves the model
     │   ├── Overloaded             overloaded     queue full; retry later or add workers
     │   ├── DeadlineExceeded       timeout        the deadline passed (server side or no reply)
+    │   │   └── BrokerUnreachable  (client side)  no connection to the broker came up
     │   ├── WorkerLost             worker_lost    the worker died twice with the request
     │   └── InternalError          internal       a bug or a GPU fault; see the server log
     ├── WeightsNotFound            a checkpoint file is missing locally
     └── ConfigError                a bad profile file, option or environment variable
 
-``ServiceError`` subclasses map one to one to the error codes of PROTOCOL.md;
+``ServiceError`` subclasses map one to one to the error codes of PROTOCOL.md
+(``BrokerUnreachable`` is the client's own finding, never on the wire);
 ``error_from_code`` turns a reply's code back into the right class, so callers
 can catch exactly what they can act on.
 """
@@ -31,6 +33,7 @@ __all__ = [
     "UnknownModel",
     "Overloaded",
     "DeadlineExceeded",
+    "BrokerUnreachable",
     "WorkerLost",
     "InternalError",
     "WeightsNotFound",
@@ -72,6 +75,17 @@ class Overloaded(ServiceError):
 
 class DeadlineExceeded(ServiceError, TimeoutError):
     code = "timeout"
+
+
+class BrokerUnreachable(DeadlineExceeded, ConnectionError):
+    """No working connection to the broker came up in time, so the request never reached it.
+
+    A DeadlineExceeded, so code that
+    handles "no reply in time" handles this too, only sooner; and a
+    ConnectionError, as Python's own networking calls it.
+    """
+
+    code = "unreachable"
 
 
 class WorkerLost(ServiceError):
