@@ -253,6 +253,51 @@ def test_worker_on_a_gpu_this_machine_lacks_is_a_config_error(runner: CliRunner,
     assert f"error: --device cuda:{count}: {expected}" in result.output
 
 
+HTTP_STATUS_SERVER = """
+import http.server, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self):
+        self.send_response(int(sys.argv[2]))
+        self.end_headers()
+    do_GET = do_HEAD
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_download_that_cannot_reach_the_hub_says_so_once_per_attempt(tmp_path: Path) -> None:
+    pytest.importorskip("huggingface_hub")
+    port = free_port()  # nothing listens: connection refused, as on a machine without a route to the hub
+    argv = zdepth_argv("worker", "--download", "-m", "vits", "--weights-dir", str(tmp_path / "w"), "--device", "cpu")
+    out = subprocess.run(argv, capture_output=True, text=True, env=child_env(HF_ENDPOINT=f"http://127.0.0.1:{port}"), timeout=50)
+    assert out.returncode == 3, out.stderr
+    attempts = [line for line in out.stderr.splitlines() if "cannot reach" in line and "(attempt " in line]
+    assert [line.split("(attempt ")[1][:6] for line in attempts] == ["1 of 3", "2 of 3", "3 of 3"], out.stderr
+    assert all(f"cannot reach 127.0.0.1:{port}" in line for line in attempts)
+    assert f"The download failed: cannot reach the model hub at 127.0.0.1:{port} (Connection refused; 3 attempts)." in out.stderr
+    assert "Retrying in" not in out.stderr and "huggingface_hub" not in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_hub_that_refuses_the_file_is_one_line_without_the_hub_library_noise(tmp_path: Path) -> None:
+    pytest.importorskip("huggingface_hub")
+    port = free_port()
+    hub = subprocess.Popen([sys.executable, "-c", HTTP_STATUS_SERVER, str(port), "404"])
+    try:
+        argv = zdepth_argv("worker", "--download", "-m", "vits", "--weights-dir", str(tmp_path / "w"), "--device", "cpu")
+        out = subprocess.run(argv, capture_output=True, text=True, env=child_env(HF_ENDPOINT=f"http://127.0.0.1:{port}"), timeout=50)
+    finally:
+        hub.kill()
+        hub.wait()
+    assert out.returncode == 3, out.stderr
+    failed = [line for line in out.stderr.splitlines() if line.startswith("The download failed: ")]
+    assert len(failed) == 1 and "Error: " in failed[0] and failed[0].endswith(".") and not failed[0].endswith(".."), out.stderr
+    assert "cannot reach" not in out.stderr  # the hub answered
+    assert "huggingface_hub" not in out.stderr and "Retrying in" not in out.stderr and "Traceback" not in out.stderr
+
+
 WITHOUT_TORCH = "import sys; sys.modules['torch'] = sys.modules['torchvision'] = None; from zdepth.cli import app; app(prog_name='zdepth')"
 
 
