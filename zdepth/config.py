@@ -70,7 +70,7 @@ class BrokerConfig:
     workers: str = f"tcp://*:{DEFAULT_WORKER_PORT}"
     key: str | None = None
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
-    max_queue: int = 1024  # waiting requests, all models together; past it: overloaded
+    max_queue: int = 1024  # requests held (waiting, or at a worker), all models together; past it: overloaded
     max_queue_bytes: int = MAX_QUEUE_BYTES  # their body bytes, all models together; past it: overloaded
     max_client_bytes: int = MAX_CLIENT_BYTES  # body bytes held for one connection, queued and in flight
     # Replies queued for one connection that is not reading; past it that connection's newest replies are dropped.
@@ -115,9 +115,13 @@ class WorkerConfig:
     reconnect_max_s: float = 8.0
     warmup_sizes: tuple[tuple[int, int], ...] = ((480, 640),)
     max_message_bytes: int = MAX_MESSAGE_BYTES
-    # Image bytes held at once (frames as received plus their decoded pixels); past it: overloaded.
+    # Image bytes held at once (frames as received plus the peak bytes of decoding them); past it: overloaded.
     max_held_bytes: int = MAX_HELD_BYTES
+    # Pixels per image. None: the most whose float32 depth map fits one reply message (max_message_bytes / 4,
+    # 4096 x 4096 at 64 MiB), so that every image a worker accepts can be answered. See zdepth.worker.max_pixels.
+    max_pixels: int | None = None
     curve: CurveClient | None = None
+    summary_interval_s: float = 10.0  # one INFO line on what was served per interval with traffic; each request logs at DEBUG
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -132,6 +136,10 @@ class WorkerConfig:
             raise ConfigError("reconnect back-off needs 0 < reconnect_min_s <= reconnect_max_s")
         if self.max_held_bytes < 1:
             raise ConfigError(f"max_held_bytes must be >= 1, got {self.max_held_bytes}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.summary_interval_s <= 0:
+            raise ConfigError(f"summary_interval_s must be > 0, got {self.summary_interval_s}")
 
     @property
     def effective_capacity(self) -> int:

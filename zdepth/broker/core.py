@@ -196,6 +196,7 @@ class BrokerCore:
         self.queued_bytes = 0
         self.dispatched: dict[int, HeldRequest] = {}
         self.client_bytes: collections.Counter[bytes] = collections.Counter()  # queued + in flight, per client
+        self.held_bytes = 0  # body bytes of every request held, queued or in flight
         self.pending_ids: set[tuple[bytes, str]] = set()  # (client, id) of every request held
         self.model_last_seen: dict[str, float] = {}
         self.stats = Stats()
@@ -315,16 +316,19 @@ class BrokerCore:
         request = HeldRequest(client, header.id, header.op, model, body, size, peer, received=now, deadline=now + timeout_s)
         self.pending_ids.add((client, header.id))
         self.client_bytes[client] += size
+        self.held_bytes += size
         self._enqueue(request)
         self._dispatch(model, now)
 
     def _admission(self, client: bytes, size: int) -> str | None:
         """Why a new request of ``size`` body bytes may not be queued, or None."""
+        # The limits count what is at workers too, so re-queueing a dead worker's requests never exceeds them.
         config = self.config
-        if self.queued >= config.max_queue:
-            return f"{self.queued} requests are waiting (limit {config.max_queue}); retry later or add workers"
-        if self.queued and self.queued_bytes + size > config.max_queue_bytes:
-            return f"{self.queued_bytes} bytes of requests are waiting (limit {config.max_queue_bytes}); retry later or add workers"
+        held = self.queued + len(self.dispatched)
+        if held >= config.max_queue:
+            return f"{held} requests are waiting or at workers (limit {config.max_queue}); retry later or add workers"
+        if held and self.held_bytes + size > config.max_queue_bytes:
+            return f"{self.held_bytes} bytes of requests are waiting or at workers (limit {config.max_queue_bytes}); retry later or add workers"
         held = self.client_bytes[client]
         if held and held + size > config.max_client_bytes:
             return f"this connection already has {held} bytes of requests at the broker (limit {config.max_client_bytes}); wait for replies"
@@ -570,7 +574,9 @@ class BrokerCore:
                 lost.append(request)
             worker.in_flight.clear()
         for request in sorted(lost, key=lambda r: r.received, reverse=True):
-            if request.attempts >= MAX_ATTEMPTS:
+            if self.stopping:
+                self._fail(request, "overloaded", "the broker is shutting down and the worker holding this request left; retry in a moment", now)
+            elif request.attempts >= MAX_ATTEMPTS:
                 self._fail(request, "worker_lost", f"the worker died while holding this request, {request.attempts} times; retry, and check the workers' logs", now)
             else:
                 self._enqueue(request, front=True)  # oldest first, ahead of newer work
@@ -582,6 +588,7 @@ class BrokerCore:
         """The request is answered: what the broker held for its client is freed."""
         self.pending_ids.discard((request.client, request.id))
         self.client_bytes[request.client] -= request.size
+        self.held_bytes -= request.size
         if self.client_bytes[request.client] <= 0:
             del self.client_bytes[request.client]
 
@@ -611,7 +618,7 @@ class BrokerCore:
         for rid in list(self.dispatched):
             request = self.dispatched[rid]
             self._forget(rid)
-            self._fail(request, "worker_lost", "the broker shut down before the worker answered; retry", self._stop_by)
+            self._fail(request, "overloaded", "the broker shut down before the worker answered; retry in a moment", self._stop_by)
         for worker in self.workers.values():
             self._to_worker(worker.identity, [command(DISCONNECT, reason=REASON_SHUTDOWN)])
         self.finished = True
