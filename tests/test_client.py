@@ -661,16 +661,18 @@ def test_constructor_validates_options():
     for kwargs in ({"timeout": 0}, {"timeout": None}, {"retries": -1}, {"depth_dtype": "float64"}, {"wire_format": "png"}):
         with pytest.raises(ValueError):
             Client(**kwargs)
-    with pytest.raises(ValueError, match="endpoint"):
-        Client("localhost:5555")
+    for address in ("tcp://127.0.0.1", "tcp//host:5555", "http://gpu-box:5555", "gpu-box:99999"):
+        with pytest.raises(ConfigError, match="accepted forms|ZeroMQ, not HTTP|1 to 65535"):
+            Client(address)
 
 
-def test_from_profile_uses_load_profile(monkeypatch):
-    profiles = types.ModuleType("zdepth.profiles")
-    profiles.load_profile = lambda name: types.SimpleNamespace(address=f"tcp://{name}:5555", key="pk", model="vitl-vkitti")
-    monkeypatch.setitem(sys.modules, "zdepth.profiles", profiles)
+def test_from_profile_reads_the_profile_file(monkeypatch, tmp_path):
+    (tmp_path / "lab.key").write_text("pk\n")
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('[lab]\naddress = "lab-box:5555"\nkey_file = "lab.key"\nmodel = "vitl-vkitti"\n')
+    monkeypatch.setenv("ZDEPTH_CONFIG", str(profiles))
     client = Client.from_profile("lab", timeout=3.0)
-    assert (client.address, client.encoder, client.dataset, client.timeout) == ("tcp://lab:5555", "vitl", "vkitti", 3.0)
+    assert (client.address, client.encoder, client.dataset, client.timeout) == ("tcp://lab-box:5555", "vitl", "vkitti", 3.0)
     assert client._pipeline.key == "pk"
 
 

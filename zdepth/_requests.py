@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import zmq
 
-from .codec import DEPTH_DTYPES, decode_arrays, image_descriptor, params_frame
+from .codec import DEFAULT_MAX_IMAGE_BYTES, DEPTH_DTYPES, decode_arrays, image_descriptor, params_frame
 from .config import read_key
 from .curve import CurveClient
 from .errors import (
@@ -150,6 +150,99 @@ def split_model_id(model: str | None) -> tuple[str | None, str | None]:
     return encoder, dataset or None
 
 
+URL_SCHEMES = ("http", "https")
+MAX_URL_IMAGE_BYTES = DEFAULT_MAX_IMAGE_BYTES  # what a broker accepts: a bigger download could never be sent
+URL_CHUNK_BYTES = 1024 * 1024
+
+
+def is_url(image: Any) -> bool:
+    """A string with a scheme (``https://...``): fetched here if http or https, refused otherwise."""
+    return isinstance(image, str) and "://" in image
+
+
+def _shown_url(url: str) -> str:
+    """The URL for messages and logs: no user name or password, no query (signed URLs carry tokens there)."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "the URL given"
+    return f"{parts.scheme}://{host}{port}{parts.path}" + ("?..." if parts.query else "")
+
+
+def fetch_image(url: str, *, timeout: float, max_bytes: int = MAX_URL_IMAGE_BYTES) -> bytes:
+    """Download an image by ``http://`` or ``https://`` URL, as the old HTTP server took them; BadRequest says why not.
+
+    The client fetches, never the server: the broker and workers open no
+    connection on a caller's behalf. At most ``max_bytes`` (64 MiB, the
+    largest image a broker accepts) are read; the download gives up after
+    ``timeout`` seconds (checked between reads; each read waits at most that
+    long too). Redirects are followed only to http and https; any other scheme
+    (``file://``, ``ftp://``, ...) is refused.
+    """
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    shown = _shown_url(url)
+    scheme = url.partition("://")[0].lower()
+    if scheme not in URL_SCHEMES:
+        raise BadRequest(
+            f"cannot fetch {shown}: only http:// and https:// images are fetched; for a local file give its path",
+            details={"url": shown},
+        )
+    try:
+        host = urllib.parse.urlsplit(url).hostname
+    except ValueError as exc:
+        raise BadRequest(f"cannot fetch {shown}: {exc}", details={"url": shown}) from None
+    if not host:
+        raise BadRequest(f"cannot fetch {shown}: the URL names no host", details={"url": shown})
+
+    class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+            if newurl.partition("://")[0].lower() not in URL_SCHEMES:
+                raise BadRequest(f"cannot fetch {shown}: it redirects to {_shown_url(newurl)}, which is not http or https", details={"url": shown})
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    request = urllib.request.Request(url, headers={"Accept": "image/*", "User-Agent": "zdepth-client"})
+    deadline = time.monotonic() + timeout
+    too_big = f"cannot fetch {shown}: the image is larger than {max_bytes} bytes, the most a broker accepts"
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            kind = response.headers.get("Content-Type", "")
+            if kind.startswith("text/"):
+                raise BadRequest(f"cannot fetch {shown}: the server sent {kind.split(';')[0]}, not an image", details={"url": shown})
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > max_bytes:
+                raise BadRequest(too_big, details={"url": shown})
+            chunks, total = [], 0
+            while chunk := response.read(min(URL_CHUNK_BYTES, max_bytes + 1 - total)):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise BadRequest(too_big, details={"url": shown})
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                chunks.append(chunk)
+    except urllib.error.HTTPError as exc:
+        raise BadRequest(f"cannot fetch {shown}: HTTP {exc.code} {exc.reason}", details={"url": shown, "http_status": exc.code}) from None
+    except TimeoutError:
+        raise BadRequest(f"cannot fetch {shown}: no complete answer in {timeout:g} s", details={"url": shown}) from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, TimeoutError):
+            raise BadRequest(f"cannot fetch {shown}: no answer in {timeout:g} s", details={"url": shown}) from None
+        raise BadRequest(f"cannot fetch {shown}: {reason}", details={"url": shown}) from None
+    except OSError as exc:  # the connection broke mid-way
+        raise BadRequest(f"cannot fetch {shown}: {exc}", details={"url": shown}) from None
+    if not total:
+        raise BadRequest(f"cannot fetch {shown}: the server sent no bytes", details={"url": shown})
+    return b"".join(chunks)
+
+
 def prepare_image(image: Any, wire_format: str) -> tuple[dict[str, Any], Any]:
     """The image descriptor for the params frame and the image frame.
 
@@ -166,7 +259,7 @@ def prepare_image(image: Any, wire_format: str) -> tuple[dict[str, Any], Any]:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return image_descriptor(image)
     raise TypeError(
-        f"image must be a BGR uint8 numpy array, JPEG/PNG bytes or a file path, got {type(image).__name__}"
+        f"image must be a BGR uint8 numpy array, JPEG/PNG bytes, a file path or an http(s) URL, got {type(image).__name__}"
     )
 
 
@@ -290,6 +383,30 @@ class _PointCloudFinisher:
 # ----------------------------------------------------------------------------- options and request building
 
 
+class _Unchosen:
+    """Marks a constructor default the caller did not choose, so a profile's own value may take its place.
+
+    The defaults below are instances of float and str subclasses: they print
+    and compare as the plain values, and an argument the caller wrote, even
+    the same value, is a plain float or str.
+    """
+
+    __slots__ = ()
+
+
+class _UnchosenFloat(_Unchosen, float):
+    __slots__ = ()
+
+
+class _UnchosenStr(_Unchosen, str):
+    __slots__ = ()
+
+
+DEFAULT_TIMEOUT = _UnchosenFloat(30.0)
+DEFAULT_ENCODER = _UnchosenStr("vits")
+_DEFAULT_DATASET = _UnchosenStr(DEFAULT_DATASET)
+
+
 class ClientBase:
     """Options, lifecycle state and request building shared by Client and AsyncClient."""
 
@@ -298,18 +415,29 @@ class ClientBase:
         address: str = DEFAULT_ADDRESS,
         *,
         key: str | None = None,
-        timeout: float = 30.0,
+        timeout: float = DEFAULT_TIMEOUT,
         retries: int = 1,
-        encoder: str | None = "vits",
-        dataset: str | None = DEFAULT_DATASET,
+        encoder: str | None = DEFAULT_ENCODER,
+        dataset: str | None = _DEFAULT_DATASET,
         input_size: int | None = None,
         max_depth: float | None = None,
         depth_dtype: str = "float32",
         wire_format: str = "raw",
         curve: CurveClient | None = None,
     ) -> None:
-        if not isinstance(address, str) or "://" not in address:
-            raise ValueError(f"address must be a ZeroMQ endpoint such as 'tcp://gpu-box:5555', got {address!r}")
+        from .profiles import resolve_server  # the CLI's address forms and profile names, one set of rules
+
+        address, profile = resolve_server(address)
+        if profile is not None:  # what the caller left unchosen comes from the profile
+            key = key if key is not None else profile.key
+            curve = curve if curve is not None else profile.curve
+            if profile.timeout is not None and isinstance(timeout, _Unchosen):
+                timeout = profile.timeout
+            profile_encoder, profile_dataset = split_model_id(profile.model)
+            if profile_encoder is not None and isinstance(encoder, _Unchosen):
+                encoder = profile_encoder
+                if profile_dataset is not None and isinstance(dataset, _Unchosen):
+                    dataset = profile_dataset
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
@@ -319,10 +447,11 @@ class ClientBase:
         if wire_format not in WIRE_FORMATS:
             raise ValueError(f"wire_format must be one of {list(WIRE_FORMATS)}, got {wire_format!r}")
         self.address = address
+        self.profile = profile.name if profile is not None else None
         self.timeout = float(timeout)
         self.retries = retries
-        self.encoder = encoder
-        self.dataset = dataset
+        self.encoder = None if encoder is None else str(encoder)
+        self.dataset = None if dataset is None else str(dataset)
         self.input_size = input_size
         self.max_depth = max_depth
         self.depth_dtype = depth_dtype
@@ -338,18 +467,16 @@ class ClientBase:
         from .profiles import load_profile  # lazy: profiles are optional for plain clients
 
         profile = load_profile(name)
-        kwargs: dict[str, Any] = {"address": profile.address, "key": getattr(profile, "key", None)}
-        encoder, dataset = split_model_id(getattr(profile, "model", None))
+        kwargs: dict[str, Any] = {"address": profile.address, "key": profile.key}
+        encoder, dataset = split_model_id(profile.model)
         if encoder is not None:
             kwargs["encoder"] = encoder
             if dataset is not None:
                 kwargs["dataset"] = dataset
-        timeout = getattr(profile, "timeout", None)
-        if timeout is not None:
-            kwargs["timeout"] = timeout
-        curve = getattr(profile, "curve", None)  # CurveZMQ certificates (curve_secret, curve_server_key)
-        if curve is not None:
-            kwargs["curve"] = curve
+        if profile.timeout is not None:
+            kwargs["timeout"] = profile.timeout
+        if profile.curve is not None:  # CurveZMQ certificates (curve_secret, curve_server_key)
+            kwargs["curve"] = profile.curve
         kwargs.update(overrides)
         return kwargs
 
@@ -381,8 +508,11 @@ class ClientBase:
         input_size: int | None = None,
         intrinsics: Intrinsics | None = None,
         finish: Callable[..., Any] = finish_depth,
+        created: float | None = None,
     ) -> Request:
-        created = time.monotonic()
+        created = time.monotonic() if created is None else created
+        if is_url(image):
+            image = fetch_image(image, timeout=self.timeout)
         desc, payload = prepare_image(image, self.wire_format)
         params = params_frame(
             desc,
@@ -394,8 +524,10 @@ class ClientBase:
         model = model_id(op, encoder or self.encoder, dataset or self.dataset)
         return Request(op=op, model=model, body=(params, payload), finish=finish, created=created)
 
-    def _relative_request(self, image: Any, *, encoder: str | None = None, input_size: int | None = None) -> Request:
-        return self._depth_request(OP_RELATIVE, image, encoder=encoder, input_size=input_size)
+    def _relative_request(
+        self, image: Any, *, encoder: str | None = None, input_size: int | None = None, created: float | None = None
+    ) -> Request:
+        return self._depth_request(OP_RELATIVE, image, encoder=encoder, input_size=input_size, created=created)
 
     def _metric_request(self, image: Any, **kwargs: Any) -> Request:
         return self._depth_request(OP_METRIC, image, **kwargs)
@@ -404,6 +536,9 @@ class ClientBase:
         self, image: Any, intrinsics: Any, *, colors: bool = True, on_server: bool = False, **kwargs: Any
     ) -> Request:
         intr = coerce_intrinsics(intrinsics)
+        kwargs.setdefault("created", time.monotonic())
+        if is_url(image):  # fetched once, for the request and for the colours
+            image = fetch_image(image, timeout=self.timeout)
         finish = _PointCloudFinisher(image=image, intrinsics=intr, colors=bool(colors), on_server=bool(on_server))
         if on_server:
             return self._depth_request(OP_POINTCLOUD, image, intrinsics=intr, finish=finish, **kwargs)

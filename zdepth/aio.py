@@ -28,6 +28,8 @@ from ._requests import (
     Request,
     StreamState,
     configure_socket,
+    fetch_image,
+    is_url,
 )
 from .auth import apply_peer_security
 from .client import Client, StreamItem, _close_socket
@@ -122,7 +124,9 @@ class AsyncClient(ClientBase):
     # ------------------------------------------------------------------ calls (see Client for the details)
 
     async def relative_depth(self, image: Any, *, encoder: str | None = None, input_size: int | None = None) -> DepthResult:
-        return await self._call(self._relative_request(image, encoder=encoder, input_size=input_size))
+        started = time.monotonic()
+        image = await self._fetched(image)
+        return await self._call(self._relative_request(image, encoder=encoder, input_size=input_size, created=started))
 
     async def metric_depth(
         self,
@@ -133,8 +137,12 @@ class AsyncClient(ClientBase):
         max_depth: float | None = None,
         input_size: int | None = None,
     ) -> DepthResult:
+        started = time.monotonic()
+        image = await self._fetched(image)
         return await self._call(
-            self._metric_request(image, encoder=encoder, dataset=dataset, max_depth=max_depth, input_size=input_size)
+            self._metric_request(
+                image, encoder=encoder, dataset=dataset, max_depth=max_depth, input_size=input_size, created=started
+            )
         )
 
     async def legacy_relative_depth(
@@ -145,8 +153,10 @@ class AsyncClient(ClientBase):
         dataset: str | None = None,
         input_size: int | None = None,
     ) -> DepthResult:
+        started = time.monotonic()
+        image = await self._fetched(image)
         return await self._call(
-            self._metric_request(image, encoder=encoder, dataset=dataset, max_depth=1.0, input_size=input_size)
+            self._metric_request(image, encoder=encoder, dataset=dataset, max_depth=1.0, input_size=input_size, created=started)
         )
 
     async def pointcloud(
@@ -161,6 +171,8 @@ class AsyncClient(ClientBase):
         colors: bool = True,
         on_server: bool = False,
     ) -> PointCloudResult:
+        started = time.monotonic()
+        image = await self._fetched(image)
         return await self._call(
             self._pointcloud_request(
                 image,
@@ -171,6 +183,7 @@ class AsyncClient(ClientBase):
                 dataset=dataset,
                 max_depth=max_depth,
                 input_size=input_size,
+                created=started,
             )
         )
 
@@ -213,6 +226,12 @@ class AsyncClient(ClientBase):
             return exchange.result()
         finally:
             self._pipeline.forget(exchange)
+
+    async def _fetched(self, image: Any) -> Any:
+        """An image given by URL, downloaded in a worker thread so the event loop keeps running; else as given."""
+        if is_url(image):
+            return await asyncio.to_thread(fetch_image, image, timeout=self.timeout)
+        return image
 
     def _submit(self, state: StreamState, index: int, frame: Any) -> None:
         exchange = state.submit(index, frame, time.monotonic())
@@ -330,7 +349,7 @@ class AsyncClient(ClientBase):
                     arrived.clear()  # before take(): a frame put after it sets the event again
                     while state.room() and (item := slot.take()) is not None:
                         self._check_usable()
-                        self._submit(state, *item)
+                        self._submit(state, item[0], await self._fetched(item[1]))
                     exhausted = slot.exhausted
                 else:
                     while state.room() and not exhausted:
@@ -339,7 +358,7 @@ class AsyncClient(ClientBase):
                             exhausted = True
                         else:
                             self._check_usable()
-                            self._submit(state, index, frame)
+                            self._submit(state, index, await self._fetched(frame))
                             index += 1
                 if exhausted and state.head is None:
                     return
