@@ -46,7 +46,9 @@ _END = object()
 
 
 class AsyncClient(ClientBase):
-    """An asyncio zdepth client: arguments, defaults, timeouts, retries and errors as ``zdepth.Client``.
+    """An asyncio zdepth client: arguments (addresses and profile names included), defaults, timeouts,
+    retries, errors and the time bound as ``zdepth.Client``. Images given by URL are downloaded in a worker
+    thread, so the event loop keeps running.
 
     Use ``async with``, or ``await client.aclose()``.
     """

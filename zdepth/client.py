@@ -54,8 +54,13 @@ IDLE_POLL_S = 1.0  # longest single wait while only frames (no replies) are awai
 class Client(ClientBase):
     """A blocking zdepth client. Use it in a ``with`` block, or call ``close()``.
 
-    ``address``: the broker's client endpoint. ``key``: the shared secret;
-    None reads ``ZDEPTH_KEY`` or the file named by ``ZDEPTH_KEY_FILE``.
+    ``address``: the broker's client endpoint in any form the command line
+    takes (``tcp://gpu-box:5555``, ``gpu-box:5555``, ``ipc://PATH``), or the
+    name of a saved profile, whose key, model, timeout and CurveZMQ
+    certificates fill in what the call leaves unchosen. ``key``: the shared
+    secret; None reads ``ZDEPTH_KEY`` or the file named by ``ZDEPTH_KEY_FILE``.
+    A broker with a key checks it at the connection's handshake too (ZeroMQ
+    PLAIN); a wrong key fails calls at once with ``Unauthorized``.
     ``timeout``: seconds to wait for each attempt's reply (also sent to the
     broker, which drops work whose caller has given up). ``retries``: how many
     times a request whose attempt got no reply is sent again (each resend
@@ -63,6 +68,13 @@ class Client(ClientBase):
     takes at most ``timeout * (retries + 1)`` seconds from when it was made
     (for ``stream``, from when the frame was submitted). A late reply to an
     earlier attempt still counts. Error replies are never retried.
+
+    A broker that is down or unreachable is reported sooner: a call that finds
+    no working connection for ``min(timeout, 5)`` seconds (none ever made, or
+    the one it had dropped and did not come back) fails with
+    ``zdepth.errors.BrokerUnreachable`` ("cannot reach the broker at ..."), a
+    DeadlineExceeded. A broker that restarts within that time is reconnected
+    to, and what it lost is resent at once.
 
     ``encoder``, ``dataset``, ``input_size``, ``max_depth``: defaults for every
     call, which a call's own argument overrides; None leaves the choice to the
@@ -137,9 +149,11 @@ class Client(ClientBase):
     def relative_depth(self, image: Any, *, encoder: str | None = None, input_size: int | None = None) -> DepthResult:
         """Relative depth from the relative model (``vits``, ``vitb``, ``vitl``).
 
-        ``image``: an HxWx3 uint8 BGR array (as cv2 reads it), JPEG/PNG bytes, or
-        a file path. The depth map is disparity-like (larger is nearer) and has no
-        unit. ``input_size``: network input side, a multiple of 14 (518 if None).
+        ``image``: an HxWx3 uint8 BGR array (as cv2 reads it), JPEG/PNG bytes, a
+        file path, or an ``http://`` / ``https://`` URL, which this client
+        downloads (at most 64 MiB, within ``timeout``; the server never fetches).
+        The depth map is disparity-like (larger is nearer) and has no unit.
+        ``input_size``: network input side, a multiple of 14 (518 if None).
         """
         return self._call(self._relative_request(image, encoder=encoder, input_size=input_size))
 
