@@ -1,9 +1,11 @@
 """The client's sans-IO half, shared by ``Client`` and ``AsyncClient``.
 
 Everything here is independent of how the socket is driven: building request
-frames from images and options, the bookkeeping of requests in flight on one
-socket (ids, deadlines, retries, matching replies, in-order delivery), and
-decoding replies into results. ``client.py`` drives it with blocking polls and
+frames from images and options (downloading images given by URL), the
+bookkeeping of requests in flight on one socket (ids, deadlines, retries, the
+time bound, matching replies, in-order delivery), what the socket's monitor
+events say about the connection (handshake refusals, mismatches, a broker
+that cannot be reached), and decoding replies into results. ``client.py`` drives it with blocking polls and
 ``aio.py`` with asyncio; neither decides anything the other does not.
 
 numpy, cv2 and msgpack only: never torch.
