@@ -383,7 +383,7 @@ class BrokerCore:
             fits = [w for w in candidates if not w.in_flight or w.service_s is None or w.service_s <= left]
             if not fits:
                 quickest = min(w.service_s for w in candidates if w.service_s is not None)
-                self._fail(request, "timeout", f"the workers for {model!r} take about {1000 * quickest:.0f} ms a request now; only {1000 * left:.0f} ms were left before the deadline", now)
+                self._fail(request, "timeout", self._too_slow(model, quickest, left), now)
                 continue
             worker = min(fits, key=lambda w: (w.load, w.service_s or 0.0))
             self._send_request(worker, request, now)
@@ -418,11 +418,28 @@ class BrokerCore:
         self.queued_bytes -= request.size
 
     def _expire_queued(self, now: float) -> None:
-        for queue in self.queues.values():
-            if queue:
-                for request in queue.remove_where(lambda r: r.deadline <= now):
-                    self._count_out(request)
+        """Fail what waited past its deadline, and what could no longer finish even if a worker took it now."""
+        for model, queue in self.queues.items():
+            if not queue:
+                continue
+            quickest = self._quickest(model, now)
+            for request in queue.remove_where(lambda r: r.deadline - now < quickest):
+                self._count_out(request)
+                if request.deadline <= now:
                     self._fail(request, "timeout", "the deadline passed while the request waited for a worker", now)
+                else:
+                    self._fail(request, "timeout", self._too_slow(model, quickest, request.deadline - now), now)
+
+    def _quickest(self, model: str, now: float) -> float:
+        """The shortest time any live worker for ``model`` is measured to take per request (0 when unknown)."""
+        estimates = [w.service_s for w in self.workers.values() if model in w.models and self._live(w, now)]
+        if not estimates or None in estimates:
+            return 0.0
+        return min(estimates)
+
+    @staticmethod
+    def _too_slow(model: str, quickest: float, left: float) -> str:
+        return f"the workers for {model!r} take about {1000 * quickest:.0f} ms a request now; only {1000 * left:.0f} ms were left before the deadline"
 
     def _fail_unservable(self, now: float) -> None:
         """Requests for a model whose workers did not come back in time fail with unknown_model."""
