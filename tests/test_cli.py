@@ -30,7 +30,7 @@ from zdepth.cli import app, format_health, resolve_server
 from zdepth.config import BrokerConfig, WorkerConfig
 from zdepth.pointcloud import read_ply
 
-COMMANDS = ("broker", "worker", "serve", "predict", "health", "bench")
+COMMANDS = ("broker", "worker", "serve", "predict", "health", "bench", "keygen")
 FX, FY, CX, CY = 80.0, 82.0, 47.5, 31.5
 
 
@@ -81,7 +81,7 @@ def test_every_command_has_help(runner: CliRunner, command: str) -> None:
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output and "--log-level" in result.output
-    if command in ("broker", "worker", "serve", "predict", "health", "bench"):
+    if command != "keygen":
         assert "--key-file" in result.output and "ZDEPTH_KEY" in result.output
 
 
@@ -93,6 +93,57 @@ def test_help_shows_env_vars(runner: CliRunner) -> None:
     out = runner.invoke(app, ["broker", "--help"], env={"COLUMNS": "200"}).output
     for name in ("ZDEPTH_CLIENTS", "ZDEPTH_WORKERS", "ZDEPTH_HEARTBEAT", "ZDEPTH_MAX_QUEUE"):
         assert name in out
+
+
+def all_options():
+    """(command name, option) for every option of every command, the top level's included."""
+    import typer.main
+
+    top = typer.main.get_command(app)
+    for name, command in [("zdepth", top), *top.commands.items()]:
+        for param in command.params:
+            if param.param_type_name == "option":
+                yield name, param
+
+
+def test_every_option_has_its_environment_variable() -> None:
+    """One rule: --some-option comes from ZDEPTH_SOME_OPTION (the first long name); only --version and --help have none."""
+    seen: dict[str, set[str]] = {}
+    for command, option in all_options():
+        long = next(opt for opt in option.opts if opt.startswith("--"))
+        if option.is_eager:  # --version: an action, not a setting
+            assert option.envvar is None, (command, long)
+            continue
+        assert option.envvar == "ZDEPTH_" + long[2:].upper().replace("-", "_"), (command, option.opts, option.envvar)
+        seen.setdefault(option.envvar, set()).add(long)
+    assert all(len(names) == 1 for names in seen.values()), seen  # one variable, one option name
+    assert "ZDEPTH_DEVICES" not in seen and "ZDEPTH_DEVICE" in seen
+    assert len(seen) >= 50  # every setting of every command
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_names_every_variable_shows_choices_and_no_bool_placeholder(runner: CliRunner, command: str) -> None:
+    out = runner.invoke(app, [command, "--help"], env={"COLUMNS": "250"}).output
+    for name, option in all_options():
+        if name == command and option.envvar:
+            assert f"env var: {option.envvar}" in out, option.envvar
+    assert "<bool>" not in out
+    assert "<debug|info|warning|error|critical>" in out  # --log-level
+    if command in ("worker", "serve", "predict"):
+        assert "<auto|fp32|fp16|bf16>" in out and "<auto|cpu|cuda:N>" in out
+    if command == "bench":
+        assert "<raw|jpeg>" in out
+    if command == "predict":
+        assert "autumn|bone|jet" in out  # cv2's colour maps
+    assert "<bool>" not in runner.invoke(app, ["--help"], env={"COLUMNS": "250"}).output
+
+
+def test_colour_map_choices_are_cv2s() -> None:
+    from zdepth.cli import Colormap
+    from zdepth.predict import COLORMAPS
+
+    assert {c.value for c in Colormap} == set(COLORMAPS)
 
 
 @pytest.mark.timeout(60)
@@ -323,6 +374,10 @@ def test_log_level_configures_zdepth_logging(runner: CliRunner, monkeypatch: pyt
     assert logging.getLogger("zdepth").level == logging.ERROR
     assert runner.invoke(app, ["worker", "--device", "cpu"], env={"ZDEPTH_LOG_LEVEL": "warning"}).exit_code == 0
     assert logging.getLogger("zdepth").level == logging.WARNING
+    assert runner.invoke(app, ["worker", "--device", "cpu"]).exit_code == 0
+    assert logging.getLogger("zdepth").level == logging.INFO  # the default, for every command
+    assert runner.invoke(app, ["worker", "--device", "cpu", "--log-level", "WARNING"]).exit_code == 0
+    assert logging.getLogger("zdepth").level == logging.WARNING
     bad = runner.invoke(app, ["worker", "--device", "cpu", "--log-level", "loud"])
     assert bad.exit_code == 2 and "loud" in bad.output
 
@@ -395,6 +450,40 @@ def test_unknown_profile_is_a_clear_error(runner: CliRunner, tmp_path: Path) -> 
     profiles.write_text("[lab\n")
     result = runner.invoke(app, ["health", "--server", "lab"], env={"ZDEPTH_CONFIG": str(profiles)})
     assert result.exit_code == 2 and "not valid TOML" in result.output and "line 1" in result.output
+
+
+@pytest.fixture
+def lone_broker(tmp_path: Path):
+    """A real broker process (no worker) with key "right", and its client address."""
+    from procs import spawn
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    argv = zdepth_argv("broker", "--clients", address, "--workers", f"tcp://127.0.0.1:{free_port()}")
+    broker = spawn(argv, tmp_path / "broker.log", child_env(ZDEPTH_KEY="right"))
+    try:
+        yield address
+    finally:
+        broker.stop()
+
+
+@pytest.mark.timeout(60)
+def test_settings_come_from_the_command_line_then_the_profile_then_the_environment(runner: CliRunner, lone_broker: str, tmp_path: Path) -> None:
+    (tmp_path / "lab.key").write_text("right\n")
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(f'[lab]\naddress = "{lone_broker}"\nkey_file = "lab.key"\ntimeout = 5.0\n')
+    env = {"ZDEPTH_CONFIG": str(profiles), "ZDEPTH_KEY": "another-brokers-key", "ZDEPTH_TIMEOUT": "0.001"}
+    # The profile's key and timeout beat the environment's (a 1 ms timeout would fail).
+    result = runner.invoke(app, ["health", "--server", "lab", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["server"] == lone_broker
+    # The command line beats the profile.
+    result = runner.invoke(app, ["health", "--server", "lab", "--key", "wrong"], env=env)
+    assert result.exit_code == 1 and "key" in result.output, result.output
+    # Without a profile, the environment is what there is.
+    result = runner.invoke(app, ["health", "--timeout", "10"], env={**env, "ZDEPTH_SERVER": lone_broker, "ZDEPTH_KEY": "right"})
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["health", "--timeout", "10"], env={**env, "ZDEPTH_SERVER": lone_broker})
+    assert result.exit_code == 1, result.output
 
 
 @pytest.mark.timeout(30)
@@ -533,7 +622,7 @@ def test_png16_and_colour_scaling() -> None:
         (["-f", "npy,jpeg"], "unknown output format 'jpeg'"),
         (["-m", "vitq"], "unknown model 'vitq'"),
         (["--max-depth", "5"], "metric models only"),
-        (["--colormap", "rainbowish"], "unknown colour map"),
+        (["--colormap", "rainbowish"], "'rainbowish' is not one of"),
     ],
 )
 def test_predict_refuses_bad_options(runner: CliRunner, images: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -541,6 +630,20 @@ def test_predict_refuses_bad_options(runner: CliRunner, images: Path, tmp_path: 
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.timeout(120)
+def test_predict_warns_when_the_principal_point_lies_outside_the_image(runner: CliRunner, images: Path, weights_dir: Path, tmp_path: Path) -> None:
+    base = ["predict", str(images), "-m", "vits-hypersim", "-f", "ply", "--input-size", "28", "--device", "cpu", "--weights-dir", str(weights_dir)]
+    # A 12-megapixel camera's intrinsics on 96x64 images: written, but warned about once per image size.
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "a"), "--fx", "1982.43", "--fy", "1978.03", "--cx", "2061.59", "--cy", "1546.35"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "principal point" in line]
+    assert len(warnings) == 1, result.output
+    assert "(--cx 2061.59, --cy 1546.35) lies outside the 96x64 image" in warnings[0] and "another resolution" in warnings[0]
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "b"), "--fx", str(FX), "--fy", str(FY), "--cx", str(CX), "--cy", str(CY)])
+    assert result.exit_code == 0, result.output
+    assert "principal point" not in result.output
 
 
 @pytest.mark.timeout(60)
@@ -591,7 +694,7 @@ def test_health_table_and_json(runner: CliRunner, live) -> None:
     assert worker["device"] == "cpu" and worker["pid"] == live.procs[1].pid and worker["uptime_s"] > 0
 
     result = runner.invoke(app, ["health", "--server", live.client_address], env={"ZDEPTH_KEY": "wrong"})
-    assert result.exit_code == 1 and "wrong or missing key" in result.output
+    assert result.exit_code == 1 and "refused the key" in result.output
 
 
 @pytest.mark.timeout(120)

@@ -19,6 +19,8 @@ Only file paths travel on command lines, never key material.
 from __future__ import annotations
 
 import contextlib
+import enum
+import functools
 import json
 import logging
 import math
@@ -41,50 +43,119 @@ __all__ = ["app", "default_curve_dir", "main", "resolve_server", "setup_logging"
 logger = logging.getLogger("zdepth.cli")
 
 DEFAULT_SERVER = "tcp://localhost:5555"
+ENV_PREFIX = "ZDEPTH_"  # every option OPT also comes from ZDEPTH_OPT (dashes as underscores)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PRECISIONS = ("fp32", "fp16", "bf16")
 MODELS_HELP = (
-    "Model id: vits, vitb, vitl (relative depth) or ENCODER-hypersim / ENCODER-vkitti (metric, metres). "
-    "vits is Apache-2.0; vitb and vitl are CC-BY-NC-4.0 (non-commercial use only)."
+    "Model id: vits, vitb, vitl (relative depth) or vits-hypersim, vitb-hypersim, vitl-hypersim, vits-vkitti, vitb-vkitti, "
+    "vitl-vkitti (metric, metres). vits is Apache-2.0; vitb and vitl are CC-BY-NC-4.0 (non-commercial use only)."
 )
+DEVICE_METAVAR = "<auto|cpu|cuda:N>"
+
+
+class LogLevelName(str, enum.Enum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+    critical = "critical"
+
+
+class PrecisionName(str, enum.Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class WireFormat(str, enum.Enum):
+    raw = "raw"
+    jpeg = "jpeg"
+
+
+# cv2's colour maps (cv2.COLORMAP_*), for --colormap.
+Colormap = enum.Enum("Colormap", {m: m for m in (
+    "autumn", "bone", "jet", "winter", "rainbow", "ocean", "summer", "spring", "cool", "hsv", "pink", "hot", "parula",
+    "magma", "inferno", "plasma", "viridis", "cividis", "twilight", "twilight_shifted", "turbo", "deepgreen",
+)}, type=str)  # fmt: skip
+
+
+def _value(choice: Any) -> Any:
+    """An enum option's plain value (None stays None)."""
+    return choice.value if isinstance(choice, enum.Enum) else choice
+
+
+class _Command(typer.core.TyperCommand):
+    """A command whose flags show no value placeholder in --help (they take none)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(typer.core.TyperGroup):
+    """The top-level command, flags likewise."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
 
 app = typer.Typer(
     name="zdepth",
+    cls=_Group,
     help="Depth Anything V2 over ZeroMQ: a broker, one worker per GPU, and clients.\n\n"
-    "On a GPU box: `zdepth serve`. Anywhere: `zdepth predict photos/ --out depth/`, `zdepth health`.",
+    "On a GPU box: `zdepth serve`. Anywhere: `zdepth predict photos/ --out depth/`, `zdepth health`.\n\n"
+    "Every option also comes from an environment variable: ZDEPTH_ and its name, dashes as underscores "
+    "(--weights-dir: ZDEPTH_WEIGHTS_DIR); the command line wins. For predict, health and bench, a profile "
+    "named by --server beats the environment. Exit status: 0 done, 1 failed, 2 bad option or setting, "
+    "3 checkpoint or torch missing, 4 address cannot be bound.",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
+command = functools.partial(app.command, cls=_Command)
 
 
 # ----------------------------------------------------------------------------- shared options
 
 LogLevel = Annotated[
-    str | None,
-    typer.Option(
-        "--log-level",
-        envvar="ZDEPTH_LOG_LEVEL",
-        help=f"Logging level: {', '.join(LOG_LEVELS)}. Default: info for servers, warning for clients.",
-        show_default=False,
-    ),
+    LogLevelName | None,
+    typer.Option("--log-level", envvar="ZDEPTH_LOG_LEVEL", case_sensitive=False, help="How much to log (to stderr). Default: info.", show_default=False),
 ]
 Key = Annotated[
     str | None,
     typer.Option(
         "--key",
-        help="The shared secret. Prefer ZDEPTH_KEY or --key-file: a key on the command line shows in `ps`.",
+        envvar="ZDEPTH_KEY",
+        help="The shared secret. Prefer the environment variable or --key-file: a key on the command line shows in `ps`.",
         show_default=False,
     ),
 ]
 KeyFile = Annotated[
     Path | None,
-    typer.Option(
-        "--key-file",
-        help="File holding the shared secret. Env: ZDEPTH_KEY_FILE (or ZDEPTH_KEY holding the key itself).",
-        show_default=False,
-    ),
+    typer.Option("--key-file", envvar="ZDEPTH_KEY_FILE", help="File holding the shared secret.", show_default=False),
+]
+Precision = Annotated[
+    PrecisionName | None,
+    typer.Option("--precision", envvar="ZDEPTH_PRECISION", help="Default (auto): fp16 on CUDA, fp32 on CPU.", show_default=False),
 ]
 MaxWaitMs = Annotated[
     float,
@@ -128,7 +199,7 @@ Server = Annotated[
         show_default=False,
     ),
 ]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
+JsonOut = Annotated[bool, typer.Option("--json", envvar="ZDEPTH_JSON", help="Print JSON for scripts instead of text.")]
 BrokerCurveSecret = Annotated[
     Path | None,
     typer.Option(
@@ -169,14 +240,14 @@ WorkerCurveServerKey = Annotated[
         show_default=False,
     ),
 ]
-# CurveZMQ for client commands. No typer envvar: like the shared key, an option beats the profile's
-# setting, which beats the environment (read in _curve_client).
+# CurveZMQ for client commands: the command line beats the profile's setting, which beats the environment.
 ClientCurveSecret = Annotated[
     Path | None,
     typer.Option(
         "--curve-secret",
+        envvar="ZDEPTH_CURVE_SECRET",
         help="CurveZMQ: this machine's secret certificate (NAME.key_secret from `zdepth keygen`), for a broker that encrypts. "
-        "Needs --curve-server-key too. Default: the profile's curve_secret, else env ZDEPTH_CURVE_SECRET.",
+        "Needs --curve-server-key too. Default: the profile's curve_secret.",
         show_default=False,
     ),
 ]
@@ -184,14 +255,12 @@ ClientCurveServerKey = Annotated[
     Path | None,
     typer.Option(
         "--curve-server-key",
-        help="CurveZMQ: the broker's public certificate (its NAME.key). Needs --curve-secret too. "
-        "Default: the profile's curve_server_key, else env ZDEPTH_CURVE_SERVER_KEY.",
+        envvar="ZDEPTH_CURVE_SERVER_KEY",
+        help="CurveZMQ: the broker's public certificate (its NAME.key). Needs --curve-secret too. Default: the profile's curve_server_key.",
         show_default=False,
     ),
 ]
-CURVE_SECRET_ENV = "ZDEPTH_CURVE_SECRET"
-CURVE_SERVER_KEY_ENV = "ZDEPTH_CURVE_SERVER_KEY"
-CURVE_ENVS = (CURVE_SECRET_ENV, "ZDEPTH_CURVE_ALLOW", CURVE_SERVER_KEY_ENV, "ZDEPTH_CURVE_WORKER_SECRET")
+CURVE_ENVS = ("ZDEPTH_CURVE_SECRET", "ZDEPTH_CURVE_ALLOW", "ZDEPTH_CURVE_SERVER_KEY", "ZDEPTH_CURVE_WORKER_SECRET")
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -209,9 +278,9 @@ class _StderrHandler(logging.StreamHandler):
 _global_log_level: str | None = None
 
 
-def setup_logging(level: str | None, default: str = "info") -> None:
+def setup_logging(level: Any, default: str = "info") -> None:
     """One stderr handler on the root logger (replacing ours from an earlier call), ``zdepth.*`` at ``level``."""
-    name = (level or _global_log_level or default).lower()
+    name = str(_value(level) or _value(_global_log_level) or default).lower()
     if name not in LOG_LEVELS:
         raise typer.BadParameter(f"{level!r} is not one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
     root = logging.getLogger()
@@ -307,7 +376,7 @@ def resolve_server(server: str | None, key: str | None = None, key_file: Path | 
 
     The profile's key is used unless ``--key``/``--key-file`` say otherwise.
     """
-    target = _resolve_target(server, key, key_file, None, None)
+    target = _resolve_target(None, server, key=key, key_file=key_file)
     return target.address, target.key, target.model
 
 
@@ -322,35 +391,61 @@ class _Target:
     curve: Any  # zdepth.curve.CurveClient | None
 
 
-def _resolve_target(server: str | None, key: str | None, key_file: Path | None, curve_secret: Path | None, curve_server_key: Path | None) -> _Target:
-    """``--server`` (an address or a profile) with the key, timeout and CurveZMQ certificates that go with it."""
+def _from_environment(ctx: Any, name: str) -> bool:
+    """Whether option ``name`` got its value from its ZDEPTH_* variable (rather than the command line or its default)."""
+    if ctx is None:
+        return False
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) == "ENVIRONMENT"
+
+
+def _resolve_target(
+    ctx: Any,
+    server: str | None,
+    *,
+    key: str | None = None,
+    key_file: Path | None = None,
+    curve_secret: Path | None = None,
+    curve_server_key: Path | None = None,
+    timeout: float | None = None,
+    model: str | None = None,
+) -> _Target:
+    """``--server`` (an address or a profile) with the key, model, timeout and CurveZMQ certificates that go with it.
+
+    Each setting: the command line's, else the profile's, else the environment's (``ctx`` tells them apart),
+    so that ``--server lab`` uses lab's key even where ZDEPTH_KEY holds another broker's.
+    """
+    from .config import read_key
     from .profiles import resolve_server as resolve
 
     try:
         address, profile = resolve(server if server is not None else DEFAULT_SERVER)
     except ConfigError as exc:
         raise ConfigError(f"--server: {exc}") from None
-    secret = _resolve_key(key, key_file, profile.key if profile else None)
-    curve = _curve_client(curve_secret, curve_server_key, profile)
-    return _Target(address, secret, profile.model if profile else None, profile.timeout if profile else None, curve)
 
+    def pick(name: str, value: Any, from_profile: Any) -> Any:
+        if value is not None and not _from_environment(ctx, name):
+            return value
+        return from_profile if from_profile is not None else value
 
-def _curve_client(secret: Path | None, server_key: Path | None, profile: Any = None):
-    """The CurveZMQ client settings, field by field: the option, else the profile's, else ZDEPTH_CURVE_*.
-
-    None when neither certificate is set anywhere; ConfigError (exit 2) for half a pair or an unreadable file.
-    """
-    import os
-
-    if secret is None and profile is not None:
-        secret = profile.curve_secret
-    if server_key is None and profile is not None:
-        server_key = profile.curve_server_key
-    if secret is None and os.environ.get(CURVE_SECRET_ENV):
-        secret = Path(os.environ[CURVE_SECRET_ENV])
-    if server_key is None and os.environ.get(CURVE_SERVER_KEY_ENV):
-        server_key = Path(os.environ[CURVE_SERVER_KEY_ENV])
-    return _curve_pair(secret, server_key)
+    typed = {name: value for name, value in (("key", key), ("key_file", key_file)) if value and not _from_environment(ctx, name)}
+    if typed:
+        secret = read_key(typed.get("key"), typed.get("key_file"))
+    elif profile is not None and profile.key:
+        secret = profile.key
+    else:
+        secret = read_key(key, key_file) if key or key_file else read_key()
+    curve = _curve_pair(
+        pick("curve_secret", curve_secret, profile.curve_secret if profile else None),
+        pick("curve_server_key", curve_server_key, profile.curve_server_key if profile else None),
+    )
+    return _Target(
+        address,
+        secret,
+        pick("model", model, profile.model if profile else None),
+        pick("timeout", timeout, profile.timeout if profile else None),
+        curve,
+    )
 
 
 def _curve_pair(secret: Path | None, server_key: Path | None):
@@ -459,7 +554,8 @@ def _check_device(device: str) -> str:
     raise typer.BadParameter(f"{device!r} is not a device; use cpu, cuda:N or auto", param_hint="--device")
 
 
-def _check_precision(precision: str | None) -> str | None:
+def _check_precision(precision: Any) -> str | None:
+    precision = _value(precision)
     if precision is None or precision == "auto":
         return None
     if precision not in PRECISIONS:
@@ -506,7 +602,7 @@ def main(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """Depth Anything V2 over ZeroMQ: a broker, one worker per GPU, and clients."""
+    """Depth Anything V2 over ZeroMQ: a broker, one worker per GPU, and clients."""  # the help shown is app's
     global _global_log_level
     _global_log_level = log_level
 
@@ -514,7 +610,7 @@ def main(
 # ----------------------------------------------------------------------------- servers
 
 
-@app.command()
+@command()
 def broker(
     clients: Annotated[str, typer.Option("--clients", envvar="ZDEPTH_CLIENTS", help="Endpoint clients connect to.")] = "tcp://*:5555",
     workers: Annotated[str, typer.Option("--workers", envvar="ZDEPTH_WORKERS", help="Endpoint workers connect to.")] = "tcp://*:5556",
@@ -618,7 +714,7 @@ def _bind_failure(clients: str, workers: str, exc: Exception) -> str:
     return f"cannot listen on {where}: {reason}{hint}"
 
 
-@app.command()
+@command()
 def worker(
     broker: Annotated[
         str, typer.Option("--broker", envvar="ZDEPTH_BROKER", help="The broker's worker endpoint.")
@@ -627,10 +723,10 @@ def worker(
         list[str] | None,
         typer.Option("--model", "-m", envvar="ZDEPTH_MODEL", help=MODELS_HELP + " Repeat it, or give a comma list. Default: vits.", show_default=False),
     ] = None,
-    device: Annotated[str, typer.Option("--device", envvar="ZDEPTH_DEVICE", help="cuda:N, cpu, or auto (cuda:0 if there is a GPU).")] = "auto",
-    precision: Annotated[
-        str | None, typer.Option("--precision", envvar="ZDEPTH_PRECISION", help="fp32, fp16 or bf16. Default: fp16 on CUDA, fp32 on CPU.", show_default=False)
-    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", envvar="ZDEPTH_DEVICE", metavar=DEVICE_METAVAR, help="The device to run on; auto: cuda:0 if there is a GPU, else cpu.")
+    ] = "auto",
+    precision: Precision = None,
     weights_dir: Annotated[
         Path | None,
         typer.Option("--weights-dir", envvar="ZDEPTH_WEIGHTS_DIR", help="Folder of checkpoints. Default: ~/.cache/zdepth/weights.", show_default=False),
@@ -701,7 +797,7 @@ def worker(
     raise typer.Exit(code)
 
 
-@app.command()
+@command()
 def serve(
     clients: Annotated[str, typer.Option("--clients", envvar="ZDEPTH_CLIENTS", help="Endpoint clients connect to.")] = "tcp://*:5555",
     workers: Annotated[
@@ -715,14 +811,13 @@ def serve(
         list[str] | None,
         typer.Option(
             "--device",
-            envvar="ZDEPTH_DEVICES",
+            envvar="ZDEPTH_DEVICE",
+            metavar=DEVICE_METAVAR,
             help="Devices to start one worker each on (repeat, or a comma list). Default: every visible GPU, else one CPU worker.",
             show_default=False,
         ),
     ] = None,
-    precision: Annotated[
-        str | None, typer.Option("--precision", envvar="ZDEPTH_PRECISION", help="fp32, fp16 or bf16. Default: fp16 on CUDA, fp32 on CPU.", show_default=False)
-    ] = None,
+    precision: Precision = None,
     max_batch: Annotated[int, typer.Option("--max-batch", envvar="ZDEPTH_MAX_BATCH", min=1, help="Largest batch per forward pass.")] = 8,
     max_wait_ms: MaxWaitMs = 0.0,
     weights_dir: Annotated[
@@ -921,14 +1016,22 @@ def _public_sibling(secret_file: Path) -> Path:
 # ----------------------------------------------------------------------------- keys
 
 
-@app.command()
+@command()
 def keygen(
     name: Annotated[str, typer.Argument(help="Certificate name, e.g. broker, robot-3 or gpu-box: writes NAME.key and NAME.key_secret.")],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Folder to write to (created, mode 700 if new). Default: ~/.config/zdepth/curve (XDG_CONFIG_HOME honoured).", show_default=False),
+        typer.Option(
+            "--curve-dir",
+            "--out",
+            "-o",
+            envvar="ZDEPTH_CURVE_DIR",
+            help="Folder to write to (created, mode 700 if new). Default: ~/.config/zdepth/curve (XDG_CONFIG_HOME honoured).",
+            show_default=False,
+        ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing certificate of that name.")] = False,
+    force: Annotated[bool, typer.Option("--force", envvar="ZDEPTH_FORCE", help="Overwrite an existing certificate of that name.")] = False,
+    log_level: LogLevel = None,
 ) -> None:
     """Create a CurveZMQ certificate pair for the broker, a client or a worker.
 
@@ -938,6 +1041,7 @@ def keygen(
     """
     import os
 
+    setup_logging(log_level)
     with _errors():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
             raise ConfigError(f"{name!r} is not a certificate name: use letters, digits, '.', '_' and '-' (e.g. robot-3)")
@@ -972,8 +1076,9 @@ def keygen(
 # ----------------------------------------------------------------------------- clients
 
 
-@app.command()
+@command()
 def predict(
+    ctx: typer.Context,
     images: Annotated[list[str], typer.Argument(help="Image files, folders, globs (quote them) and video files.", show_default=False)],
     server: Server = None,
     model: Annotated[
@@ -993,33 +1098,39 @@ def predict(
         ),
     ] = None,
     max_depth: Annotated[
-        float | None, typer.Option("--max-depth", help="Metric models: depth range in metres. Default: 20 hypersim, 80 vkitti.", show_default=False)
+        float | None,
+        typer.Option("--max-depth", envvar="ZDEPTH_MAX_DEPTH", help="Metric models: depth range in metres. Default: 20 hypersim, 80 vkitti.", show_default=False),
     ] = None,
     input_size: Annotated[
         int | None, typer.Option("--input-size", envvar="ZDEPTH_INPUT_SIZE", help="Network input side, a multiple of 14 (smaller is faster). Default: 518.", show_default=False)
     ] = None,
-    device: Annotated[str, typer.Option("--device", envvar="ZDEPTH_DEVICE", help="In-process only: cuda:N, cpu or auto.")] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", envvar="ZDEPTH_DEVICE", metavar=DEVICE_METAVAR, help="In-process only: the device to run on.")
+    ] = "auto",
     precision: Annotated[
-        str | None, typer.Option("--precision", envvar="ZDEPTH_PRECISION", help="In-process only: fp32, fp16 or bf16.", show_default=False)
+        PrecisionName | None,
+        typer.Option("--precision", envvar="ZDEPTH_PRECISION", help="In-process only. Default (auto): fp16 on CUDA, fp32 on CPU.", show_default=False),
     ] = None,
     weights_dir: Annotated[
         Path | None, typer.Option("--weights-dir", envvar="ZDEPTH_WEIGHTS_DIR", help="In-process only: folder of checkpoints.", show_default=False)
     ] = None,
     download: Annotated[bool, typer.Option("--download/--no-download", envvar="ZDEPTH_DOWNLOAD", help="In-process only: fetch a missing checkpoint.")] = False,
-    fx: Annotated[float | None, typer.Option("--fx", help="Focal length x in pixels (for ply).", show_default=False)] = None,
-    fy: Annotated[float | None, typer.Option("--fy", help="Focal length y in pixels.", show_default=False)] = None,
-    cx: Annotated[float | None, typer.Option("--cx", help="Principal point x in pixels.", show_default=False)] = None,
-    cy: Annotated[float | None, typer.Option("--cy", help="Principal point y in pixels.", show_default=False)] = None,
+    fx: Annotated[float | None, typer.Option("--fx", envvar="ZDEPTH_FX", help="Focal length x in pixels (for ply).", show_default=False)] = None,
+    fy: Annotated[float | None, typer.Option("--fy", envvar="ZDEPTH_FY", help="Focal length y in pixels.", show_default=False)] = None,
+    cx: Annotated[float | None, typer.Option("--cx", envvar="ZDEPTH_CX", help="Principal point x in pixels (within the image).", show_default=False)] = None,
+    cy: Annotated[float | None, typer.Option("--cy", envvar="ZDEPTH_CY", help="Principal point y in pixels (within the image).", show_default=False)] = None,
     intrinsics: Annotated[
         Path | None,
-        typer.Option("--intrinsics", help="File with a 3x3 camera matrix (text, .npy or .json), instead of --fx --fy --cx --cy.", show_default=False),
+        typer.Option(
+            "--intrinsics", envvar="ZDEPTH_INTRINSICS", help="File with a 3x3 camera matrix (text, .npy or .json), instead of --fx --fy --cx --cy.", show_default=False
+        ),
     ] = None,
-    every: Annotated[int, typer.Option("--every", min=1, help="Videos: predict every Nth frame (outputs named STEM_000123.*).")] = 1,
-    colormap: Annotated[str, typer.Option("--colormap", help="cv2 colour map for the color output.")] = "inferno",
+    every: Annotated[int, typer.Option("--every", envvar="ZDEPTH_EVERY", min=1, help="Videos: predict every Nth frame (outputs named STEM_000123.*).")] = 1,
+    colormap: Annotated[Colormap, typer.Option("--colormap", envvar="ZDEPTH_COLORMAP", help="cv2 colour map for the color output.")] = Colormap.inferno,
     depth_scale: Annotated[
-        float, typer.Option("--depth-scale", help="png16 of metric depth: units per metre (1000 = mm).")
+        float, typer.Option("--depth-scale", envvar="ZDEPTH_DEPTH_SCALE", help="png16 of metric depth: units per metre (1000 = mm).")
     ] = 1000.0,
-    in_flight: Annotated[int, typer.Option("--in-flight", min=1, help="Server only: frames in flight at once.")] = 4,
+    in_flight: Annotated[int, typer.Option("--in-flight", envvar="ZDEPTH_IN_FLIGHT", min=1, help="Server only: requests in flight at once.")] = 4,
     timeout: Annotated[
         float | None,
         typer.Option("--timeout", envvar="ZDEPTH_TIMEOUT", min=0.001, help="Server only: seconds to wait for each reply. Default: the profile's timeout, else 30.", show_default=False),
@@ -1028,7 +1139,7 @@ def predict(
     key_file: KeyFile = None,
     curve_secret: ClientCurveSecret = None,
     curve_server_key: ClientCurveServerKey = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (on a terminal).")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", envvar="ZDEPTH_PROGRESS", help="Show a progress bar (on a terminal).")] = True,
     json_out: JsonOut = False,
     log_level: LogLevel = None,
 ) -> None:
@@ -1036,7 +1147,7 @@ def predict(
 
     With --server the work goes to a zdepth broker; without one, the model runs in this process (torch needed), so it works with nothing else running.
     """
-    setup_logging(log_level, default="warning")
+    setup_logging(log_level)
     _check_input_size(input_size)
     from . import predict as runner
 
@@ -1047,8 +1158,10 @@ def predict(
         precision = _check_precision(precision)
         target = None
         if server:
-            target = _resolve_target(server, key, key_file, curve_secret, curve_server_key)
-            model = model or target.model
+            target = _resolve_target(
+                ctx, server, key=key, key_file=key_file, curve_secret=curve_secret, curve_server_key=curve_server_key, timeout=timeout, model=model
+            )
+            model = target.model
         elif model is None:
             model = "vits"
         if model is not None:
@@ -1058,7 +1171,7 @@ def predict(
         metric = model is not None and is_metric_model(model)
         if max_depth is not None and not metric:
             raise ConfigError("--max-depth applies to metric models only; pass one such as --model vits-hypersim")
-        options = runner.OutputOptions(out_dir=out, formats=fmts, metric=metric, intrinsics=intr, colormap=colormap, depth_scale=depth_scale)
+        options = runner.OutputOptions(out_dir=out, formats=fmts, metric=metric, intrinsics=intr, colormap=_value(colormap), depth_scale=depth_scale)
         sources, missing = runner.expand_inputs(images)
         if not sources:
             _print_predict_summary(runner.Summary(failures=missing), out, json_out)
@@ -1075,7 +1188,7 @@ def predict(
                     max_depth=max_depth,
                 )
             else:
-                wait = timeout or target.timeout or 30.0
+                wait = target.timeout or 30.0
                 _probe(target, wait, model)
                 client = stack.enter_context(_client(target, wait, model))
                 predictor = runner.remote_predictor(client, model, metric=metric, input_size=input_size, max_depth=max_depth, max_in_flight=in_flight)
@@ -1168,11 +1281,12 @@ def _print_predict_summary(summary, out: Path, json_out: bool) -> None:
     if summary.failures:
         typer.echo(f"{len(summary.failures)} failed:")
         for failure in summary.failures:
-            typer.echo(f"  {failure.name}: {failure.reason}")
+            typer.echo(f"  {failure.name}: {_cli_words(failure.reason)}")
 
 
-@app.command()
+@command()
 def health(
+    ctx: typer.Context,
     server: Server = None,
     timeout: Annotated[
         float | None,
@@ -1186,13 +1300,13 @@ def health(
     log_level: LogLevel = None,
 ) -> None:
     """Show the broker's workers: device, models, load, requests served and uptime."""
-    setup_logging(log_level, default="warning")
+    setup_logging(log_level)
     from .client import Client
 
     with _errors():
-        target = _resolve_target(server, key, key_file, curve_secret, curve_server_key)
+        target = _resolve_target(ctx, server, key=key, key_file=key_file, curve_secret=curve_secret, curve_server_key=curve_server_key, timeout=timeout)
         address = target.address
-        wait = timeout or target.timeout or 5.0
+        wait = target.timeout or 5.0
         with _curve_hint(target.curve), Client(address, key=target.key, timeout=wait, retries=0, curve=target.curve) as client:
             info = client.health()
     if json_out:
@@ -1254,19 +1368,27 @@ def format_health(address: str, info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@app.command()
+@command()
 def bench(
+    ctx: typer.Context,
     server: Server = None,
-    clients: Annotated[int, typer.Option("--clients", "-c", min=1, help="Concurrent clients, each its own thread and socket.")] = 4,
-    seconds: Annotated[float, typer.Option("--seconds", "-t", min=0.1, help="How long to measure.")] = 10.0,
-    size: Annotated[str, typer.Option("--size", help="Synthetic frame size HEIGHTxWIDTH (when no --image).")] = "480x640",
+    clients: Annotated[
+        int,
+        typer.Option(
+            "--streams", "--clients", "-c", envvar="ZDEPTH_STREAMS", min=1,
+            help="Concurrent client streams, each its own thread and socket.",
+        ),
+    ] = 4,
+    seconds: Annotated[float, typer.Option("--seconds", "-t", envvar="ZDEPTH_SECONDS", min=0.1, help="How long to measure.")] = 10.0,
+    size: Annotated[str, typer.Option("--size", envvar="ZDEPTH_SIZE", help="Synthetic frame size HEIGHTxWIDTH (when no --image).")] = "480x640",
     image: Annotated[
-        list[Path] | None, typer.Option("--image", "-i", help="Real images to send instead of synthetic frames (repeatable).", show_default=False)
+        list[Path] | None,
+        typer.Option("--image", "-i", envvar="ZDEPTH_IMAGE", help="Real images to send instead of synthetic frames (repeatable).", show_default=False),
     ] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", envvar="ZDEPTH_MODEL", help=MODELS_HELP, show_default=False)] = None,
     input_size: Annotated[int | None, typer.Option("--input-size", envvar="ZDEPTH_INPUT_SIZE", help="Network input side, a multiple of 14.", show_default=False)] = None,
-    in_flight: Annotated[int, typer.Option("--in-flight", min=1, help="Requests each client keeps in flight (pipelining).")] = 1,
-    wire_format: Annotated[str, typer.Option("--wire-format", help="How frames travel: raw pixels or jpeg.")] = "raw",
+    in_flight: Annotated[int, typer.Option("--in-flight", envvar="ZDEPTH_IN_FLIGHT", min=1, help="Requests each stream keeps in flight (pipelining).")] = 1,
+    wire_format: Annotated[WireFormat, typer.Option("--wire-format", envvar="ZDEPTH_WIRE_FORMAT", help="How frames travel: raw pixels or jpeg.")] = WireFormat.raw,
     timeout: Annotated[
         float | None,
         typer.Option("--timeout", envvar="ZDEPTH_TIMEOUT", min=0.001, help="Seconds to wait for each reply. Default: the profile's timeout, else 30.", show_default=False),
@@ -1278,18 +1400,19 @@ def bench(
     json_out: JsonOut = False,
     log_level: LogLevel = None,
 ) -> None:
-    """Load-test a server: N clients for S seconds; frames per second, latency p50/p90/p99 and errors."""
-    setup_logging(log_level, default="warning")
+    """Load-test a server: N client streams for S seconds; frames per second, latency p50/p90/p99 and errors."""
+    setup_logging(log_level)
     _check_input_size(input_size)
-    if wire_format not in ("raw", "jpeg"):
-        raise typer.BadParameter(f"{wire_format!r} is not raw or jpeg", param_hint="--wire-format")
+    wire_format = _value(wire_format)
     from .bench import make_frames, run_bench
 
     with _errors():
-        target = _resolve_target(server, key, key_file, curve_secret, curve_server_key)
+        target = _resolve_target(
+            ctx, server, key=key, key_file=key_file, curve_secret=curve_secret, curve_server_key=curve_server_key, timeout=timeout, model=model
+        )
         address = target.address
-        model = model or target.model
-        timeout = timeout or target.timeout or 30.0
+        model = target.model
+        timeout = target.timeout or 30.0
         if model is not None:
             _check_models([model])
         frames = make_frames(image, _parse_size(size, "--size"))

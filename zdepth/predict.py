@@ -249,6 +249,7 @@ class OutputOptions:
     intrinsics: Intrinsics | None = None
     colormap: str = "inferno"
     depth_scale: float = 1000.0  # png16 units per metre for metric depth
+    _sizes_checked: set[tuple[int, int]] = field(default_factory=set, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.colormap not in COLORMAPS:
@@ -312,10 +313,26 @@ def write_outputs(frame: Frame, depth: np.ndarray, options: OutputOptions) -> li
             _imwrite(path, colorize(depth, metric=options.metric, colormap=options.colormap))
         elif fmt == "ply":
             assert options.intrinsics is not None
+            _check_principal_point(options, depth.shape[:2], frame.name)
             points, colors = depth_to_points(depth, options.intrinsics, colors=frame.image)
             write_ply(path, points, colors)
         written.append(path)
     return written
+
+
+def _check_principal_point(options: OutputOptions, shape: tuple[int, int], name: str) -> None:
+    """Warn (once per image size) when cx, cy lie outside the image: intrinsics for another resolution give a skewed cloud."""
+    if shape in options._sizes_checked:
+        return
+    options._sizes_checked.add(shape)
+    k = options.intrinsics
+    height, width = shape
+    if not (0 <= k.cx <= width and 0 <= k.cy <= height):
+        logger.warning(
+            "the principal point (--cx %g, --cy %g) lies outside the %dx%d image %s: the intrinsics are probably for "
+            "another resolution (scale fx, fy, cx, cy by the ratio of the widths), so its point cloud is skewed",
+            k.cx, k.cy, width, height, name,
+        )  # fmt: skip
 
 
 def _imwrite(path: Path, image: np.ndarray) -> None:
