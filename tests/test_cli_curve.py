@@ -132,7 +132,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, certs: Certs, weights_dir: 
             tmp / "rogue.log",
             child_env(weights_dir, ZDEPTH_KEY=KEY, ZDEPTH_CURVE_SECRET=str(certs.secret("rogue-gpu")), ZDEPTH_CURVE_SERVER_KEY=str(certs.public("broker"))),
         )
-        wait_for_workers(live.client_address, certs.client("robot"), list(live.procs.values()))
+        wait_for_workers(live.client_address, certs.client("robot"), [live.procs["broker"], live.procs["worker"]])  # the rogue exits once refused
         yield live
     finally:
         live.stop()
@@ -289,6 +289,18 @@ def test_client_without_an_allowed_key_gets_no_connection(runner: CliRunner, ser
     assert result.exit_code == 1
     assert "refused this client's CurveZMQ certificate" in result.output and "stranger.key" in result.output and "--curve-allow" in result.output
 
+    # The broker's log says who was refused, why, and what to do; a peer that keeps trying is reported once a minute.
+    refusals = refusal_lines(server, "stranger")
+    assert len(refusals) == 1, server.procs["broker"].tail()
+    assert "refused a CurveZMQ connection from 127.0.0.1" in refusals[0]
+    assert f"is not in the allow directory {server.certs.allow}" in refusals[0] and "restart the broker" in refusals[0]
+
+
+def refusal_lines(server: LiveCurveServer, name: str) -> list[str]:
+    """The broker's log lines about refusing ``name``'s certificate (found by its public key, as an operator would)."""
+    public_key, _ = zmq.auth.load_certificate(server.certs.public(name))
+    return [line for line in server.procs["broker"].output().splitlines() if "refused a CurveZMQ connection" in line and public_key.decode() in line]
+
 
 @pytest.mark.timeout(60)
 def test_worker_without_an_allowed_key_never_registers(server: LiveCurveServer) -> None:
@@ -296,6 +308,7 @@ def test_worker_without_an_allowed_key_never_registers(server: LiveCurveServer) 
     # It loaded its model, connected, was refused at the handshake, and said so in words an operator can act on.
     assert rogue.popen.wait(40) != 0, rogue.tail()
     assert "refused this worker's CurveZMQ certificate" in rogue.output() and "--curve-allow" in rogue.output()
+    assert len(refusal_lines(server, "rogue-gpu")) == 1, server.procs["broker"].tail()
     with Client(server.client_address, key=KEY, timeout=5, retries=0, curve=server.certs.client("robot")) as client:
         workers = client.health()["workers"]
     assert [w["pid"] for w in workers] == [server.procs["worker"].pid]  # the allowed worker only

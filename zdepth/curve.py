@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
 from .errors import ConfigError
@@ -62,11 +65,58 @@ def _load(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
     return public_key, secret_key
 
 
+REFUSAL_LOG_INTERVAL_S = 60.0  # a peer that keeps retrying is logged once a minute, with a count
+
+
+class _CurveAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler, plus one warning per refused peer that says who it was and what to do.
+
+    libzmq only tells the peer "refused"; the operator reading the broker's log needs
+    the peer's address, its public key (to find its NAME.key) and where that key must go.
+    """
+
+    def __init__(self, context: zmq.Context, allow_dir: Path | None) -> None:
+        super().__init__(context, log=logging.getLogger(f"{__name__}.zap"))
+        self.allow_dir = allow_dir
+        self._request: list[bytes] | None = None
+        self._refusals: dict[tuple[str, bytes], tuple[float, int]] = {}  # (address, key) -> (last logged, refused since)
+        self._lock = threading.Lock()
+
+    def handle_zap_message(self, msg: list[bytes]):  # noqa: ANN201 - returns whatever the base returns (a coroutine)
+        self._request = msg  # the ZAP thread handles one request at a time
+        return super().handle_zap_message(msg)
+
+    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes, user_id: str = "anonymous") -> None:
+        request, self._request = self._request, None
+        if status_code != b"200" and request is not None and len(request) >= 7 and request[5] == b"CURVE":
+            self._log_refusal(request[3].decode("utf-8", "replace"), request[6], status_text.decode("utf-8", "replace"))
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+    def _log_refusal(self, address: str, public_key: bytes, reason: str) -> None:
+        z85 = zmq.utils.z85.encode(public_key).decode("ascii") if len(public_key) == 32 else public_key.hex()
+        now = time.monotonic()
+        with self._lock:
+            last, count = self._refusals.get((address, public_key), (-float("inf"), 0))
+            count += 1
+            if now - last < REFUSAL_LOG_INTERVAL_S:
+                self._refusals[(address, public_key)] = (last, count)
+                return
+            self._refusals[(address, public_key)] = (now, 0)
+        again = f" ({count} refusals of it since the last report)" if count > 1 else ""
+        log.warning(
+            "refused a CurveZMQ connection from %s: its public key %s is not in the allow directory %s%s. If this client "
+            "or worker should connect, copy its NAME.key (the file holding that key, beside its NAME.key_secret) into %s "
+            "and restart the broker",
+            address or "an unknown address", z85, self.allow_dir, again, self.allow_dir,
+        )  # fmt: skip
+        log.debug("ZAP refused %s: %s", address, reason)
+
+
 def start_authenticator(context: zmq.Context, server: CurveServer) -> ThreadAuthenticator:
     """ZAP handler for every CURVE server socket of ``context``; stop it when the sockets close."""
     if not zmq.has("curve"):
         raise ConfigError("this libzmq was built without CURVE support; install pyzmq from its wheels")
-    auth = ThreadAuthenticator(context, log=logging.getLogger(f"{__name__}.zap"))
+    auth = _CurveAuthenticator(context, Path(server.allow_dir) if server.allow_dir is not None else None)
     auth.start()
     if server.allow_dir is None:
         auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
