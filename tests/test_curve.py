@@ -10,6 +10,7 @@ import zmq
 
 from procs import Relay
 
+from zdepth.auth import apply_peer_security
 from zdepth.broker import Broker
 from zdepth.config import BrokerConfig, Heartbeat
 from zdepth.curve import CurveClient, CurveServer, apply_client, generate
@@ -48,8 +49,7 @@ def port_of(endpoint: str) -> int:
 def ask(ctx, endpoint, curve_client=None, *, body=()):
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    if curve_client is not None:
-        apply_client(sock, curve_client)
+    apply_peer_security(sock, key=KEY, curve=curve_client)  # the key at the handshake unless CurveZMQ does that job
     sock.connect(endpoint)
     sock.send_multipart([request_header(id="q", key=KEY, op="health"), *body])
     try:

@@ -79,10 +79,11 @@ def test_peek_and_command_parsers_are_total(frame):
     request_id=st.text(min_size=1, max_size=64),
     key=st.none() | st.text(max_size=40),
     op=st.sampled_from(sorted(OPS)),
-    model=st.none() | st.text(min_size=1, max_size=64),
+    model=st.none() | st.from_regex(r"[a-z0-9]{1,20}(-[a-z0-9]{1,20})?", fullmatch=True),
     timeout_ms=st.none() | st.floats(min_value=0.001, max_value=3_600_000),
 )
 def test_request_header_round_trips(request_id, key, op, model, timeout_ms):
+    """Every well-formed header (model ids as PROTOCOL.md spells them) reads back as it was written."""
     header = parse_request_header(request_header(id=request_id, key=key, op=op, model=model, timeout_ms=timeout_ms))
     assert (header.id, header.key, header.op, header.timeout_ms) == (request_id, key, op, timeout_ms)
     assert header.model == model
