@@ -206,6 +206,7 @@ class BrokerCore:
         self._rids = itertools.count(1)
         self._next_heartbeat = now
         self._out: list[Outgoing] = []
+        self._recent_s = config.heartbeat.recent_s
 
     # ------------------------------------------------------------------ events
 
@@ -360,7 +361,7 @@ class BrokerCore:
 
     def _live(self, worker: WorkerState, now: float) -> bool:
         """May get new work: heard from recently, not draining, not holding requests past their deadlines."""
-        return not worker.draining and not worker.unhealthy and now - worker.heard <= self.config.heartbeat.recent_s
+        return not worker.draining and not worker.unhealthy and now - worker.heard <= self._recent_s
 
     def _dispatch(self, model: str, now: float) -> None:
         """Send queued requests for ``model`` to the least-loaded live workers with room."""
