@@ -111,6 +111,7 @@ def run_streams(address: str, streams: int, options: dict[str, Any], frame) -> d
             message = pipe.recv()
             if message != "warm":
                 raise RuntimeError(f"a client stream failed while warming up: {message}")
+        started_at = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process of this machine
         start_event.set()
         reports = []
         for pipe in pipes:
@@ -128,7 +129,15 @@ def run_streams(address: str, streams: int, options: dict[str, Any], frame) -> d
     frames = len(samples)
     elapsed = max(r["elapsed"] for r in reports)
     server = {name: sum(r["server"][name] for r in reports) / frames if frames else None for name in ("queue_ms", "infer_ms", "worker_ms")}
-    return {"frames": frames, "errors": sum(r["errors"] for r in reports), "elapsed_s": elapsed, "fps": frames / elapsed, "latency": _common.summarize(samples), "server_mean": server}
+    return {
+        "frames": frames,
+        "errors": sum(r["errors"] for r in reports),
+        "elapsed_s": elapsed,
+        "fps": frames / elapsed,
+        "latency": _common.summarize(samples),
+        "server_mean": server,
+        "started_at": started_at,
+    }
 
 
 # ----------------------------------------------------------------------------- servers

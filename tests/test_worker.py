@@ -24,7 +24,7 @@ import pytest
 import zmq
 
 import zdepth
-from zdepth import codec, protocol
+from zdepth import auth, codec, protocol
 from zdepth.config import Heartbeat, WorkerConfig
 from zdepth.errors import ConfigError, Unauthorized, WeightsNotFound
 from zdepth.imageio import encode_jpeg
@@ -46,13 +46,12 @@ WAIT_S = 10.0  # ceiling for anything the worker should do "soon"
 class FakeBroker:
     """The broker's side of the wire, driven step by step from the test."""
 
-    def __init__(self, ctx: zmq.Context, port: int | None = None, *, curve=None) -> None:
+    def __init__(self, ctx: zmq.Context, port: int | None = None, *, curve=None, key: str | None = None) -> None:
+        """``curve`` or ``key``: ask for CurveZMQ, or for the key at the handshake, as a broker does
+        (the test starts the authenticator: ``auth.start_broker_auth``)."""
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
-        if curve is not None:
-            from zdepth.curve import apply_server
-
-            apply_server(self.sock, curve)
+        auth.apply_broker_security(self.sock, key=key, curve=curve)
         if port is None:
             self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         else:
@@ -457,6 +456,31 @@ def test_an_expired_deadline_times_out_without_inference(broker, engine, start):
     assert gated.calls == [1], "the late request never reached the model"
 
 
+def test_info_gets_a_summary_and_state_changes_not_a_line_per_request(broker, engine, start, caplog):
+    running = start(make_config(broker.endpoint, summary_interval_s=0.5), engine)
+    with caplog.at_level(logging.DEBUG, logger="zdepth.worker"):
+        identity, _, _ = broker.expect(protocol.READY)
+        for rid in range(1, 7):
+            broker.request(identity, rid)
+        broker.request(identity, 7, input_size=30)  # refused: not a multiple of 14
+        broker.request(identity, 8, model="vitl")  # not served here
+        replies = broker.replies(8)
+        assert [replies[r][0]["status"] for r in range(1, 9)] == ["ok"] * 6 + ["bad_request", "unknown_model"]
+        time.sleep(0.7)
+        running.worker.stop()
+        running.join()
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    summaries = [m for m in info if " ok, " in m]
+    assert len(summaries) == 1, info
+    assert "8 requests" in summaries[0] and "6 ok" in summaries[0] and "1 bad_request" in summaries[0], summaries
+    assert "1 unknown_model" in summaries[0] and "p50" in summaries[0] and "p99" in summaries[0] and "batches" in summaries[0]
+    for state in ("connected to broker", "registered with broker", "draining", "drained"):
+        assert any(state in m for m in info), (state, info)
+    assert not any("req-" in m for m in info), "no INFO line names a request"
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert sum("'req-" in m for m in debug) == 8, debug
+
+
 # ----------------------------------------------------------------------------- heartbeats and reconnection
 
 
@@ -565,6 +589,89 @@ def test_announces_itself_over_curvezmq(ctx, engine, start, tmp_path):
     finally:
         secure.close()
         auth.stop()
+
+
+# ----------------------------------------------------------------------------- the key at the handshake
+
+
+@pytest.fixture
+def keyed(ctx):
+    """A fake broker that asks for the key "sesame" at the handshake, with its authenticator."""
+    authenticator = auth.start_broker_auth(ctx, key="sesame", curve=None)
+    fake = FakeBroker(ctx, key="sesame")
+    yield fake
+    fake.close()
+    authenticator.stop()
+
+
+def test_proves_the_key_at_the_handshake(keyed, engine, start, caplog):
+    with caplog.at_level(logging.INFO, logger="zdepth.worker"):
+        start(make_config(keyed.endpoint), engine)
+        identity, header, _ = keyed.expect(protocol.READY)
+        assert header["key"] == "sesame"
+        keyed.request(identity, 1)
+        assert keyed.replies(1)[1][0]["status"] == "ok"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("connected to broker" in m and "key at the handshake" in m for m in messages), messages
+    assert not any("takes no key" in m for m in messages)
+
+
+def test_a_key_refused_at_the_handshake_is_final(keyed, engine, start, caplog):
+    """No READY ever reaches the broker, and run() raises at once instead of retrying forever."""
+    with caplog.at_level(logging.ERROR, logger="zdepth.worker"):
+        running = start(make_config(keyed.endpoint, key="wrong"), engine)
+        running.join()
+    assert isinstance(running.error, Unauthorized)
+    assert "refused this worker's key at the handshake" in str(running.error) and "--key-file" in str(running.error)
+    with pytest.raises(AssertionError, match="sent nothing"):
+        keyed.recv(timeout=0.2)
+
+
+def test_no_key_for_a_broker_that_asks_for_one_is_final(keyed, engine, start):
+    running = start(make_config(keyed.endpoint, key=None), engine)
+    running.join()
+    assert isinstance(running.error, Unauthorized) and "ZDEPTH_KEY" in str(running.error)
+
+
+def test_a_broker_without_a_key_gets_a_connection_without_plain(broker, engine, start, caplog):
+    """A broker started without a key answers PLAIN with a mechanism mismatch: the worker says so
+    once and connects again without it, then serves."""
+    with caplog.at_level(logging.INFO, logger="zdepth.worker"):
+        start(make_config(broker.endpoint), engine)
+        identity, header, _ = broker.expect(protocol.READY)
+        assert header["key"] == "sesame"  # still in READY, which a keyless broker ignores
+        broker.request(identity, 1)
+        assert broker.replies(1)[1][0]["status"] == "ok"
+    switches = [r for r in caplog.records if "takes no key at the handshake" in r.getMessage()]
+    assert len(switches) == 1, [r.getMessage() for r in caplog.records]
+    assert any("connected to broker" in r.getMessage() and "no handshake security" in r.getMessage() for r in caplog.records)
+
+
+def test_run_worker_exits_1_when_the_handshake_refuses_the_key(keyed, weights_dir):
+    config = make_config(keyed.endpoint, key="wrong", models=("vits",), weights_dir=str(weights_dir))
+    status: list[int] = []
+    thread = threading.Thread(target=lambda: status.append(run_worker(config)), daemon=True)
+    thread.start()
+    thread.join(WAIT_S * 3)
+    assert status == [1]
+
+
+def test_a_certificate_outside_the_allow_list_is_final(ctx, engine, start, tmp_path):
+    from zdepth.curve import CurveClient, CurveServer, generate
+
+    server_public, server_secret = generate(tmp_path / "server", "broker")
+    (tmp_path / "allowed").mkdir()
+    _, stranger_secret = generate(tmp_path / "elsewhere", "stranger")
+    server = CurveServer(server_secret, tmp_path / "allowed")
+    authenticator = auth.start_broker_auth(ctx, key="sesame", curve=server)
+    secure = FakeBroker(ctx, curve=server)
+    try:
+        running = start(make_config(secure.endpoint, curve=CurveClient(stranger_secret, server_public)), engine)
+        running.join()
+        assert isinstance(running.error, Unauthorized) and "allow directory" in str(running.error)
+    finally:
+        secure.close()
+        authenticator.stop()
 
 
 def test_a_missing_certificate_fails_before_loading(engine, tmp_path):

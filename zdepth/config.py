@@ -121,6 +121,9 @@ class WorkerConfig:
     # 4096 x 4096 at 64 MiB), so that every image a worker accepts can be answered. See zdepth.worker.max_pixels.
     max_pixels: int | None = None
     curve: CurveClient | None = None
+    # Overlap host and device work: batch N+1 is decoded and prepared, and N-1's replies built, while N runs.
+    # False: one compute thread does each batch's steps in turn (for comparison; see benchmarks/overlap.py).
+    pipeline: bool = True
     summary_interval_s: float = 10.0  # one INFO line on what was served per interval with traffic; each request logs at DEBUG
 
     def __post_init__(self) -> None:

@@ -16,8 +16,14 @@ Two preprocessing paths, chosen by device:
   and the resize back; one host copy comes back per batch of equally sized
   images. torch's bicubic differs from cv2's by float rounding only.
 
-One Engine serves one device from one thread; ``torch.set_num_threads`` is the
-caller's business.
+Besides ``infer``, a batch can go through in three steps that a server runs on
+three threads, so that host work overlaps the device's: ``prepare`` one image
+(decode, upload, resize and normalise; on CUDA on an upload stream of its own),
+``run`` a batch of prepared images (the forward pass and the resize back, with
+the copy to the host started; on CUDA it returns before the device is done),
+and ``collect`` its depth maps (waits for the copy). ``prepare`` may run on one
+thread while ``run`` and ``collect`` run on two others; each step of one batch
+on one thread at a time. ``torch.set_num_threads`` is the caller's business.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numbers
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,7 +46,7 @@ from zdepth.errors import BadRequest
 from zdepth.imageio import EncodedJpeg
 from zdepth.weights import ModelSpec, find_checkpoint, get_spec
 
-__all__ = ["Engine", "PRECISIONS", "MIN_INPUT_SIZE", "MAX_INPUT_SIZE"]
+__all__ = ["Engine", "Pending", "Prepared", "PRECISIONS", "MIN_INPUT_SIZE", "MAX_INPUT_SIZE"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +57,28 @@ MAX_INPUT_SIZE = 2058  # 147 patches a side; 518 (the training size) is the defa
 DECODER_STRIKES = 8  # batches in a row on which the device decoder failed every JPEG cv2 could read: then it is switched off
 MaxDepth = float | Sequence[float | None] | None
 Image = np.ndarray | EncodedJpeg
+
+
+@dataclass(eq=False)
+class Prepared:
+    """One image ready for ``Engine.run``: its network input on the engine's device, and its own size."""
+
+    tensor: torch.Tensor  # 1 x 3 x h x w, normalised
+    shape: tuple[int, int]  # the image's (H, W): the depth map comes back at this size
+    ready: torch.cuda.Event | None = None  # on CUDA: recorded on the upload stream once ``tensor`` is written
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The network input's (h, w): images of one size share a forward pass."""
+        return tuple(self.tensor.shape[2:])
+
+
+@dataclass(eq=False)
+class Pending:
+    """A batch that ``Engine.run`` started: depth maps on the host, or on their way there."""
+
+    depths: list[torch.Tensor]  # per image, H x W float32 on the host (pinned on CUDA)
+    done: torch.cuda.Event | None = None  # on CUDA: recorded after the last copy to the host
 
 
 class Engine:
@@ -106,6 +135,7 @@ class Engine:
         self._decoder_strikes = 0
         self._models: dict[str, torch.nn.Module] = {}
         self._forwards: dict[str, torch.nn.Module | GraphedForward] = {}
+        self._upload_stream: torch.cuda.Stream | None = None  # created on first use, on this engine's device
 
     @property
     def decodes_jpeg(self) -> bool:
@@ -180,18 +210,126 @@ class Engine:
         for index, image in enumerate(images):
             groups.setdefault(network_input_size(*image.shape[:2], input_size), []).append(index)
         results: dict[int, np.ndarray] = {}
-        # The current CUDA device is per thread and is cuda:0 unless set: make it this engine's.
-        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with torch.inference_mode(), on_device:
+        with torch.inference_mode(), self._on_device():
             for size, indices in groups.items():
                 batch = [images[i] for i in indices]
                 scale = None if scales is None else torch.tensor([scales[i] for i in indices], dtype=torch.float32)
                 if self._cv2_preprocess:
-                    depths = self._forward_cv2(forward, batch, input_size, scale)
+                    prepared = [Prepared(preprocess_cv2(image, input_size), image.shape[:2]) for image in batch]
+                    depths = [depth.numpy() for depth in self._run_group(forward, prepared, scale).depths]
                 else:
                     depths = self._forward_tensor(forward, batch, size, scale)
                 results.update(zip(indices, depths))
         return [results[i] for i in range(len(images))]
+
+    def prepare(self, image: Image, input_size: int = 518) -> Prepared:
+        """Step one for one image: decode (an EncodedJpeg), upload, resize and normalise it for ``run``.
+
+        On the CPU this is the official cv2 preprocessing, so ``prepare`` +
+        ``run`` + ``collect`` give exactly what ``infer`` gives. On CUDA the
+        work is queued on an upload stream of the engine's own, which a
+        forward pass on the compute stream does not wait for. Bad arguments
+        raise BadRequest.
+        """
+        _check_input_size(input_size)
+        _check_image(0, image)
+        if isinstance(image, EncodedJpeg) and not self.decodes_jpeg:
+            image = image.decode()
+        shape = (image.shape[0], image.shape[1])
+        size = network_input_size(*shape, input_size)
+        with torch.inference_mode():
+            if self._cv2_preprocess:
+                return Prepared(preprocess_cv2(image, input_size), shape)
+            if self.device.type != "cuda":
+                return Prepared(self._preprocess_on_device(image, size), shape)
+            with torch.cuda.device(self.device):
+                if self._upload_stream is None:
+                    self._upload_stream = torch.cuda.Stream(self.device)
+                with torch.cuda.stream(self._upload_stream):
+                    tensor = self._preprocess_on_device(image, size)
+                    ready = torch.cuda.Event()
+                    ready.record(self._upload_stream)
+            return Prepared(tensor, shape, ready)
+
+    def run(self, prepared: Sequence[Prepared], model_id: str, *, max_depth: MaxDepth = None) -> Pending:
+        """Step two: the forward pass over prepared images (grouped by network input size) and the
+        resize back to each image's size, with the copies to the host queued behind them.
+
+        On CUDA this returns once the work is queued; ``collect`` waits for it.
+        ``max_depth`` as for ``infer``.
+        """
+        spec = get_spec(model_id)
+        prepared = list(prepared)
+        scales = _max_depths(spec, max_depth, len(prepared))
+        self.load(spec.id)
+        forward = self._forwards[spec.id]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, item in enumerate(prepared):
+            groups.setdefault(item.size, []).append(index)
+        depths: list[torch.Tensor | None] = [None] * len(prepared)
+        with torch.inference_mode(), self._on_device():
+            for indices in groups.values():
+                scale = None if scales is None else torch.tensor([scales[i] for i in indices], dtype=torch.float32)
+                pending = self._run_group(forward, [prepared[i] for i in indices], scale)
+                for i, depth in zip(indices, pending.depths):
+                    depths[i] = depth
+            done = None
+            if self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record()
+        return Pending(depths, done)  # type: ignore[arg-type]
+
+    def collect(self, pending: Pending) -> list[np.ndarray]:
+        """Step three: the depth maps of a ``run``, as float32 H x W arrays, once they are on the host."""
+        if pending.done is not None:
+            pending.done.synchronize()  # releases the GIL while the device finishes
+        return [depth.numpy() for depth in pending.depths]
+
+    def _on_device(self):
+        """The current CUDA device is per thread and is cuda:0 unless set: make it this engine's."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _preprocess_on_device(self, image: Image, size: tuple[int, int]) -> torch.Tensor:
+        """One image as a normalised 1 x 3 x h x w network input in the engine's dtype, on its device
+        (the current stream): decoded there (EncodedJpeg) or uploaded through pinned memory."""
+        frame = self._decode_on_device([image])[0]
+        if isinstance(frame, np.ndarray):
+            pinned = self.device.type == "cuda"
+            host = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=pinned)
+            host.numpy()[...] = frame
+            chw = host.to(self.device, non_blocking=pinned).permute(2, 0, 1).flip(0)  # HWC BGR -> CHW RGB
+        else:
+            chw = frame  # CHW RGB on the device
+        return preprocess_tensor(chw.unsqueeze(0), size).to(self.dtype)
+
+    def _run_group(self, forward, prepared: list[Prepared], scale: torch.Tensor | None) -> Pending:
+        """The forward pass over prepared images of one network input size, and the resize back."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            stream = torch.cuda.current_stream(self.device)
+            for item in prepared:
+                if item.ready is not None:
+                    stream.wait_event(item.ready)
+                    item.tensor.record_stream(stream)  # made on the upload stream, read on this one
+        x = prepared[0].tensor if len(prepared) == 1 else torch.cat([item.tensor for item in prepared])
+        if scale is not None:
+            scale = scale.to(self.device, non_blocking=cuda)
+        depth = forward(x.to(self.device, self.dtype), scale).float()
+        # Equally sized images share one resize back (and, on CUDA, one copy to the host).
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for j, item in enumerate(prepared):
+            by_shape.setdefault(item.shape, []).append(j)
+        out: list[torch.Tensor | None] = [None] * len(prepared)
+        for shape, members in by_shape.items():
+            rows = depth[members[0] : members[0] + 1] if len(members) == 1 else depth[members]
+            resized = resize_depth(rows, shape)
+            if cuda:
+                host = torch.empty(resized.shape, dtype=resized.dtype, pin_memory=True)
+                host.copy_(resized, non_blocking=True)
+                resized = host
+            for k, j in enumerate(members):
+                out[j] = resized[k]
+        return Pending(out)  # type: ignore[arg-type]
 
     def warmup(self, model_id: str, sizes: Iterable[tuple[int, int]] = ((480, 640),), *, input_size: int = 518, batch_size: int = 1) -> float:
         """Load ``model_id`` and run ``batch_size`` black images of each (height, width).
@@ -207,13 +345,6 @@ class Engine:
         elapsed = time.perf_counter() - start
         logger.info("warmed up %s in %.1f s", model_id, elapsed)
         return elapsed
-
-    def _forward_cv2(
-        self, model: torch.nn.Module, batch: list[np.ndarray], input_size: int, scale: torch.Tensor | None
-    ) -> list[np.ndarray]:
-        x = torch.cat([preprocess_cv2(image, input_size) for image in batch]).to(self.device, self.dtype)
-        depth = model(x, scale).float()
-        return [resize_depth(depth[i : i + 1], image.shape[:2])[0].cpu().numpy() for i, image in enumerate(batch)]
 
     def _forward_tensor(
         self, forward: torch.nn.Module | GraphedForward, batch: list[Image], size: tuple[int, int], scale: torch.Tensor | None

@@ -1,23 +1,34 @@
 """The worker: one process per GPU, serving depth requests that the broker hands it.
 
-Two threads, so that heartbeats keep flowing while the GPU is busy::
+An I/O loop, so that heartbeats keep flowing while the GPU is busy, and a
+pipeline of three threads, so that the GPU does not wait for the host::
 
     broker <--DEALER--> I/O loop (run(), the caller's thread)
                           |  owns the socket: READY, heartbeats, liveness,
                           |  reconnect with back-off, drain on stop()
-                   jobs   v           ^  results (queue) + a wake-up byte
-                        compute thread
-                          load + warm up, then: collect_batch -> engine.infer -> reply frames
+                   jobs   v                                      ^  results + a wake-up byte
+        prepare thread: wait for the decode, engine.prepare      |
+                          v  prepared images                     |
+        compute thread: collect_batch -> engine.run (batch N)    |
+                          v  batches in flight                   |
+        reply thread:   engine.collect -> reply frames ----------+
 
-Only the I/O loop touches ZeroMQ; only the compute thread touches the engine
-(CUDA state stays on one thread). The compute thread hands finished replies
-back through a queue and writes one byte to a socket pair that the I/O loop
-polls beside the DEALER, so replies go out at once without busy polling. (A
-socket pair rather than an inproc PAIR: any thread, and a signal handler,
-may write to it, where a ZeroMQ socket belongs to one thread.) Images are
-decoded by a small thread pool as they arrive, overlapping the batch in
-progress (cv2 releases the GIL), except JPEGs that an engine decodes on the
-GPU (``engine.decodes_jpeg``): those stay encoded until their batch runs.
+While batch N runs on the device, the images of batch N+1 are decoded (by a
+small pool as they arrive; cv2 releases the GIL), uploaded and preprocessed,
+and the replies of batch N-1 are built. An engine that offers only ``infer``
+runs whole on the compute thread. With ``WorkerConfig.pipeline`` off, one
+compute thread does each batch's steps in turn (kept for comparison,
+benchmarks/overlap.py). Models are loaded and warmed up on the compute
+thread, which alone calls ``engine.run`` (CUDA graphs and compiled code stay
+on one thread); the engine's steps are made to be called from these threads
+(see zdepth.engine).
+
+Only the I/O loop touches ZeroMQ. Finished replies come back through a queue,
+with one byte written to a socket pair that the I/O loop polls beside the
+DEALER, so replies go out at once without busy polling. (A socket pair rather
+than an inproc PAIR: any thread, and a signal handler, may write to it, where
+a ZeroMQ socket belongs to one thread.) JPEGs that an engine decodes on the
+GPU (``engine.decodes_jpeg``) stay encoded until they are prepared.
 
 Reliability follows the ZeroMQ Guide's Paranoid Pirate worker: a broker silent
 for ``heartbeat.expiry_s`` is presumed dead; the worker closes its socket,
@@ -44,7 +55,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import __version__, codec, imageio, protocol
+from zmq.utils.monitor import recv_monitor_message
+
+from . import __version__, auth, codec, imageio, protocol
 from .batching import collect_batch, padded_batches
 from .config import WorkerConfig
 from .curve import apply_client
@@ -89,6 +102,7 @@ class Job:
     generation: int
     decoded: Future[np.ndarray] | None = None
     done: bool = False
+    status: str | None = None  # the reply's status ("ok" or an error code) once there is one; None: abandoned
     held_bytes: int = 0  # counted against WorkerConfig.max_held_bytes while the job is held
 
     @property
@@ -150,20 +164,20 @@ def reply_frames(job: Job, depth: np.ndarray, *, worker: str, timings: dict[str,
     return [protocol.command(protocol.REPLY, rid=job.rid, status=protocol.STATUS_OK), header, *buffers]
 
 
-def held_bytes(image: Any) -> int:
-    """What holding a request's image may cost: its frame as received plus its decoded HxWx3 pixels.
+def max_pixels(config: WorkerConfig) -> int:
+    """The most pixels an image may have: ``config.max_pixels``, by default the most whose float32
+    depth map fits one reply message (4096 x 4096 at 64 MiB), so that every image accepted can be
+    answered; never more than ``imageio.DEFAULT_MAX_PIXELS``."""
+    if config.max_pixels is not None:
+        return config.max_pixels
+    return min(config.max_message_bytes // np.dtype(np.float32).itemsize, imageio.DEFAULT_MAX_PIXELS)
 
-    The pixel count comes from the array's shape or the encoded file's header; the frame alone when
-    it is unknown, or above the decoder's pixel limit (such an image is refused, unallocated, with
-    bad_request: it must not be counted as a big one and turn others away with overloaded).
-    """
-    if isinstance(image, np.ndarray):
-        pixels = image.shape[0] * image.shape[1] if image.ndim >= 2 else 0
-    else:
-        image = memoryview(image)
-        _, size = imageio._sniff(image)
-        pixels = size[0] * size[1] if size else 0
-    return image.nbytes + (3 * pixels if pixels <= imageio.DEFAULT_MAX_PIXELS else 0)
+
+def held_bytes(image: Any, info: imageio.ImageInfo) -> int:
+    """What holding a request's image may cost at its peak: the frame as received, plus what
+    decoding it allocates at once (read from its header by ``imageio.inspect_image``: a 16-bit PNG
+    costs 12 bytes a pixel, an 8-bit JPEG 6)."""
+    return memoryview(image).nbytes + info.decode_bytes
 
 
 def check_reply_size(job: Job, height: int, width: int, limit: int) -> None:
@@ -243,6 +257,47 @@ def parse_request(
     )
 
 
+class Traffic:
+    """What the worker answered since the last summary: one INFO line per interval instead of one per request.
+
+    ``reply`` is called by the I/O loop for every reply sent, ``batch`` by
+    whichever thread runs a forward pass; ``summary`` returns the line (None
+    when there was no traffic) and starts a new interval.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._codes: dict[str, int] = {}
+        self._latencies_ms: list[float] = []
+        self._batches: list[int] = []
+
+    def reply(self, status: str, latency_ms: float) -> None:
+        with self._lock:
+            self._codes[status] = self._codes.get(status, 0) + 1
+            self._latencies_ms.append(latency_ms)
+
+    def batch(self, size: int) -> None:
+        with self._lock:
+            self._batches.append(size)
+
+    def summary(self, elapsed_s: float) -> str | None:
+        with self._lock:
+            codes, latencies, batches = self._codes, self._latencies_ms, self._batches
+            self._codes, self._latencies_ms, self._batches = {}, [], []
+        total = sum(codes.values())
+        if not total and not batches:
+            return None
+        ok = codes.pop("ok", 0)
+        errors = ", ".join(f"{count} {code}" for code, count in sorted(codes.items())) or "no errors"
+        line = f"last {elapsed_s:.1f} s: {total} requests ({total / max(elapsed_s, 1e-9):.1f}/s), {ok} ok, {errors}"
+        if latencies:
+            p50, p99 = np.percentile(latencies, [50, 99])
+            line += f"; worker latency p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+        if batches:
+            line += f"; {len(batches)} batches, mean size {sum(batches) / len(batches):.2f}"
+        return line
+
+
 def backoff_delay(failures: int, low: float, high: float, *, rand: random.Random | None = None) -> float:
     """Seconds to wait before reconnect number ``failures + 1``: doubling from ``low``, at most ``high``, jittered.
 
@@ -286,17 +341,31 @@ class _Wakeup:
 
 
 class _BrokerLink:
-    """The DEALER to the broker, with heartbeats, liveness and reconnect back-off (Paranoid Pirate)."""
+    """The DEALER to the broker, with heartbeats, liveness and reconnect back-off (Paranoid Pirate).
 
-    def __init__(self, ctx: zmq.Context, config: WorkerConfig, ready: bytes) -> None:
-        self._ctx, self._config, self._ready = ctx, config, ready
+    The connection proves the key at the ZeroMQ handshake (PLAIN, see
+    ``zdepth.auth``) or uses CurveZMQ. A monitor socket reports how each
+    handshake went: a refused key is final (``take_event`` raises
+    Unauthorized), and a broker that turns out to take no key at the handshake
+    gets a fresh connection without PLAIN (the key then travels in READY only).
+    Both sockets are registered with ``poller`` while the link is up.
+    """
+
+    EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED
+
+    def __init__(self, ctx: zmq.Context, config: WorkerConfig, ready: bytes, poller: zmq.Poller) -> None:
+        self._ctx, self._config, self._ready, self._poller = ctx, config, ready, poller
         self.sock: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
         self.generation = 0  # bumped on every connect and close: jobs remember theirs
         self.expires_at = math.inf
         self.next_heartbeat = math.inf
         self.reconnect_at = 0.0
         self.answered = False  # whether the broker spoke on this connection: only then is a flush worth waiting for
+        self.plain = config.key is not None  # prove the key at the handshake, until a broker shows it takes none
+        self.connected = False  # the current connection's handshake succeeded
         self._failures = 0
+        self._connects = 0
 
     def connect(self, now: float) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
@@ -312,23 +381,41 @@ class _BrokerLink:
         }
         for option, value in options.items():
             sock.setsockopt(option, value)
-        if self._config.curve is not None:
-            apply_client(sock, self._config.curve)
+        auth.apply_peer_security(sock, key=self._config.key, curve=self._config.curve, plain=self.plain)
+        self.monitor = sock.get_monitor_socket(self.EVENTS)  # before connect(), so no handshake goes unseen
         sock.connect(self._config.broker)
         self.sock = sock
-        self.answered = False
+        self.answered = self.connected = False
         self.generation += 1
         self.expires_at = now + self._config.heartbeat.expiry_s
         self.next_heartbeat = now + self._config.heartbeat.interval_s
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self.monitor, zmq.POLLIN)
         self.send([self._ready])
-        logger.info("connecting to broker %s", self._config.broker)
+        self._connects += 1
+        log = logger.info if self._connects == 1 else logger.debug  # reconnects were announced with their delay
+        log("connecting to broker %s (%s)", self._config.broker, self.mechanism)
         return sock
 
+    @property
+    def mechanism(self) -> str:
+        if self._config.curve is not None:
+            return "CurveZMQ"
+        return "the key at the handshake" if self.plain else "no handshake security"
+
     def close(self, *, linger_ms: int = 0) -> None:
+        if self.monitor is not None:
+            self._poller.unregister(self.monitor)
+            if self.sock is not None:
+                self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
         if self.sock is not None:
+            self._poller.unregister(self.sock)
             self.sock.close(linger=linger_ms)
             self.sock = None
             self.generation += 1
+        self.connected = False
         self.expires_at = self.next_heartbeat = math.inf
 
     def drop(self, now: float) -> float:
@@ -345,6 +432,58 @@ class _BrokerLink:
         self.answered = True
         if healthy:
             self._failures = 0
+
+    def take_events(self, now: float) -> None:
+        """Act on the monitor's handshake events; raises Unauthorized when the broker refuses us."""
+        while self.monitor is not None:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind, value = event["event"], event["value"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+                logger.info("connected to broker %s (%s)", self._config.broker, self.mechanism)
+            elif kind == zmq.EVENT_DISCONNECTED and self.connected:
+                self.connected = False
+                logger.info("connection to broker %s lost; libzmq reconnects", self._config.broker)
+            elif auth.key_refused(kind, value):
+                raise Unauthorized(self._refusal())
+            elif auth.mechanism_mismatch(kind, value):
+                self._on_mismatch(now)
+
+    def _refusal(self) -> str:
+        if self._config.curve is not None:
+            return (
+                f"broker {self._config.broker} refused this worker's CurveZMQ certificate at the handshake: "
+                "put its public key in the broker's allow directory (--curve-allow)"
+            )
+        return (
+            f"broker {self._config.broker} refused this worker's key at the handshake: "
+            "give the broker's key with --key-file or ZDEPTH_KEY"
+        )
+
+    def _on_mismatch(self, now: float) -> None:
+        """The two ends asked for different security: adapt where the key allows it, else give up."""
+        if self._config.curve is not None:
+            raise Unauthorized(
+                f"broker {self._config.broker} does not use CurveZMQ: start it with --curve-secret, "
+                "or start this worker without --curve-secret and --curve-server-key"
+            )
+        if self._config.key is None:
+            raise Unauthorized(
+                f"broker {self._config.broker} asks for credentials at the handshake that this worker lacks: "
+                "give its key with --key-file or ZDEPTH_KEY (or, for a CurveZMQ broker, --curve-secret and --curve-server-key)"
+            )
+        self.plain = not self.plain
+        delay = self.drop(now)
+        if self.plain:
+            logger.warning("broker %s now asks for the key at the handshake; reconnecting with it in %.2f s", self._config.broker, delay)
+        else:
+            logger.warning(
+                "broker %s takes no key at the handshake (it was started without one); reconnecting without in %.2f s. "
+                "The key still travels in READY", self._config.broker, delay,
+            )  # fmt: skip
 
     def send(self, frames: list[Any]) -> bool:
         """Send without ever blocking the loop; a message that cannot be queued is dropped."""
@@ -383,7 +522,11 @@ class Worker:
         self.config = config
         self._engine = engine if engine is not None else _build_engine(config)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{config.device}"
+        self._max_pixels = max_pixels(config)
         self._jobs: queue.Queue[Job | _Stop] = queue.Queue()
+        self._prepared: queue.Queue[_Item | _Stop] = queue.Queue()  # prepare thread -> compute thread
+        self._ran: queue.Queue[_Ran | _Stop] = queue.Queue()  # compute thread -> reply thread
+        self._steps = _Steps(self._engine)
         self._results: queue.SimpleQueue[tuple[Job, list[Any] | None]] = queue.SimpleQueue()
         if config.curve is not None:
             _check_curve(config)
@@ -402,6 +545,9 @@ class Worker:
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self.serving = False
+        self._traffic = Traffic()
+        self._summary_at = math.inf
+        self._summary_from = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -424,7 +570,7 @@ class Worker:
                 graceful = True
                 return
             ready = ready_frame(self.config, name=self.name, device=self._engine_attr("device"), precision=self._engine_attr("precision"))
-            self._link = _BrokerLink(self._ctx, self.config, ready)
+            self._link = _BrokerLink(self._ctx, self.config, ready, self._poller)
             graceful = self._serve()
         finally:
             self._abort = self._abort or not graceful
@@ -481,18 +627,24 @@ class Worker:
         link = self._link
         self._poller.register(self._wakeup, zmq.POLLIN)
         self.serving = True
+        self._summary_from = time.monotonic()
+        self._summary_at = self._summary_from + self.config.summary_interval_s
         while True:
             now = time.monotonic()
             if self._abort:
+                self._log_summary(now)
                 logger.warning("stopping at once; %d requests abandoned", self._outstanding)
                 return False
             if self._stop_requested and not self._draining:
                 self._begin_drain()
             if self._draining and self._outstanding == 0 and (link.sock is None or now >= self._drain_grace_end):
+                self._log_summary(now)
                 logger.info("drained; worker %s stopped", self.name)
                 return True
+            if now >= self._summary_at:
+                self._log_summary(now)
             self._keep_link(now)
-            wake_at = link.next_event(reconnecting=not self._draining)
+            wake_at = min(link.next_event(reconnecting=not self._draining), self._summary_at)
             if self._draining and self._outstanding == 0:
                 wake_at = min(wake_at, self._drain_grace_end)
             timeout_ms = max(0.0, wake_at - now) * 1000
@@ -500,16 +652,23 @@ class Worker:
             if self._wakeup in events:
                 self._wakeup.clear()
             self._send_results()
+            if link.monitor is not None and link.monitor in events:
+                link.take_events(time.monotonic())
             if link.sock is not None and link.sock in events:
                 self._read_broker()
+
+    def _log_summary(self, now: float) -> None:
+        line = self._traffic.summary(now - self._summary_from)
+        if line is not None:
+            logger.info("%s", line)
+        self._summary_from, self._summary_at = now, now + self.config.summary_interval_s
 
     def _keep_link(self, now: float) -> None:
         """Connect when due, give up on a silent broker, send heartbeats."""
         link = self._link
         if link.sock is None and not self._draining and now >= link.reconnect_at:
-            self._poller.register(link.connect(now), zmq.POLLIN)
+            link.connect(now)
         elif link.sock is not None and now >= link.expires_at:
-            self._poller.unregister(link.sock)
             if self._draining:
                 link.close()
                 logger.warning("broker silent while draining; %d replies will be lost", self._outstanding)
@@ -542,6 +701,11 @@ class Worker:
             logger.warning("ignored a malformed message from the broker: %s", exc)
             return
         cmd = header["cmd"]
+        if not link.answered and cmd != protocol.DISCONNECT:
+            logger.info(
+                "registered with broker %s: serving %s, capacity %d",
+                self.config.broker, ", ".join(self.config.models), self.config.effective_capacity,
+            )  # fmt: skip
         link.heard(now, healthy=cmd != protocol.DISCONNECT)
         if cmd == protocol.REQUEST:
             self._on_request(header, frames[1:], now)
@@ -556,45 +720,59 @@ class Worker:
         if rid is None:
             logger.warning("ignored a REQUEST without 'rid' (request id %r)", header.get("id"))
             return
+        request_id = header.get("id") if isinstance(header.get("id"), str) else None
         try:
             job = parse_request(
                 header, body, models=self.config.models, now=now, generation=self._link.generation, max_image_bytes=self.config.max_message_bytes
             )
         except ServiceError as exc:
-            request_id = header.get("id") if isinstance(header.get("id"), str) else None
-            self._link.send(error_frames(rid, request_id, exc.code, exc.message))
+            self._refuse(rid, request_id, exc.code, exc.message, now)
             return
         except Exception as exc:  # a bug in a parser fails this request, never the worker
-            logger.exception("parsing request %r failed", header.get("id"))
-            request_id = header.get("id") if isinstance(header.get("id"), str) else None
-            self._link.send(error_frames(rid, request_id, "internal", f"the worker could not parse the request: {type(exc).__name__}"))
+            logger.exception("parsing request %r failed", request_id)
+            self._refuse(rid, request_id, "internal", f"the worker could not parse the request: {type(exc).__name__}", now)
             return
-        job.held_bytes = held_bytes(job.image)
+        try:
+            # Everything the header can tell is checked before decoding starts: a request that would be
+            # refused anyway never costs a decode, and the decode's peak bytes are counted up front.
+            info = imageio.inspect_image(job.image, max_pixels=self._max_pixels)
+            check_reply_size(job, info.height, info.width, self.config.max_message_bytes)
+            check_network_size(job, info.height, info.width)
+        except ServiceError as exc:
+            self._refuse(rid, request_id, exc.code, exc.message, now)
+            return
+        job.held_bytes = held_bytes(job.image, info)
         if self._outstanding and self._held_bytes + job.held_bytes > self.config.max_held_bytes:
             message = (
                 f"this worker holds {self._held_bytes} bytes of images and this one needs {job.held_bytes} "
                 f"(limit {self.config.max_held_bytes}); retry in a moment, send smaller images, or add workers"
             )
-            self._link.send(error_frames(rid, job.request_id, "overloaded", message))
+            self._refuse(rid, request_id, "overloaded", message, now)
             return
         job.decoded = self._decode(job.image)
         self._outstanding += 1
         self._held_bytes += job.held_bytes
         self._jobs.put(job)
 
+    def _refuse(self, rid: Any, request_id: str | None, code: str, message: str, received: float) -> None:
+        """Answer a request from the I/O loop, before it reached the compute side."""
+        self._link.send(error_frames(rid, request_id, code, message))
+        self._traffic.reply(code, (time.monotonic() - received) * 1000)
+        logger.debug("request %r (rid %r): %s: %s", request_id, rid, code, message)
+
     def _decode(self, image: Any) -> Future[Any]:
         """The image's pixels from the decode pool, or, for a JPEG the engine decodes on the GPU, the JPEG itself."""
         if getattr(self._engine, "decodes_jpeg", False) and not isinstance(image, np.ndarray):
             done: Future[Any] = Future()
             try:
-                jpeg = imageio.device_decodable_jpeg(image)
+                jpeg = imageio.device_decodable_jpeg(image, max_pixels=self._max_pixels)
             except BadRequest as exc:
                 done.set_exception(exc)
                 return done
             if jpeg is not None:
                 done.set_result(jpeg)
                 return done
-        return self._decoder.submit(imageio.decode_image, image)
+        return self._decoder.submit(imageio.decode_image, image, max_pixels=self._max_pixels)
 
     def _on_disconnect(self, reason: Any, now: float) -> None:
         link = self._link
@@ -607,7 +785,6 @@ class Worker:
         if self._draining:
             logger.debug("broker sent DISCONNECT %r while draining; ignored", reason)
             return
-        self._poller.unregister(link.sock)
         delay = link.drop(now)
         logger.warning("broker sent DISCONNECT %r; announcing again in %.2f s", reason, delay)
 
@@ -629,6 +806,9 @@ class Worker:
             self._held_bytes -= job.held_bytes
             if frames is not None and job.generation == link.generation:
                 link.send(frames)
+                latency_ms = (time.monotonic() - job.received) * 1000
+                self._traffic.reply(job.status, latency_ms)
+                logger.debug("request %r (rid %r): %s in %.1f ms", job.request_id, job.rid, job.status, latency_ms)
 
     def _engine_attr(self, name: str) -> str | None:
         value = getattr(self._engine, name, None)
@@ -636,7 +816,7 @@ class Worker:
             value = getattr(self.config, name, None)
         return None if value is None else str(value)
 
-    # ------------------------------------------------------------------ compute thread
+    # ------------------------------------------------------------------ the pipeline
 
     def _compute_main(self) -> None:
         try:
@@ -646,9 +826,69 @@ class Worker:
             return
         finally:
             self._loaded.set()
-        self._compute_loop()
+        if not self.config.pipeline:
+            self._sequential_loop()
+            return
+        helpers = [
+            threading.Thread(target=self._prepare_loop, name="zdepth-prepare", daemon=True),
+            threading.Thread(target=self._reply_loop, name="zdepth-reply", daemon=True),
+        ]
+        for thread in helpers:
+            thread.start()
+        try:
+            self._compute_loop()  # returns after the stop has passed through the prepare thread
+        finally:
+            for thread in helpers:
+                thread.join(timeout=None if not self._abort else 1.0)
+
+    def _prepare_loop(self) -> None:
+        """Pipeline stage one: each job's decoded image, prepared for the device, in arrival order."""
+        while True:
+            job = self._jobs.get()
+            if isinstance(job, _Stop):
+                self._prepared.put(job)
+                return
+            try:
+                item = self._prepare(job)
+            except Exception:  # a bug here must not kill the thread or leave a request unanswered
+                logger.exception("internal error preparing request %r", job.request_id)
+                self._fail(job, "internal", "internal error in the worker; see its log")
+                item = None
+            if item is not None:
+                self._prepared.put(item)
 
     def _compute_loop(self) -> None:
+        """Pipeline stage two: batches of prepared images through the device, one after another."""
+        pending: list[_Item | _Stop] = []
+        max_wait_s = self.config.max_wait_ms / 1000
+        while True:
+            batch = collect_batch(self._prepared, max_batch=self.config.max_batch, max_wait_s=max_wait_s, key=_batch_key, pending=pending)
+            if isinstance(batch[0], _Stop):
+                self._ran.put(batch[0])
+                return
+            try:
+                ran = self._run([item for item in batch if self._admit(item.job)])
+            except Exception:
+                logger.exception("internal error in a batch of %d", len(batch))
+                self._fail_unanswered([item.job for item in batch])
+                continue
+            if ran is not None:
+                self._ran.put(ran)
+
+    def _reply_loop(self) -> None:
+        """Pipeline stage three: wait for each batch's depth maps, build and hand over the replies."""
+        while True:
+            ran = self._ran.get()
+            if isinstance(ran, _Stop):
+                return
+            try:
+                self._reply(ran)
+            except Exception:
+                logger.exception("internal error replying to a batch of %d", len(ran.items))
+            self._fail_unanswered([item.job for item in ran.items])
+
+    def _sequential_loop(self) -> None:
+        """The same steps on one thread, each batch's in turn (``WorkerConfig.pipeline`` off)."""
         pending: list[Job | _Stop] = []
         max_wait_s = self.config.max_wait_ms / 1000
         while True:
@@ -656,86 +896,162 @@ class Worker:
             if isinstance(batch[0], _Stop):
                 return
             try:
-                self._run_batch(batch)
+                items = [item for item in map(self._prepare, batch) if item is not None]
+                ran = self._run(items)
+                if ran is not None:
+                    self._reply(ran)
             except Exception:  # a bug here must not kill the thread or leave a request unanswered
                 logger.exception("internal error in a batch of %d", len(batch))
-            for job in batch:
-                if not job.done:
-                    self._emit(job, error_frames(job.rid, job.request_id, "internal", "internal error in the worker; see its log"))
+            self._fail_unanswered(batch)
 
-    def _run_batch(self, batch: list[Job]) -> None:
-        """Decode, drop what is abandoned or late, run the model once, reply to each job."""
+    def _admit(self, job: Job) -> bool:
+        """Whether the job goes on; an abandoned (old connection, abort) or late one is settled here."""
+        if self._abort or job.generation != self._link.generation:
+            job.decoded.cancel()
+            self._emit(job, None)
+            return False
         now = time.monotonic()
-        ready: list[tuple[Job, np.ndarray]] = []
-        for job in batch:
-            if self._abort or job.generation != self._link.generation:
-                job.decoded.cancel()
-                self._emit(job, None)
-            elif job.deadline is not None and now >= job.deadline:
-                job.decoded.cancel()
-                late_ms = (now - job.deadline) * 1000
-                self._fail(job, "timeout", f"the deadline passed {late_ms:.0f} ms before inference could start; the worker is busy")
-            else:
-                try:
-                    image = job.decoded.result()
-                    check_reply_size(job, image.shape[0], image.shape[1], self.config.max_message_bytes)
-                    check_network_size(job, image.shape[0], image.shape[1])
-                    ready.append((job, image))
-                except ServiceError as exc:
-                    self._fail(job, exc.code, exc.message)
-                except Exception as exc:
-                    logger.exception("decoding the image of request %r failed", job.request_id)
-                    self._fail(job, "internal", f"decoding the image failed: {type(exc).__name__}: {exc}")
-        if not ready:
-            return
+        if job.deadline is not None and now >= job.deadline:
+            job.decoded.cancel()
+            late_ms = (now - job.deadline) * 1000
+            self._fail(job, "timeout", f"the deadline passed {late_ms:.0f} ms before inference could start; the worker is busy")
+            return False
+        return True
+
+    def _prepare(self, job: Job) -> _Item | None:
+        """The job's image, decoded and prepared for the engine; None when the job was answered instead."""
+        if not self._admit(job):
+            return None
+        try:
+            image = job.decoded.result()
+            return _Item(job, self._steps.prepare(image, job.batch_key[1]))
+        except ServiceError as exc:
+            self._fail(job, exc.code, exc.message)
+        except Exception as exc:
+            logger.exception("decoding or preparing the image of request %r failed", job.request_id)
+            self._fail(job, "internal", f"decoding the image failed: {type(exc).__name__}: {exc}")
+        return None
+
+    def _run(self, items: list[_Item]) -> _Ran | None:
+        """Start one forward pass over ``items``; when it fails, each is run alone, so one bad input fails alone."""
+        if not items:
+            return None
         started = time.monotonic()
-        depths = self._infer(ready)
-        infer_ms = (time.monotonic() - started) * 1000
-        model, input_size = ready[0][0].batch_key
-        logger.debug("batch of %d for %s at %d: %.1f ms", len(ready), model, input_size, infer_ms)
-        for (job, _), depth in zip(ready, depths):
+        parts = self._run_parts(items)
+        self._traffic.batch(len(items))
+        model, input_size = items[0].job.batch_key
+        logger.debug("batch of %d for %s at %d started", len(items), model, input_size)
+        return _Ran(items, parts, started)
+
+    def _run_parts(self, items: list[_Item]) -> list[tuple[list[_Item], Any]]:
+        model = items[0].job.model
+        max_depth = [item.job.params.max_depth for item in items] if protocol.is_metric_model(model) else None
+        try:
+            return [(items, self._steps.run([item.prepared for item in items], model, items[0].job.batch_key[1], max_depth))]
+        except Exception as exc:
+            if len(items) > 1:
+                logger.warning("batch of %d failed (%s: %s); retrying one by one", len(items), type(exc).__name__, exc)
+                return [part for item in items for part in self._run_parts([item])]
+            if isinstance(exc, ServiceError):
+                return [(items, exc)]
+            logger.exception("inference failed for request %r", items[0].job.request_id)
+            return [(items, InternalError(f"inference failed: {type(exc).__name__}: {exc}"))]
+
+    def _reply(self, ran: _Ran) -> None:
+        """Wait for a batch's depth maps and hand each job its reply."""
+        depths: list[tuple[_Item, Any]] = []
+        for items, outcome in ran.parts:
+            if not isinstance(outcome, ServiceError):
+                try:
+                    outcome = self._steps.collect(outcome)
+                except Exception as exc:
+                    logger.exception("inference failed for a batch of %d", len(items))
+                    outcome = InternalError(f"inference failed: {type(exc).__name__}: {exc}")
+            depths += zip(items, outcome) if not isinstance(outcome, ServiceError) else [(item, outcome) for item in items]
+        infer_ms = (time.monotonic() - ran.started) * 1000
+        model, input_size = ran.items[0].job.batch_key
+        logger.debug("batch of %d for %s at %d: %.1f ms", len(ran.items), model, input_size, infer_ms)
+        for item, depth in depths:
+            job = item.job
             if isinstance(depth, ServiceError):
                 self._fail(job, depth.code, depth.message)
                 continue
-            timings = {"queue_ms": (started - job.received) * 1000, "infer_ms": infer_ms}
+            timings = {"queue_ms": (ran.started - job.received) * 1000, "infer_ms": infer_ms}
             try:
                 timings["worker_ms"] = (time.monotonic() - job.received) * 1000
-                self._emit(job, reply_frames(job, depth, worker=self.name, timings=timings, batch=len(ready)))
+                self._emit(job, reply_frames(job, depth, worker=self.name, timings=timings, batch=len(ran.items)), protocol.STATUS_OK)
             except ServiceError as exc:
                 self._fail(job, exc.code, exc.message)
             except Exception as exc:
                 logger.exception("building the reply to request %r failed", job.request_id)
                 self._fail(job, "internal", f"building the reply failed: {type(exc).__name__}: {exc}")
 
-    def _infer(self, ready: list[tuple[Job, np.ndarray]]) -> list[np.ndarray | ServiceError]:
-        """Depth maps, one per job; when a batch fails, each job is retried alone so one bad input fails alone."""
-        jobs = [job for job, _ in ready]
-        model, input_size = jobs[0].batch_key
-        max_depth = [job.params.max_depth for job in jobs] if protocol.is_metric_model(model) else None
-        try:
-            return list(self._engine.infer([image for _, image in ready], model, input_size=input_size, max_depth=max_depth))
-        except Exception as exc:
-            if len(ready) > 1:
-                logger.warning("batch of %d failed (%s: %s); retrying one by one", len(ready), type(exc).__name__, exc)
-                return [self._infer([pair])[0] for pair in ready]
-            if isinstance(exc, ServiceError):
-                return [exc]
-            logger.exception("inference failed for request %r", jobs[0].request_id)
-            return [InternalError(f"inference failed: {type(exc).__name__}: {exc}")]
+    def _fail_unanswered(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if not job.done:
+                self._fail(job, "internal", "internal error in the worker; see its log")
 
     def _fail(self, job: Job, code: str, message: str) -> None:
-        self._emit(job, error_frames(job.rid, job.request_id, code, message))
+        self._emit(job, error_frames(job.rid, job.request_id, code, message), code)
 
-    def _emit(self, job: Job, frames: list[Any] | None) -> None:
-        """Hand one job's reply (None: abandoned) to the I/O loop; each job gets exactly one."""
+    def _emit(self, job: Job, frames: list[Any] | None, status: str | None = None) -> None:
+        """Hand one job's reply (None: abandoned) and its status to the I/O loop; each job gets exactly one."""
         if job.done:
             return
         job.done = True
+        job.status = status
         self._results.put((job, frames))
         self._wakeup.set()
 
 
-def _batch_key(item: Job | _Stop) -> Hashable:
+@dataclass(eq=False)
+class _Item:
+    """A job whose image the engine has prepared."""
+
+    job: Job
+    prepared: Any
+
+    @property
+    def batch_key(self) -> Hashable:
+        return self.job.batch_key
+
+
+@dataclass(eq=False)
+class _Ran:
+    """A batch whose forward pass was started: each part (the whole batch, or after a failure each
+    item alone) with what the engine returned for it, or the error that fails it."""
+
+    items: list[_Item]
+    parts: list[tuple[list[_Item], Any]]
+    started: float  # time.monotonic()
+
+
+class _Steps:
+    """How a batch goes through the engine: prepare each image, run the batch, collect the depth maps.
+
+    An engine whose class defines ``prepare``, ``run`` and ``collect``
+    (zdepth.engine.Engine) has them called on the pipeline's three threads.
+    Any other engine (``infer`` only: a custom engine, a test double) runs
+    whole in ``run``, on the compute thread.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.staged = all(callable(getattr(type(engine), name, None)) for name in ("prepare", "run", "collect"))
+
+    def prepare(self, image: Any, input_size: int) -> Any:
+        return self.engine.prepare(image, input_size) if self.staged else image
+
+    def run(self, prepared: list[Any], model: str, input_size: int, max_depth: list[float | None] | None) -> Any:
+        if self.staged:
+            return self.engine.run(prepared, model, max_depth=max_depth)
+        return list(self.engine.infer(prepared, model, input_size=input_size, max_depth=max_depth))
+
+    def collect(self, ran: Any) -> list[np.ndarray]:
+        return self.engine.collect(ran) if self.staged else ran
+
+
+def _batch_key(item: Job | _Item | _Stop) -> Hashable:
     return item.batch_key
 
 
