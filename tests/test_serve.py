@@ -356,14 +356,23 @@ def test_serve_restarts_a_killed_worker_and_stops_every_child_on_sigterm(tmp_pat
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_serve_children_die_with_a_killed_supervisor(tmp_path: Path, weights_dir: Path) -> None:
-    """Even SIGKILL on `zdepth serve` leaves no orphan broker holding the port (Linux: PDEATHSIG)."""
+    """Even SIGKILL on `zdepth serve` leaves no orphan broker holding the port (Linux: PDEATHSIG).
+
+    Every setting comes from the environment here, as a service manager would give it.
+    """
     clients, workers = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    argv = zdepth_argv("serve", "--clients", clients, "--workers", workers, "--device", "cpu", "--warmup", "none")
-    serve = spawn(argv, tmp_path / "serve.log", child_env(weights_dir))
+    env = child_env(
+        weights_dir, ZDEPTH_CLIENTS=clients, ZDEPTH_WORKERS=workers, ZDEPTH_DEVICE="cpu", ZDEPTH_WARMUP="none",
+        ZDEPTH_MODEL="vits-hypersim", ZDEPTH_LOG_LEVEL="debug", ZDEPTH_KEY="from-env",
+    )  # fmt: skip
+    serve = spawn(zdepth_argv("serve"), tmp_path / "serve.log", env)
     known: set[int] = set()
     try:
-        wait_until(lambda: len(children_of(serve.pid)) == 2, 30, "two children")
+        health = wait_for_health(clients, key="from-env", procs=[serve], timeout=120)
+        assert [(w["device"], w["models"]) for w in health["workers"]] == [("cpu", ["vits-hypersim"])]
+        assert " DEBUG " in serve.output()
         known.update(children_of(serve.pid))
+        assert len(known) == 2
         serve.stop(signal.SIGKILL)
         for pid in known:
             wait_until(lambda pid=pid: not alive(pid), 20, f"child {pid} to exit")

@@ -881,7 +881,7 @@ def serve(
             devices = detect_devices()
         _require_torch()
         _fetch_weights(models, weights_dir, download)  # once, here, rather than in every worker at once
-        level = (log_level or _global_log_level or "info").lower()
+        level = str(_value(log_level) or _value(_global_log_level) or "info").lower()
         # Children get every CurveZMQ setting on their command line (paths only), none from the environment.
         env: dict[str, str | None] = {name: None for name in CURVE_ENVS}
         if secret:
