@@ -83,6 +83,7 @@ class BrokerConfig:
     # worker to (re)register before failing with unknown_model; covers a worker's reconnect back-off.
     reconnect_grace_s: float = 10.0
     curve: CurveServer | None = None  # encryption and an allow-list of peers; see zdepth.curve
+    metrics_port: int | None = None  # serve Prometheus metrics at http://*:PORT/metrics; None: off. See zdepth.metrics
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
@@ -124,6 +125,7 @@ class WorkerConfig:
     # Overlap host and device work: batch N+1 is decoded and prepared, and N-1's replies built, while N runs.
     # False: one compute thread does each batch's steps in turn (for comparison; see benchmarks/overlap.py).
     pipeline: bool = True
+    metrics_port: int | None = None  # serve Prometheus metrics at http://*:PORT/metrics; None: off. See zdepth.metrics
     summary_interval_s: float = 10.0  # one INFO line on what was served per interval with traffic; each request logs at DEBUG
 
     def __post_init__(self) -> None:
