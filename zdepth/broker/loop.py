@@ -6,6 +6,10 @@ Body frames (images, arrays) go from one socket to the other without being
 decoded or copied. A send that fails here is reported back to the core, so a
 vanished worker costs its requests nothing and a client that stops reading
 loses only its own replies.
+
+With ``metrics_port`` set, ``zdepth.metrics`` is imported and served on that
+port; the loop only tells it of dispatches and hands it the core's state when
+a scrape asks (see BrokerMetrics).
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ def _peer_address(frame: zmq.Frame) -> str:
 class Broker:
     """``bind()``, then ``run()`` (blocking); ``stop()`` from any thread; ``close()`` or ``with`` frees the sockets."""
 
-    def __init__(self, config: BrokerConfig, *, context: zmq.Context | None = None) -> None:
+    def __init__(self, config: BrokerConfig, *, context: zmq.Context | None = None, metrics_host: str = "0.0.0.0") -> None:
         self.config = config
         self._own_context = context is None
         self._context = context or zmq.Context()
         self._auth = None
         self._clients = self._workers = None
+        self._metrics = self._metrics_server = None
         try:
             self._auth = start_broker_auth(self._context, key=config.key, curve=config.curve)
             self._clients = self._router(hwm=config.client_reply_hwm)
@@ -56,6 +61,15 @@ class Broker:
         self.core = BrokerCore(config, time.monotonic())
         self.client_endpoint = ""
         self.worker_endpoint = ""
+        self.metrics_host = metrics_host
+        if config.metrics_port is not None:
+            from ..metrics import BrokerMetrics  # prometheus_client only when metrics are on
+
+            try:
+                self._metrics = BrokerMetrics(self.core)
+            except BaseException:
+                self.close()
+                raise
 
     def _router(self, *, hwm: int) -> zmq.Socket:
         sock = self._context.socket(zmq.ROUTER)
@@ -77,15 +91,27 @@ class Broker:
             log.warning("no key set: any client and worker that can reach the broker is accepted")
         elif self.config.curve is None:
             log.info("peers prove the key at the handshake (PLAIN); CurveZMQ is off, so keys and images cross the network in clear")
+        if self._metrics is not None and self._metrics_server is None:
+            from ..metrics import serve
+
+            self._metrics_server = serve(self.config.metrics_port, self._metrics.registry, self.metrics_host)
         log.info("broker listening: clients %s, workers %s", self.client_endpoint, self.worker_endpoint)
         return self.client_endpoint, self.worker_endpoint
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where the metrics are served once bound (None: metrics off)."""
+        return None if self._metrics_server is None else self._metrics_server.url
 
     def stop(self) -> None:
         """Ask ``run()`` to drain and return; safe from any thread or a signal handler."""
         self._stop.set()
 
     def close(self) -> None:
-        """Close the sockets (letting the last replies leave), the authenticator and our own context."""
+        """Close the metrics exporter, the sockets (letting the last replies leave), the authenticator and our own context."""
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
         for sock in (self._clients, self._workers):
             if sock is not None and not sock.closed:
                 sock.close(linger=FLUSH_LINGER_MS)
@@ -113,7 +139,7 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self._clients, zmq.POLLIN)
         poller.register(self._workers, zmq.POLLIN)
-        core = self.core
+        core, metrics = self.core, self._metrics
         next_summary = time.monotonic() + SUMMARY_PERIOD_S
         try:
             while not core.finished:
@@ -126,6 +152,8 @@ class Broker:
                     self._read(self._clients, core.client_message)
                 now = time.monotonic()
                 self._send(core.tick(now))
+                if metrics is not None:
+                    metrics.serve_snapshot(now)
                 if now >= next_summary:
                     line = core.stats.summary(now - next_summary + SUMMARY_PERIOD_S)
                     if line:
@@ -159,6 +187,8 @@ class Broker:
             sock = self._clients if message.to == CLIENT else self._workers
             try:
                 sock.send_multipart([message.identity, *message.frames], flags=zmq.NOBLOCK, copy=False)
+                if message.rid is not None and self._metrics is not None:
+                    self._metrics.dispatched(self.core.dispatched.get(message.rid))
             except zmq.ZMQError as exc:
                 if message.to == CLIENT:
                     # Gone (EHOSTUNREACH) or not reading (its queue is at the high-water mark): its loss alone.

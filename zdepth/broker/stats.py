@@ -3,21 +3,31 @@
 At 30 frames/s a line per request floods a terminal; those lines go to DEBUG,
 and this keeps the counts behind the periodic summary: requests and errors by
 code, latency percentiles, and requests per worker.
+
+Every answer passes through here once, so this is also where the optional
+metrics sink (``zdepth.metrics.BrokerMetrics``, set by the broker's loop when
+metrics are on) hears of it.
 """
 
 from __future__ import annotations
 
 import collections
+from typing import Protocol
 
 from ..protocol import STATUS_OK
 
 MAX_SAMPLES = 4096  # latencies kept per period for the percentiles; later ones replace at random positions
 
 
+class Sink(Protocol):
+    def answered(self, op: str, model: str | None, status: str, latency_s: float | None) -> None: ...
+
+
 class Stats:
-    def __init__(self) -> None:
+    def __init__(self, sink: Sink | None = None) -> None:
         self.total: collections.Counter[str] = collections.Counter()  # by status, since start
         self.dropped_replies = 0
+        self.sink = sink  # told of every answer too (None: metrics off)
         self._reset()
 
     def _reset(self) -> None:
@@ -27,11 +37,17 @@ class Stats:
         self._seen = 0
 
     def count(self, op: str, status: str) -> None:
+        """An answer that was not timed (the broker's own health reply)."""
         self.total[status] += 1
         self.period[status] += 1
+        if self.sink is not None:
+            self.sink.answered(op, None, status, None)
 
     def answered(self, op: str, model: str | None, status: str, latency_s: float, worker: str | None) -> None:
-        self.count(op, status)
+        self.total[status] += 1
+        self.period[status] += 1
+        if self.sink is not None:
+            self.sink.answered(op, model, status, latency_s)
         if worker is not None:
             self.per_worker[worker] += 1
         if status == STATUS_OK:

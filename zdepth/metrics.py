@@ -1,0 +1,438 @@
+"""Prometheus metrics of the broker and the workers, served over HTTP on an optional port.
+
+Off by default: nothing here is imported until ``--metrics-port`` (or
+``metrics_port`` in the config) asks for it, so the broker and the client do
+not need ``prometheus_client`` (the ``metrics`` extra) unless it is on.
+
+Each side owns its own ``CollectorRegistry`` (never the process-global one),
+so several brokers or workers in one process, as in tests, do not collide.
+
+- ``BrokerMetrics``: counters and histograms updated as requests are answered
+  and dispatched (the broker's ``Stats`` and its socket loop call it), plus a
+  collector that reports the core's state (queues, bytes held, workers by
+  state) as it is at scrape time. The core belongs to the broker's loop
+  thread, so the collector asks the loop for a snapshot and waits for it
+  (one loop pass, at most ``TICK_S``); a loop that does not answer within
+  ``SNAPSHOT_WAIT_S`` shows as a growing ``zdepth_broker_state_age_seconds``.
+- ``WorkerMetrics``: methods the worker calls from any of its threads
+  (``request_done``, ``inference``, ``decoded``) and callbacks read at scrape
+  time (``read_held``, ``read_device_memory``; ``cuda_memory`` makes the
+  latter for a CUDA device).
+- ``serve(port, registry, host)``: the HTTP exporter; close what it returns.
+
+Label values are bounded, so no peer can grow the broker's memory with new
+series: a status that is not one of the protocol's is ``other``, a model that
+no worker ever announced is ``other``, and requests refused before their op
+and model were read have both empty.
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .errors import ConfigError
+from .protocol import ERROR_CODES, OPS, STATUS_OK
+
+if TYPE_CHECKING:  # only for annotations: importing them here would import the broker's core
+    from .broker.core import BrokerCore, HeldRequest
+
+__all__ = ["BrokerMetrics", "MetricsServer", "WorkerMetrics", "cuda_memory", "serve", "DEFAULT_HOST"]
+
+log = logging.getLogger("zdepth.metrics")
+
+DEFAULT_HOST = "0.0.0.0"
+# Seconds; a request through the broker takes about a millisecond on loopback, a large model's batch
+# tens of milliseconds, and a request that waits for a busy GPU up to its deadline (30 s by default).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the worker pads batches to powers of two
+SNAPSHOT_WAIT_S = 1.0  # how long a scrape waits for the broker's loop before reporting its last state
+WORKER_STATES = ("ready", "silent", "unhealthy", "draining")
+DECODERS = ("cpu", "device", "raw")  # where a worker turned an image into pixels; raw: it came as pixels
+OTHER = "other"
+
+_STATUSES = frozenset((STATUS_OK, *ERROR_CODES))
+
+
+def _prometheus():
+    """The client library, or a ConfigError that says how to install it."""
+    try:
+        import prometheus_client
+    except ModuleNotFoundError as exc:
+        if exc.name != "prometheus_client":
+            raise
+        raise ConfigError("metrics need prometheus_client, which is not installed: pip install 'zdepth[metrics]'") from None
+    return prometheus_client
+
+
+def _status(status: Any) -> str:
+    return status if status in _STATUSES else OTHER
+
+
+def _op(op: Any) -> str:
+    return op if op in OPS else ""
+
+
+# ----------------------------------------------------------------------------- the exporter
+
+
+class MetricsServer:
+    """The HTTP exporter of one registry, on its own daemon thread; ``close()`` stops it and frees the port."""
+
+    def __init__(self, server: Any, thread: threading.Thread, host: str) -> None:
+        self._server, self._thread = server, thread
+        self.host = host
+        self.port: int = server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("localhost" if self.host == "::" else self.host)
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(5)
+            self._server = None
+
+    def __enter__(self) -> "MetricsServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def serve(port: int, registry: Any, host: str = DEFAULT_HOST) -> MetricsServer:
+    """Serve ``registry`` at ``http://host:port/metrics`` (port 0: any free port, see ``.port``).
+
+    A port that cannot be bound raises OSError naming it, as a ZeroMQ endpoint
+    would; a port out of range raises ConfigError.
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"metrics port must be an integer in 0..65535, got {port!r}")
+    prometheus_client = _prometheus()
+    try:
+        server, thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        hint = " (is another broker or worker serving metrics there? choose another --metrics-port)" if exc.errno == errno_codes.EADDRINUSE else ""
+        raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    served = MetricsServer(server, thread, host)
+    log.info("metrics at http://%s:%d/metrics", host, served.port)
+    return served
+
+
+# ----------------------------------------------------------------------------- broker
+
+
+class BrokerMetrics:
+    """The broker's metrics: answers and dispatches counted as they happen, the core's state read per scrape.
+
+    ``BrokerMetrics(core)`` hooks itself into ``core.stats``; the broker's loop
+    calls ``dispatched`` for each request it sends to a worker and
+    ``serve_snapshot`` once per pass (a no-op unless a scrape waits).
+    """
+
+    def __init__(self, core: BrokerCore, *, registry: Any = None) -> None:
+        prometheus_client = _prometheus()
+        self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
+        self._core = core
+        self._requests = prometheus_client.Counter(
+            "zdepth_broker_requests",
+            "Requests answered by the broker, by op, model and status (ok or the error code). "
+            "op and model are empty for requests refused before they were read.",
+            ["op", "model", "status"],
+            registry=self.registry,
+        )
+        self._round_trip = prometheus_client.Histogram(
+            "zdepth_broker_round_trip_seconds",
+            "From a request's arrival at the broker to its successful reply leaving it.",
+            ["op", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._queue_wait = prometheus_client.Histogram(
+            "zdepth_broker_queue_wait_seconds",
+            "From a request's arrival at the broker to its dispatch to a worker (again, from arrival, if re-queued).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        prometheus_client.Info("zdepth_broker", "The broker's version.", registry=self.registry).info({"version": __version__})
+        prometheus_client.ProcessCollector(registry=self.registry)
+        self._answers: dict[tuple[Any, Any, Any], tuple[Any, Any]] = {}  # raw labels -> (counter child, histogram child)
+        self._waits: dict[str, Any] = {}
+        # The scrape-time handshake with the loop thread: a scrape sets `wanted` and waits for `_fresh`.
+        self.wanted = False
+        self._fresh = threading.Event()
+        self._scrape_lock = threading.Lock()
+        self._snapshot: dict[str, Any] | None = None
+        self._snapshot_at = 0.0  # time.monotonic() of the snapshot
+        self.registry.register(_BrokerStateCollector(self))
+        core.stats.sink = self
+
+    # Called on the broker's loop thread, per request.
+
+    def _model(self, model: str | None) -> str:
+        if model is None:
+            return ""
+        return model if model in self._core.model_last_seen else OTHER
+
+    def answered(self, op: str, model: str | None, status: str, latency_s: float | None) -> None:
+        """One reply left for a client (``latency_s`` None: answered at once, not timed)."""
+        key = (op, model, status)
+        children = self._answers.get(key)
+        if children is None:
+            labels = (_op(op), self._model(model), _status(status))
+            timed = status == STATUS_OK and model is not None
+            children = (self._requests.labels(*labels), self._round_trip.labels(*labels[:2]) if timed else None)
+            # Cached by the raw values only when those are known ones, so the cache stays as small as the
+            # series; an unannounced model may be announced later, and is looked up again then.
+            if labels[1] != OTHER and labels[2] != OTHER:
+                self._answers[key] = children
+        children[0].inc()
+        if children[1] is not None and latency_s is not None:
+            children[1].observe(latency_s)
+
+    def dispatched(self, request: HeldRequest | None) -> None:
+        """The loop sent ``request`` to a worker (None: already settled meanwhile, nothing to count)."""
+        if request is None:
+            return
+        child = self._waits.get(request.model)
+        if child is None:
+            child = self._queue_wait.labels(self._model(request.model))
+            if request.model in self._core.model_last_seen:
+                self._waits[request.model] = child
+        child.observe(request.dispatched - request.received)
+
+    def serve_snapshot(self, now: float) -> None:
+        """On the loop thread: if a scrape waits, read the core's state for it."""
+        if self.wanted:
+            self.wanted = False
+            try:
+                self._snapshot = _read_state(self._core, now)
+                self._snapshot_at = time.monotonic()
+            finally:
+                self._fresh.set()
+
+    # Called on the exporter's thread.
+
+    def snapshot(self) -> tuple[dict[str, Any] | None, float]:
+        """The core's state, fresh from the loop if it answers within SNAPSHOT_WAIT_S, and its age in seconds."""
+        with self._scrape_lock:
+            self._fresh.clear()
+            self.wanted = True
+            self._fresh.wait(SNAPSHOT_WAIT_S)
+            return self._snapshot, time.monotonic() - self._snapshot_at
+
+
+def _read_state(core: BrokerCore, now: float) -> dict[str, Any]:
+    """Everything the state collector reports, read at one instant on the loop thread."""
+    health = core.health(now)
+    models = set(core.model_last_seen)
+    queued = {m: [len(q), sum(r.size for r in q)] for m, q in core.queues.items() if q}
+    in_flight: dict[str, int] = {}
+    for request in core.dispatched.values():
+        in_flight[request.model] = in_flight.get(request.model, 0) + 1
+    by_model: dict[str, dict[str, int]] = {m: dict.fromkeys(WORKER_STATES, 0) for m in models}
+    workers = []
+    for worker in health["workers"]:
+        for model in worker["models"]:
+            by_model.setdefault(model, dict.fromkeys(WORKER_STATES, 0))[worker["state"]] += 1
+        workers.append(worker)
+    return {
+        "stopping": core.stopping,
+        "queued": {m: queued.get(m, [0, 0]) for m in models | set(queued)},
+        "in_flight": {m: in_flight.get(m, 0) for m in models | set(in_flight)},
+        "held_bytes": core.held_bytes,
+        "queue_limit": core.config.max_queue,
+        "queue_limit_bytes": core.config.max_queue_bytes,
+        "workers": workers,
+        "by_model": by_model,
+        "dropped_replies": core.stats.dropped_replies,
+    }
+
+
+class _BrokerStateCollector:
+    """Gauges of the core's state, produced per scrape from a snapshot the loop thread takes."""
+
+    def __init__(self, metrics: BrokerMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []  # produced per scrape; nothing to check against other collectors at registration
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        state, age = self._metrics.snapshot()
+        yield GaugeMetricFamily("zdepth_broker_state_age_seconds", "How old the broker state below is; it grows while the broker's loop does not answer.", value=age)
+        if state is None:
+            return
+        yield GaugeMetricFamily("zdepth_broker_stopping", "1 while the broker drains for shutdown.", value=int(state["stopping"]))
+        queued = GaugeMetricFamily("zdepth_broker_queued_requests", "Requests waiting for a worker, by model.", labels=["model"])
+        queued_bytes = GaugeMetricFamily("zdepth_broker_queued_bytes", "Body bytes of the requests waiting for a worker, by model.", labels=["model"])
+        for model, (count, size) in sorted(state["queued"].items()):
+            queued.add_metric([model], count)
+            queued_bytes.add_metric([model], size)
+        yield queued
+        yield queued_bytes
+        in_flight = GaugeMetricFamily("zdepth_broker_in_flight_requests", "Requests at workers, by model.", labels=["model"])
+        for model, count in sorted(state["in_flight"].items()):
+            in_flight.add_metric([model], count)
+        yield in_flight
+        yield GaugeMetricFamily("zdepth_broker_held_bytes", "Body bytes of every request the broker holds, waiting or at workers (limit: zdepth_broker_queue_limit_bytes).", value=state["held_bytes"])
+        yield GaugeMetricFamily("zdepth_broker_queue_limit_requests", "Requests the broker holds at most, waiting or at workers; past it: overloaded.", value=state["queue_limit"])
+        yield GaugeMetricFamily("zdepth_broker_queue_limit_bytes", "Body bytes the broker holds at most; past it: overloaded.", value=state["queue_limit_bytes"])
+        states = GaugeMetricFamily("zdepth_broker_workers", "Connected workers by state (ready, silent, unhealthy, draining).", labels=["state"])
+        totals = dict.fromkeys(WORKER_STATES, 0)
+        for worker in state["workers"]:
+            totals[worker["state"]] = totals.get(worker["state"], 0) + 1
+        for name, count in totals.items():
+            states.add_metric([name], count)
+        yield states
+        by_model = GaugeMetricFamily(
+            "zdepth_broker_model_workers",
+            "Workers serving each model ever announced, by state; ready 0 means requests for the model wait or fail.",
+            labels=["model", "state"],
+        )
+        for model, counts in sorted(state["by_model"].items()):
+            for name, count in counts.items():
+                by_model.add_metric([model, name], count)
+        yield by_model
+        capacity = GaugeMetricFamily("zdepth_broker_worker_capacity", "Requests each worker may hold at once.", labels=["worker"])
+        held = GaugeMetricFamily("zdepth_broker_worker_in_flight", "Requests each worker holds now.", labels=["worker"])
+        service = GaugeMetricFamily("zdepth_broker_worker_service_seconds", "Each worker's smoothed time from dispatch to reply.", labels=["worker"])
+        for worker in state["workers"]:
+            name = str(worker.get("name"))
+            capacity.add_metric([name], worker["capacity"])
+            held.add_metric([name], worker["in_flight"])
+            if worker["service_ms"] is not None:
+                service.add_metric([name], worker["service_ms"] / 1000)
+        yield capacity
+        yield held
+        yield service
+        yield CounterMetricFamily("zdepth_broker_dropped_replies", "Replies dropped for clients that were gone or not reading.", value=state["dropped_replies"])
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+class WorkerMetrics:
+    """A worker's metrics; every method may be called from any of the worker's threads.
+
+    ``models`` are the models the worker serves (other values are labelled
+    ``other``); ``name`` and ``device`` label ``zdepth_worker_info``.
+    """
+
+    def __init__(self, models: Iterable[str], *, name: str, device: str, registry: Any = None) -> None:
+        prometheus_client = _prometheus()
+        self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
+        self._models = frozenset(models)
+        self.device = device
+        self._requests = prometheus_client.Counter(
+            "zdepth_worker_requests", "Requests the worker answered, by op, model and status (ok or the error code).", ["op", "model", "status"], registry=self.registry
+        )
+        self._latency = prometheus_client.Histogram(
+            "zdepth_worker_request_seconds", "From a request's arrival at the worker to its reply, by model.", ["model"], buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self._inference = prometheus_client.Histogram(
+            "zdepth_worker_inference_seconds", "One batch's forward pass, from its start to its depth maps on the host, by model.", ["model"], buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self._batch = prometheus_client.Histogram(
+            "zdepth_worker_batch_size", "Requests per forward pass, by model.", ["model"], buckets=BATCH_BUCKETS, registry=self.registry
+        )
+        self._decoded = prometheus_client.Counter(
+            "zdepth_worker_images_decoded", "Images turned into pixels: on the CPU (cv2), on the device (nvjpeg), or sent raw.", ["where"], registry=self.registry
+        )
+        for where in DECODERS:
+            self._decoded.labels(where)  # every series present from the start, so rates work at once
+        prometheus_client.Info("zdepth_worker", "The worker's version, name and device.", registry=self.registry).info(
+            {"version": __version__, "name": name, "device": device}
+        )
+        prometheus_client.ProcessCollector(registry=self.registry)
+        self._read_held: Callable[[], tuple[int, int]] | None = None
+        self._read_memory: Callable[[], Mapping[str, int]] | None = None
+        self.registry.register(_WorkerStateCollector(self))
+
+    def _model(self, model: Any) -> str:
+        return model if model in self._models else OTHER
+
+    def request_done(self, op: str, model: str, status: str, seconds: float | None = None) -> None:
+        """A reply was sent; ``seconds`` from the request's arrival, when known."""
+        model = self._model(model)
+        self._requests.labels(_op(op), model, _status(status)).inc()
+        if seconds is not None:
+            self._latency.labels(model).observe(seconds)
+
+    def inference(self, seconds: float, batch_size: int, model: str) -> None:
+        """One forward pass of ``batch_size`` requests took ``seconds``."""
+        model = self._model(model)
+        self._inference.labels(model).observe(seconds)
+        self._batch.labels(model).observe(batch_size)
+
+    def decoded(self, where: str) -> None:
+        """One image went to a decoder: ``cpu``, ``device`` or ``raw`` (pixels as sent)."""
+        if where not in DECODERS:
+            raise ValueError(f"where must be one of {', '.join(DECODERS)}, got {where!r}")
+        self._decoded.labels(where).inc()
+
+    def read_held(self, read: Callable[[], tuple[int, int]]) -> None:
+        """At scrape time, ``read()`` gives (requests held, image bytes held) by the worker."""
+        self._read_held = read
+
+    def read_device_memory(self, read: Callable[[], Mapping[str, int]]) -> None:
+        """At scrape time, ``read()`` gives device memory in bytes by kind (``cuda_memory`` makes one for CUDA)."""
+        self._read_memory = read
+
+
+class _WorkerStateCollector:
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        metrics = self._metrics
+        if metrics._read_held is not None:
+            requests, size = metrics._read_held()
+            yield GaugeMetricFamily("zdepth_worker_held_requests", "Requests the worker holds: decoding, waiting for a batch, or in one.", value=requests)
+            yield GaugeMetricFamily("zdepth_worker_held_bytes", "Image bytes the worker holds, counting the peak cost of decoding them.", value=size)
+        if metrics._read_memory is not None:
+            try:
+                memory = metrics._read_memory()
+            except Exception:  # a failing device query must not fail the whole scrape
+                log.warning("reading device memory failed", exc_info=True)
+                return
+            family = GaugeMetricFamily("zdepth_worker_device_memory_bytes", "Device memory: allocated by tensors, reserved by the allocator, total.", labels=["device", "kind"])
+            for kind, value in sorted(memory.items()):
+                family.add_metric([metrics.device, kind], value)
+            yield family
+
+
+def cuda_memory(device: str) -> Callable[[], dict[str, int]]:
+    """A reader of ``device``'s memory for ``WorkerMetrics.read_device_memory``: the caching
+    allocator's allocated and reserved bytes (no CUDA call, safe from the exporter's thread) and
+    the device's total."""
+    import torch  # the worker has it loaded already; the broker never calls this
+
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    total = torch.cuda.get_device_properties(index).total_memory
+
+    def read() -> dict[str, int]:
+        return {
+            "allocated": torch.cuda.memory_allocated(index),
+            "reserved": torch.cuda.memory_reserved(index),
+            "total": total,
+        }
+
+    return read
