@@ -23,6 +23,7 @@ import zmq
 
 from procs import Proc, child_env, free_port, spawn, wait_for_health, zdepth_argv
 from zdepth import Client, ZdepthError
+from zdepth.auth import apply_peer_security
 from zdepth.codec import image_descriptor, params_frame
 from zdepth.protocol import request_header
 
@@ -106,6 +107,7 @@ def collect_replies(sock: zmq.Socket, ids: list[str], *, timeout: float = 90.0) 
 def dealer(address: str) -> zmq.Socket:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    apply_peer_security(sock, key=KEY, curve=None)  # a keyed broker asks for the key at the handshake
     sock.connect(address)
     return sock
 

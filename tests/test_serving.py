@@ -19,6 +19,7 @@ import zmq
 
 from procs import DATA, Proc, child_env, free_port, spawn, start_live_server, wait_for_health, zdepth_argv
 from zdepth import BadRequest, Client, DeadlineExceeded, Unauthorized, UnknownModel
+from zdepth.auth import apply_peer_security
 from zdepth.codec import image_descriptor, params_frame
 from zdepth.engine import Engine
 from zdepth.pointcloud import Intrinsics, depth_to_points
@@ -56,6 +57,7 @@ def client(server):
 def raw_socket(address):
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    apply_peer_security(sock, key=KEY, curve=None)  # a keyed broker asks for the key at the handshake
     sock.connect(address)
     return sock
 
