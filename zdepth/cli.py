@@ -34,6 +34,7 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
+from .config import CLIENT_REPLY_HWM, MAX_CLIENT_BYTES, MAX_QUEUE_BYTES
 from .errors import ConfigError, ZdepthError
 from .signals import on_stop_signals
 from .supervisor import EXIT_ADDRESS, EXIT_INTERRUPTED, EXIT_MISSING, report_ready
@@ -513,12 +514,12 @@ def default_curve_dir() -> Path:
 @contextlib.contextmanager
 def _curve_hint(curve: Any) -> Iterator[None]:
     """With CurveZMQ, a refused certificate looks exactly like no broker at all: say so."""
-    from .errors import DeadlineExceeded
+    from .errors import BrokerUnreachable, DeadlineExceeded
 
     try:
         yield
     except DeadlineExceeded as exc:
-        if curve is None:
+        if curve is None or isinstance(exc, BrokerUnreachable):  # an unreachable broker says so itself
             raise
         raise DeadlineExceeded(
             f"{exc}. With CurveZMQ a refused certificate looks the same: check that {_public_sibling(Path(curve.secret_file)).name} "
@@ -619,8 +620,26 @@ def broker(
     heartbeat: Heartbeat = 1.0,
     liveness: Liveness = 3,
     max_queue: Annotated[
-        int, typer.Option("--max-queue", envvar="ZDEPTH_MAX_QUEUE", min=1, help="Waiting requests (all models) before 'overloaded'.")
+        int,
+        typer.Option("--max-queue", envvar="ZDEPTH_MAX_QUEUE", min=1, help="Requests held (waiting, or at workers), all models, before 'overloaded'."),
     ] = 1024,
+    max_queue_bytes: Annotated[
+        int,
+        typer.Option("--max-queue-bytes", envvar="ZDEPTH_MAX_QUEUE_BYTES", min=1, help="Body bytes of the requests held, all clients together, before 'overloaded'."),
+    ] = MAX_QUEUE_BYTES,
+    max_client_bytes: Annotated[
+        int,
+        typer.Option("--max-client-bytes", envvar="ZDEPTH_MAX_CLIENT_BYTES", min=1, help="Body bytes of the requests held for one client connection before 'overloaded'."),
+    ] = MAX_CLIENT_BYTES,
+    client_reply_hwm: Annotated[
+        int,
+        typer.Option(
+            "--client-reply-hwm",
+            envvar="ZDEPTH_CLIENT_REPLY_HWM",
+            min=1,
+            help="Unread replies queued for one client connection; a client that does not read loses its newest replies past it.",
+        ),
+    ] = CLIENT_REPLY_HWM,
     default_timeout: Annotated[
         float, typer.Option("--default-timeout", envvar="ZDEPTH_DEFAULT_TIMEOUT", min=0.001, help="Deadline in seconds for requests that name none.")
     ] = 30.0,
@@ -666,6 +685,9 @@ def broker(
             key=_resolve_key(key, key_file),
             heartbeat=HeartbeatConfig(interval_s=heartbeat, liveness=liveness),
             max_queue=max_queue,
+            max_queue_bytes=max_queue_bytes,
+            max_client_bytes=max_client_bytes,
+            client_reply_hwm=client_reply_hwm,
             default_timeout_s=default_timeout,
             drain_timeout_s=drain_timeout,
             reconnect_grace_s=reconnect_grace,
@@ -833,7 +855,7 @@ def serve(
         typer.Option("--warmup", envvar="ZDEPTH_WARMUP", help="Frame sizes HxW the workers warm up on, or 'none'. Default: 480x640.", show_default=False),
     ] = None,
     max_queue: Annotated[
-        int, typer.Option("--max-queue", envvar="ZDEPTH_MAX_QUEUE", min=1, help="Waiting requests before 'overloaded'.")
+        int, typer.Option("--max-queue", envvar="ZDEPTH_MAX_QUEUE", min=1, help="Requests held (waiting, or at workers) before 'overloaded'.")
     ] = 1024,
     key: Key = None,
     key_file: KeyFile = None,
