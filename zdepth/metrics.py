@@ -28,6 +28,7 @@ and model were read have both empty.
 
 from __future__ import annotations
 
+import bisect
 import errno as errno_codes
 import logging
 import threading
@@ -130,49 +131,64 @@ def serve(port: int, registry: Any, host: str = DEFAULT_HOST) -> MetricsServer:
 # ----------------------------------------------------------------------------- broker
 
 
+class _Histogram:
+    """One histogram series kept by the broker's loop thread alone: no lock on the request path."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket (not cumulative); the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # first bound >= seconds: "le" that bound
+        self.sum += seconds
+
+    def copy(self) -> tuple[list[int], float]:
+        return list(self.counts), self.sum
+
+
+class _Answers:
+    """One (op, model, status) series: its count and, for successful model requests, the round trip."""
+
+    __slots__ = ("count", "round_trip")
+
+    def __init__(self, round_trip: _Histogram | None) -> None:
+        self.count = 0
+        self.round_trip = round_trip
+
+
 class BrokerMetrics:
     """The broker's metrics: answers and dispatches counted as they happen, the core's state read per scrape.
 
     ``BrokerMetrics(core)`` hooks itself into ``core.stats``; the broker's loop
     calls ``dispatched`` for each request it sends to a worker and
     ``serve_snapshot`` once per pass (a no-op unless a scrape waits).
+
+    Counts and histograms are plain numbers owned by the loop thread (a
+    prometheus_client Counter or Histogram takes a lock per update, which cost
+    about 4x as much per request); they are copied with the rest of the state
+    for each scrape and exported by the same collector, so one scrape's numbers
+    all come from one instant.
     """
 
     def __init__(self, core: BrokerCore, *, registry: Any = None) -> None:
         prometheus_client = _prometheus()
         self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
         self._core = core
-        self._requests = prometheus_client.Counter(
-            "zdepth_broker_requests",
-            "Requests answered by the broker, by op, model and status (ok or the error code). "
-            "op and model are empty for requests refused before they were read.",
-            ["op", "model", "status"],
-            registry=self.registry,
-        )
-        self._round_trip = prometheus_client.Histogram(
-            "zdepth_broker_round_trip_seconds",
-            "From a request's arrival at the broker to its successful reply leaving it.",
-            ["op", "model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._queue_wait = prometheus_client.Histogram(
-            "zdepth_broker_queue_wait_seconds",
-            "From a request's arrival at the broker to its dispatch to a worker (again, from arrival, if re-queued).",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
         prometheus_client.Info("zdepth_broker", "The broker's version.", registry=self.registry).info({"version": __version__})
         prometheus_client.ProcessCollector(registry=self.registry)
-        self._answers: dict[tuple[Any, Any, Any], tuple[Any, Any]] = {}  # raw labels -> (counter child, histogram child)
-        self._waits: dict[str, Any] = {}
+        self._answers: dict[tuple[str, str, str], _Answers] = {}  # by labels
+        self._answers_by_value: dict[tuple[Any, Any, Any], _Answers] = {}  # by the values the core passes, when known
+        self._round_trips: dict[tuple[str, str], _Histogram] = {}
+        self._waits: dict[str, _Histogram] = {}  # by model label
+        self._waits_by_value: dict[str, _Histogram] = {}
         # The scrape-time handshake with the loop thread: a scrape sets `wanted` and waits for `_fresh`.
         self.wanted = False
         self._fresh = threading.Event()
         self._scrape_lock = threading.Lock()
         self._snapshot: dict[str, Any] | None = None
-        self._snapshot_at = 0.0  # time.monotonic() of the snapshot
+        self._snapshot_at = time.monotonic()  # of the snapshot (before the first: since start)
         self.registry.register(_BrokerStateCollector(self))
         core.stats.sink = self
 
@@ -185,37 +201,52 @@ class BrokerMetrics:
 
     def answered(self, op: str, model: str | None, status: str, latency_s: float | None) -> None:
         """One reply left for a client (``latency_s`` None: answered at once, not timed)."""
-        key = (op, model, status)
-        children = self._answers.get(key)
-        if children is None:
-            labels = (_op(op), self._model(model), _status(status))
-            timed = status == STATUS_OK and model is not None
-            children = (self._requests.labels(*labels), self._round_trip.labels(*labels[:2]) if timed else None)
-            # Cached by the raw values only when those are known ones, so the cache stays as small as the
-            # series; an unannounced model may be announced later, and is looked up again then.
-            if labels[1] != OTHER and labels[2] != OTHER:
-                self._answers[key] = children
-        children[0].inc()
-        if children[1] is not None and latency_s is not None:
-            children[1].observe(latency_s)
+        series = self._answers_by_value.get((op, model, status))
+        if series is None:
+            series = self._answer_series(op, model, status)
+        series.count += 1
+        if series.round_trip is not None and latency_s is not None:
+            series.round_trip.observe(latency_s)
+
+    def _answer_series(self, op: str, model: str | None, status: str) -> _Answers:
+        labels = (_op(op), self._model(model), _status(status))
+        series = self._answers.get(labels)
+        if series is None:
+            round_trip = None
+            if status == STATUS_OK and model is not None:
+                round_trip = self._round_trips.setdefault(labels[:2], _Histogram())
+            series = self._answers[labels] = _Answers(round_trip)
+        # Remembered by the raw values only when those are known ones, so this stays as small as the
+        # series; an unannounced model may be announced later, and is looked up again then.
+        if labels[1] != OTHER and labels[2] != OTHER:
+            self._answers_by_value[(op, model, status)] = series
+        return series
 
     def dispatched(self, request: HeldRequest | None) -> None:
         """The loop sent ``request`` to a worker (None: already settled meanwhile, nothing to count)."""
         if request is None:
             return
-        child = self._waits.get(request.model)
-        if child is None:
-            child = self._queue_wait.labels(self._model(request.model))
-            if request.model in self._core.model_last_seen:
-                self._waits[request.model] = child
-        child.observe(request.dispatched - request.received)
+        wait = self._waits_by_value.get(request.model)
+        if wait is None:
+            label = self._model(request.model)
+            wait = self._waits.setdefault(label, _Histogram())
+            if label != OTHER:
+                self._waits_by_value[request.model] = wait
+        wait.observe(request.dispatched - request.received)
+
+    def _counts(self) -> dict[str, Any]:
+        return {
+            "answers": [(labels, series.count) for labels, series in self._answers.items()],
+            "round_trips": [(labels, hist.copy()) for labels, hist in self._round_trips.items()],
+            "waits": [((label,), hist.copy()) for label, hist in self._waits.items()],
+        }
 
     def serve_snapshot(self, now: float) -> None:
         """On the loop thread: if a scrape waits, read the core's state for it."""
         if self.wanted:
             self.wanted = False
             try:
-                self._snapshot = _read_state(self._core, now)
+                self._snapshot = {**_read_state(self._core, now), **self._counts()}
                 self._snapshot_at = time.monotonic()
             finally:
                 self._fresh.set()
@@ -274,6 +305,24 @@ class _BrokerStateCollector:
         yield GaugeMetricFamily("zdepth_broker_state_age_seconds", "How old the broker state below is; it grows while the broker's loop does not answer.", value=age)
         if state is None:
             return
+        requests = CounterMetricFamily(
+            "zdepth_broker_requests",
+            "Requests answered by the broker, by op, model and status (ok or the error code); "
+            "op and model are empty for requests refused on arrival.",
+            labels=["op", "model", "status"],
+        )
+        for labels, count in state["answers"]:
+            requests.add_metric(list(labels), count)
+        yield requests
+        yield _histogram(
+            "zdepth_broker_round_trip_seconds", "From a request's arrival at the broker to its successful reply leaving it.", ["op", "model"], state["round_trips"]
+        )
+        yield _histogram(
+            "zdepth_broker_queue_wait_seconds",
+            "From a request's arrival at the broker to its dispatch to a worker (to each dispatch, if a lost worker's request is re-queued).",
+            ["model"],
+            state["waits"],
+        )
         yield GaugeMetricFamily("zdepth_broker_stopping", "1 while the broker drains for shutdown.", value=int(state["stopping"]))
         queued = GaugeMetricFamily("zdepth_broker_queued_requests", "Requests waiting for a worker, by model.", labels=["model"])
         queued_bytes = GaugeMetricFamily("zdepth_broker_queued_bytes", "Body bytes of the requests waiting for a worker, by model.", labels=["model"])
@@ -318,6 +367,21 @@ class _BrokerStateCollector:
         yield held
         yield service
         yield CounterMetricFamily("zdepth_broker_dropped_replies", "Replies dropped for clients that were gone or not reading.", value=state["dropped_replies"])
+
+
+def _histogram(name: str, documentation: str, labels: list[str], series: list[tuple[tuple[str, ...], tuple[list[int], float]]]) -> Any:
+    from prometheus_client.core import HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
+
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+    for values, (counts, total) in series:
+        cumulative, buckets = 0, []
+        for bound, count in zip(bounds, counts):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        family.add_metric(list(values), buckets, total)
+    return family
 
 
 # ----------------------------------------------------------------------------- worker
