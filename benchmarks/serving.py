@@ -143,6 +143,20 @@ def run_streams(address: str, streams: int, options: dict[str, Any], frame) -> d
 # ----------------------------------------------------------------------------- servers
 
 
+def model_worker(conn, endpoint: str, key: str | None, options: dict) -> None:
+    """The real Worker and Engine; ``options`` are WorkerConfig fields (``threads`` None: the worker's choice)."""
+    import signal
+
+    from zdepth.config import WorkerConfig
+    from zdepth.worker import Worker
+
+    worker = Worker(WorkerConfig(broker=endpoint, key=key, **options))
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    conn.send("ready")
+    conn.close()
+    worker.run()
+
+
 def start_servers(encoder: str, args, weights_dir: Path, max_wait_ms: float, cuda_graphs: bool = False) -> tuple[list, str]:
     broker, clients, workers = _common.start_broker(KEY)
     processes = [broker]
@@ -163,8 +177,9 @@ def start_servers(encoder: str, args, weights_dir: Path, max_wait_ms: float, cud
                 # that would take long, and warm_input_size() warms the size measured anyway.
                 "warmup_sizes": ((480, 640),) if args.device.startswith("cuda") else (),
                 "threads": args.threads,
+                "pipeline": args.pipeline == "on",
             }
-            process, _ = _peers.start(_peers.model_worker, workers, KEY, options, name=f"worker-{index}")
+            process, _ = _peers.start(model_worker, workers, KEY, options, name=f"worker-{index}")
             processes.append(process)
         _common.wait_for_workers(clients, KEY, args.workers, timeout=args.startup_timeout, model=encoder)
     except BaseException:
@@ -204,10 +219,11 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=1, help="requests each stream keeps out (>1 uses Client.stream)")
     parser.add_argument("--duration", type=float, default=None, help="seconds each configuration runs (default 10 on CUDA, 30 on the CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="requests per stream before timing")
-    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-batch", type=int, default=None, help="WorkerConfig.max_batch (default: 8 on CUDA, the worker's choice on the CPU)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="WorkerConfig.max_wait_ms: how long a partial batch waits for company (0, the default, as in production)")
     parser.add_argument("--compare-max-wait", type=float, default=None, help="also run the first encoder's workers with this max_wait_ms (jpeg input, every stream count)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default 1: " + _common.CPU_THREADS_NOTE + ")")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: the worker's own choice, zdepth.worker.cpu_plan)")
+    parser.add_argument("--pipeline", default="on", choices=("on", "off"), help="WorkerConfig.pipeline")
     parser.add_argument("--weights-dir", default=None, help="a weights dir (real checkpoints); missing files are generated there (golden vits if reachable, else random weights)")
     parser.add_argument("--timeout", type=float, default=120.0, help="client timeout per request, s")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
@@ -222,8 +238,6 @@ def main() -> int:
         args.input_size = 518 if cuda else 182
     if args.duration is None:
         args.duration = 10.0 if cuda else 30.0
-    if args.threads is None and not cuda:
-        args.threads = 1  # see _common.CPU_THREADS_NOTE
     if args.quick:
         args.duration, args.warmup = 1.0, 1
         if not cuda:

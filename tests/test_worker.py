@@ -248,6 +248,36 @@ class RecordingEngine:
         return [np.zeros(image.shape[:2], np.float32) for image in images]
 
 
+def test_cpu_plan_leaves_cores_to_the_worker_and_follows_explicit_choices(monkeypatch):
+    from zdepth.worker import CPU_MAX_BATCH, cpu_plan
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    config = WorkerConfig()
+    assert [cpu_plan(config, cores).threads for cores in (1, 2, 4, 8, 16, 64)] == [1, 1, 3, 7, 14, 59]
+    assert cpu_plan(config, 2).max_batch == CPU_MAX_BATCH
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_plan(config, 16).threads == 3 and "OMP_NUM_THREADS" in cpu_plan(config, 16).why
+    plan = cpu_plan(WorkerConfig(threads=5, max_batch=2), 16)
+    assert (plan.threads, plan.max_batch) == (5, 2)
+
+
+def test_a_cpu_worker_says_what_it_chose_in_its_log_and_ready(broker, engine, start, caplog):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="zdepth.worker"):
+            running = start(make_config(broker.endpoint, threads=1, max_batch=None), engine)
+            _, header, _ = broker.expect(protocol.READY)
+        info = header["info"]
+        assert info["threads"] == 1 and info["max_batch"] == 4 and info["pipeline"] is True
+        assert header["capacity"] == 8  # twice the chosen batch
+        assert running.worker.config.max_batch == 4
+        assert any("1 torch threads" in r.getMessage() and "batches of up to 4" in r.getMessage() for r in caplog.records)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_models_are_loaded_and_warmed_before_ready(broker, start):
     recording = RecordingEngine()
     start(make_config(broker.endpoint, warmup_sizes=((H, W), (30, 40))), recording)
@@ -479,6 +509,86 @@ def test_info_gets_a_summary_and_state_changes_not_a_line_per_request(broker, en
     assert not any("req-" in m for m in info), "no INFO line names a request"
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert sum("'req-" in m for m in debug) == 8, debug
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+class StagedGates:
+    """The real engine's three steps, each able to hold until the test opens its gate; records the order."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.events: list[tuple[str, int]] = []  # (step, first image's height)
+        self.gates = {step: threading.Event() for step in ("prepare", "run", "collect")}
+        self.entered = {step: threading.Event() for step in self.gates}
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def _step(self, step: str, height: int) -> None:
+        with self.lock:
+            self.events.append((step, height))
+        self.entered[step].set()
+        assert self.gates[step].wait(WAIT_S), f"the test never opened {step}"
+
+    def prepare(self, image, input_size=518):
+        self._step("prepare", image.shape[0])
+        return self.engine.prepare(image, input_size)
+
+    def run(self, prepared, model_id, *, max_depth=None):
+        self._step("run", prepared[0].shape[0])
+        return self.engine.run(prepared, model_id, max_depth=max_depth)
+
+    def collect(self, pending):
+        self._step("collect", pending.depths[0].shape[0])
+        return self.engine.collect(pending)
+
+
+def test_the_next_batch_is_prepared_and_the_last_replied_while_one_runs(broker, engine, start):
+    """Three requests of different sizes (so each is its own batch): while the first is held in the
+    forward pass, the second is prepared; while the first's depth maps are collected, the second runs."""
+    staged = StagedGates(engine)
+    staged.gates["prepare"].set()
+    start(make_config(broker.endpoint, max_batch=1), staged)
+    identity, _, _ = broker.expect(protocol.READY)
+    images = [np.zeros((h, 40, 3), np.uint8) for h in (30, 31, 32)]
+    broker.request(identity, 1, image=images[0])
+    assert staged.entered["run"].wait(WAIT_S)  # batch 1 on the "device", held there
+    broker.request(identity, 2, image=images[1])
+    deadline = time.monotonic() + WAIT_S
+    while ("prepare", 31) not in staged.events:
+        assert time.monotonic() < deadline, f"request 2 was not prepared while batch 1 ran: {staged.events}"
+        time.sleep(0.01)
+    staged.entered["run"].clear()
+    staged.gates["run"].set()  # batch 1 finishes on the device; its collect is held
+    assert staged.entered["collect"].wait(WAIT_S)
+    deadline = time.monotonic() + WAIT_S
+    while ("run", 31) not in staged.events:
+        assert time.monotonic() < deadline, f"batch 2 did not start while batch 1's replies waited: {staged.events}"
+        time.sleep(0.01)
+    broker.request(identity, 3, image=images[2])
+    staged.gates["collect"].set()
+    replies = broker.replies(3)
+    assert [replies[r][2]["depth"].shape for r in (1, 2, 3)] == [(30, 40), (31, 40), (32, 40)]
+    for rid, image in zip((1, 2, 3), images):
+        np.testing.assert_allclose(replies[rid][2]["depth"], engine.infer([image], "vits", input_size=28)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_both_worker_loops_serve_the_same_replies(broker, engine, start, pipeline):
+    start(make_config(broker.endpoint, pipeline=pipeline, max_wait_ms=100), engine)
+    identity, _, _ = broker.expect(protocol.READY)
+    broker.request(identity, 1)
+    broker.request(identity, 2, image=IMAGE, op=protocol.OP_METRIC, model="vits-hypersim", max_depth=4.0)
+    broker.request(identity, 3, image=IMAGE)
+    broker.request(identity, 4, image=b"\xff\xd8\xff\xe0 garbage")
+    replies = broker.replies(4)
+    assert [replies[r][0]["status"] for r in (1, 2, 3, 4)] == ["ok", "ok", "ok", "bad_request"]
+    np.testing.assert_allclose(replies[3][2]["depth"], engine.infer([IMAGE], "vits", input_size=28)[0], rtol=1e-5, atol=1e-5)
+    metric = engine.infer([IMAGE], "vits-hypersim", input_size=28, max_depth=4.0)[0]
+    np.testing.assert_allclose(replies[2][2]["depth"], metric, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- heartbeats and reconnection

@@ -17,6 +17,7 @@ DEFAULT_CLIENT_PORT = 5555
 DEFAULT_WORKER_PORT = 5556
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_HELD_BYTES = 1024 * 1024 * 1024
+DEFAULT_MAX_BATCH = 8  # a worker's largest batch on CUDA, unless set
 MAX_QUEUE_BYTES = 1024 * 1024 * 1024
 MAX_CLIENT_BYTES = 256 * 1024 * 1024
 CLIENT_REPLY_HWM = 64
@@ -108,7 +109,7 @@ class WorkerConfig:
     compile: bool = False
     cuda_graphs: bool | None = None  # replay forward passes as CUDA graphs; None: on CUDA devices. See zdepth.cudagraphs
     gpu_decode: bool = False  # decode JPEGs with nvjpeg (CUDA only): faster, ~1e-2 from cv2's pixels; see Engine
-    max_batch: int = 8
+    max_batch: int | None = None  # largest batch per forward pass; None: 8 on CUDA, chosen for a CPU (zdepth.worker.cpu_plan)
     max_wait_ms: float = 0.0  # extra wait for a partial batch; at 0 batches form from what queued during the last one
     capacity: int | None = None  # requests the broker may give at once; default 2 x max_batch
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
@@ -126,13 +127,16 @@ class WorkerConfig:
     # False: one compute thread does each batch's steps in turn (for comparison; see benchmarks/overlap.py).
     pipeline: bool = True
     metrics_port: int | None = None  # serve Prometheus metrics at http://*:PORT/metrics; None: off. See zdepth.metrics
+    threads: int | None = None  # torch intra-op threads on the CPU; None: chosen from the cores (zdepth.worker.cpu_plan)
     summary_interval_s: float = 10.0  # one INFO line on what was served per interval with traffic; each request logs at DEBUG
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ConfigError("a worker needs at least one model, for example --model vits")
-        if self.max_batch < 1:
+        if self.max_batch is not None and self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.capacity is not None and self.capacity < 1:
@@ -148,4 +152,4 @@ class WorkerConfig:
 
     @property
     def effective_capacity(self) -> int:
-        return self.capacity or 2 * self.max_batch
+        return self.capacity or 2 * (self.max_batch or DEFAULT_MAX_BATCH)
