@@ -70,7 +70,7 @@ def workers_in_state(ctx, broker, state: str, n: int) -> None:
 
 def test_request_counters_and_latency_histograms_move_as_requests_are_served(ctx, tmp_path):
     port = free_port()
-    broker = start_broker(tmp_path, metrics_port=port)
+    broker = start_broker(tmp_path, metrics_port=port, reconnect_grace_s=60.0)  # unserved models wait, not fail
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         before = scrape(url)
@@ -92,6 +92,12 @@ def test_request_counters_and_latency_histograms_move_as_requests_are_served(ctx
         client.send_multipart([request_header(id="one-frame", key=KEY, op="relative_depth", model="vits"), b"params"])
         errors = sorted(recv_reply(client)[0]["status"] for _ in range(2))
         assert errors == ["bad_request", "unauthorized"]
+        # A model no worker announced is labelled "other": a client cannot add series by naming models.
+        send_request(client, "nobody-serves-it", model="vitg", timeout_ms=1500, body=BODY)
+        waiting = scrape(url)
+        assert value(waiting, "zdepth_broker_queued_requests", model="other") == 1
+        assert ("zdepth_broker_queued_requests", frozenset({("model", "vitg")})) not in waiting
+        assert recv_reply(client)[0]["status"] == "timeout"
 
         after = scrape(url)
 
@@ -101,6 +107,8 @@ def test_request_counters_and_latency_histograms_move_as_requests_are_served(ctx
         assert moved("zdepth_broker_requests_total", op="relative_depth", model="vits", status="ok") == 10
         assert moved("zdepth_broker_requests_total", op="", model="", status="unauthorized") == 1
         assert moved("zdepth_broker_requests_total", op="", model="", status="bad_request") == 1
+        assert moved("zdepth_broker_requests_total", op="relative_depth", model="other", status="timeout") == 1
+        assert not any(dict(labels).get("model") == "vitg" for _, labels in after)
         assert value(after, "zdepth_broker_requests_total", op="health", model="", status="ok") >= 1  # the polls above
         assert moved("zdepth_broker_round_trip_seconds_count", op="relative_depth", model="vits") == 10
         assert moved("zdepth_broker_round_trip_seconds_sum", op="relative_depth", model="vits") > 0

@@ -12,7 +12,7 @@ so several brokers or workers in one process, as in tests, do not collide.
   collector that reports the core's state (queues, bytes held, workers by
   state) as it is at scrape time. The core belongs to the broker's loop
   thread, so the collector asks the loop for a snapshot and waits for it
-  (one loop pass, at most ``TICK_S``); a loop that does not answer within
+  (one pass of the loop, 50 ms at most when idle); a loop that does not answer within
   ``SNAPSHOT_WAIT_S`` shows as a growing ``zdepth_broker_state_age_seconds``.
 - ``WorkerMetrics``: methods the worker calls from any of its threads
   (``request_done``, ``inference``, ``decoded``) and callbacks read at scrape
@@ -22,8 +22,8 @@ so several brokers or workers in one process, as in tests, do not collide.
 
 Label values are bounded, so no peer can grow the broker's memory with new
 series: a status that is not one of the protocol's is ``other``, a model that
-no worker ever announced is ``other``, and requests refused before their op
-and model were read have both empty.
+no worker ever announced is ``other``, and requests the broker refuses on
+arrival have both op and model empty.
 """
 
 from __future__ import annotations
@@ -246,8 +246,10 @@ class BrokerMetrics:
         if self.wanted:
             self.wanted = False
             try:
-                self._snapshot = {**_read_state(self._core, now), **self._counts()}
+                self._snapshot = {**_read_state(self._core, now, self._model), **self._counts()}
                 self._snapshot_at = time.monotonic()
+            except Exception:  # metrics must never take the broker down; the scrape gets the last state
+                log.exception("reading the broker's state for metrics failed")
             finally:
                 self._fresh.set()
 
@@ -262,14 +264,20 @@ class BrokerMetrics:
             return self._snapshot, time.monotonic() - self._snapshot_at
 
 
-def _read_state(core: BrokerCore, now: float) -> dict[str, Any]:
-    """Everything the state collector reports, read at one instant on the loop thread."""
+def _read_state(core: BrokerCore, now: float, label: Callable[[str], str]) -> dict[str, Any]:
+    """Everything the state collector reports, read at one instant on the loop thread; ``label`` names a model."""
     health = core.health(now)
     models = set(core.model_last_seen)
-    queued = {m: [len(q), sum(r.size for r in q)] for m, q in core.queues.items() if q}
+    queued: dict[str, list[int]] = {}
+    for model, queue in core.queues.items():
+        if queue:
+            counts = queued.setdefault(label(model), [0, 0])
+            counts[0] += len(queue)
+            counts[1] += sum(r.size for r in queue)
     in_flight: dict[str, int] = {}
     for request in core.dispatched.values():
-        in_flight[request.model] = in_flight.get(request.model, 0) + 1
+        model = label(request.model)
+        in_flight[model] = in_flight.get(model, 0) + 1
     by_model: dict[str, dict[str, int]] = {m: dict.fromkeys(WORKER_STATES, 0) for m in models}
     workers = []
     for worker in health["workers"]:
