@@ -75,13 +75,19 @@ def c_proxy(conn) -> None:
     zmq.proxy(front, back)  # until SIGTERM ends the process
 
 
-def _echo_dealer(endpoint: str, shape: tuple[int, int]):
-    """(context, a DEALER connected to ``endpoint``, and the fixed raw reply: descriptions, frames, min, max)."""
+def _echo_dealer(endpoint: str, shape: tuple[int, int], key: str | None = None):
+    """(context, a DEALER connected to ``endpoint``, and the fixed raw reply: descriptions, frames, min, max).
+
+    With a ``key`` the DEALER proves it at the handshake (PLAIN), as a broker with a key asks.
+    """
     import zmq
+
+    from zdepth.auth import apply_peer_security
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    apply_peer_security(sock, key=key, curve=None)
     sock.connect(endpoint)
     descs, frames, depth = _reply_parts(shape, "raw")
     return ctx, sock, descs, frames, float(depth.min()), float(depth.max())
@@ -105,7 +111,7 @@ def echo_worker(conn, endpoint: str, key: str | None, shape: tuple[int, int], mo
     """A worker reduced to the protocol: READY, a heartbeat a second, a fixed REPLY per REQUEST."""
     from zdepth import protocol
 
-    ctx, sock, descs, frames, low, high = _echo_dealer(endpoint, shape)
+    ctx, sock, descs, frames, low, high = _echo_dealer(endpoint, shape, key)
     sock.send_multipart([protocol.command(protocol.READY, key=key, models=list(models), capacity=capacity, info={"name": "echo-worker"})])
     conn.send("ready")
     conn.close()

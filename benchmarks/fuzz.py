@@ -45,6 +45,8 @@ from typing import Any, Callable
 import _common
 from soak import broker_child, child_env, free_port, small_frame, wait_health, worker_child
 
+from zdepth.auth import apply_peer_security
+
 NAME = "fuzz"
 KEY = "fuzz-key"
 FAKE_MODEL = "zz-fuzz"  # the registered fake worker's model: sorts after every real one, so never a default
@@ -503,6 +505,7 @@ class Run:
         sock.setsockopt(self.zmq.LINGER, 0)
         sock.setsockopt(self.zmq.SNDHWM, 100_000)
         sock.setsockopt(self.zmq.RCVHWM, 100_000)
+        apply_peer_security(sock, key=KEY, curve=None)  # past the handshake: the fuzzed headers are what is judged
         sock.connect(address)
         return sock
 
@@ -649,6 +652,7 @@ def oversize_check(address: str, frames_before: list[bytes], huge, timeout: floa
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    apply_peer_security(sock, key=KEY, curve=None)
     monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
     try:
         sock.connect(address)
@@ -692,6 +696,7 @@ def warm_worker(address: str, fuzzer: Fuzzer, *, rounds: int = 2) -> None:
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    apply_peer_security(sock, key=KEY, curve=None)
     sock.connect(address)
     try:
         for _ in range(rounds):

@@ -35,6 +35,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from zdepth import imageio
+from zdepth.auth import apply_peer_security
 from zdepth.broker import Broker
 from zdepth.codec import image_descriptor, params_frame
 from zdepth.config import BrokerConfig, Heartbeat, WorkerConfig
@@ -125,6 +126,7 @@ class Stack:
     def dealer(self, endpoint: str | None = None) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        apply_peer_security(sock, key=KEY, curve=None)  # the key at the handshake, as the broker asks
         sock.connect(endpoint or self.clients)
         return sock
 
@@ -174,10 +176,11 @@ def request(op="relative_depth", model="vits", image=IMAGE, *, request_id=None, 
 
 
 def dropped_after(endpoint: str, frames: list, timeout: float = 10.0) -> bool:
-    """Send ``frames`` on a fresh DEALER once connected; True when the peer drops the connection."""
+    """Send ``frames`` on a fresh DEALER (with the key) once connected; True when the peer drops the connection."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    apply_peer_security(sock, key=KEY, curve=None)
     monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
     try:
         sock.connect(endpoint)
@@ -270,7 +273,8 @@ def test_jpeg_bomb_behind_a_stray_byte_is_refused_unallocated(monkeypatch):
 
 
 def test_elongated_image_and_oversized_reply_are_refused_before_inference(stacks):
-    stack = stacks(worker={"max_message_bytes": 64 * 96 * 4 - 1})
+    # A pixel limit set above what a float32 reply can hold (the default stays within it): the reply size refuses.
+    stack = stacks(worker={"max_message_bytes": 64 * 96 * 4 - 1, "max_pixels": 1 << 20})
     sock = stack.dealer()
     sock.send_multipart(request(image=np.zeros((2, 600, 3), np.uint8), input_size=518))
     header, _ = reply(sock)
