@@ -31,7 +31,7 @@ from zdepth.protocol import command, request_header
 prometheus_client = pytest.importorskip("prometheus_client")  # the test extra installs it; metrics are optional
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from zdepth.metrics import WorkerMetrics, serve  # noqa: E402
+from zdepth.metrics import MetricsBindError, WorkerMetrics, serve  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -234,7 +234,7 @@ def test_a_metrics_port_in_use_is_refused_by_name(ctx):
         port = taken.getsockname()[1]
         config = BrokerConfig(clients="tcp://127.0.0.1:0", workers="tcp://127.0.0.1:0", metrics_port=port)
         with Broker(config, context=ctx, metrics_host="127.0.0.1") as broker:
-            with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}.*in use"):
+            with pytest.raises(MetricsBindError, match=f"cannot serve metrics on 127.0.0.1:{port}.*in use"):
                 broker.bind()
     for bad in (-1, 65536, "9100", True):
         with pytest.raises(ConfigError, match="metrics port"):

@@ -43,7 +43,7 @@ from .protocol import ERROR_CODES, OPS, STATUS_OK
 if TYPE_CHECKING:  # only for annotations: importing them here would import the broker's core
     from .broker.core import BrokerCore, HeldRequest
 
-__all__ = ["BrokerMetrics", "MetricsServer", "WorkerMetrics", "cuda_memory", "serve", "DEFAULT_HOST"]
+__all__ = ["BrokerMetrics", "MetricsBindError", "MetricsServer", "WorkerMetrics", "cuda_memory", "serve", "DEFAULT_HOST"]
 
 log = logging.getLogger("zdepth.metrics")
 
@@ -82,6 +82,10 @@ def _op(op: Any) -> str:
 # ----------------------------------------------------------------------------- the exporter
 
 
+class MetricsBindError(OSError):
+    """The metrics port cannot be bound (the CLI exits 4 for it, as for a ZeroMQ endpoint in use)."""
+
+
 class MetricsServer:
     """The HTTP exporter of one registry, on its own daemon thread; ``close()`` stops it and frees the port."""
 
@@ -112,8 +116,8 @@ class MetricsServer:
 def serve(port: int, registry: Any, host: str = DEFAULT_HOST) -> MetricsServer:
     """Serve ``registry`` at ``http://host:port/metrics`` (port 0: any free port, see ``.port``).
 
-    A port that cannot be bound raises OSError naming it, as a ZeroMQ endpoint
-    would; a port out of range raises ConfigError.
+    A port that cannot be bound raises MetricsBindError (an OSError) naming
+    it; a port out of range raises ConfigError.
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigError(f"metrics port must be an integer in 0..65535, got {port!r}")
@@ -122,7 +126,9 @@ def serve(port: int, registry: Any, host: str = DEFAULT_HOST) -> MetricsServer:
         server, thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         hint = " (is another broker or worker serving metrics there? choose another --metrics-port)" if exc.errno == errno_codes.EADDRINUSE else ""
-        raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}{hint}") from None
+        error = MetricsBindError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}{hint}")
+        error.errno = exc.errno
+        raise error from None
     served = MetricsServer(server, thread, host)
     log.info("metrics at http://%s:%d/metrics", host, served.port)
     return served
@@ -433,10 +439,13 @@ class WorkerMetrics:
         self.registry.register(_WorkerStateCollector(self))
 
     def _model(self, model: Any) -> str:
+        if not model:
+            return ""
         return model if model in self._models else OTHER
 
-    def request_done(self, op: str, model: str, status: str, seconds: float | None = None) -> None:
-        """A reply was sent; ``seconds`` from the request's arrival, when known."""
+    def request_done(self, op: str | None, model: str | None, status: str, seconds: float | None = None) -> None:
+        """A reply was sent; ``seconds`` from the request's arrival, when known. op and model may be None
+        for a request refused before they were read (they are then labelled empty)."""
         model = self._model(model)
         self._requests.labels(_op(op), model, _status(status)).inc()
         if seconds is not None:
