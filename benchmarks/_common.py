@@ -389,6 +389,15 @@ def prepare_weights(directory: str | os.PathLike | None, encoders: Iterable[str]
 # ----------------------------------------------------------------------------- helper processes
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def spawn_context() -> multiprocessing.context.BaseContext:
     """Fresh interpreters for helper processes: no forked ZeroMQ contexts or torch threads."""
     return multiprocessing.get_context("spawn")
