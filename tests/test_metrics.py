@@ -17,8 +17,10 @@ import time
 import urllib.request
 
 import msgpack
+import prometheus_client  # the test extra installs it (for zdepth itself it is the optional metrics extra)
 import pytest
 import zmq
+from prometheus_client.parser import text_string_to_metric_families
 
 import zdepth
 from peers import KEY, PeerWorker, dealer, health, recv_reply, send_request, start_broker, wait_until
@@ -26,12 +28,8 @@ from procs import REPO, child_env, free_port
 from zdepth.broker import Broker
 from zdepth.config import BrokerConfig
 from zdepth.errors import ConfigError
+from zdepth.metrics import MetricsBindError, WorkerMetrics, serve
 from zdepth.protocol import command, request_header
-
-prometheus_client = pytest.importorskip("prometheus_client")  # the test extra installs it; metrics are optional
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from zdepth.metrics import MetricsBindError, WorkerMetrics, serve  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
