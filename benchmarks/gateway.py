@@ -110,6 +110,47 @@ def make_calls(client: Any, session: Any, url: str, jpeg: bytes, shape: tuple[in
     return {"direct-metric": direct_metric, "gateway-metric": gateway_metric, "direct-pc": direct_pc, "gateway-pc": gateway_pc}
 
 
+def components(shape: tuple[int, int], iterations: int) -> list[dict[str, Any]]:
+    """In process, per frame: what the gateway does to answer, and what the old client does to read the answer."""
+    import json
+
+    from zdepth.gateway import _blob, json_parts
+    from zdepth.pointcloud import Intrinsics, depth_to_points
+
+    depth = _peers.fixed_depth(*shape)
+    intrinsics = Intrinsics(**INTRINSICS)
+
+    def depth_answer() -> list[bytes]:
+        return json_parts([("depth_map", _blob(depth)), ("shape", list(shape)), ("min", 0.0), ("max", 1.0)])
+
+    def pc_answer() -> list[bytes]:
+        points, _ = depth_to_points(depth, intrinsics)
+        return json_parts([("pointcloud", _blob(points)), ("pointcloud_shape", list(points.shape)), ("depth_map", _blob(depth)), ("depth_shape", list(shape)), ("min", 0.0), ("max", 1.0)])
+
+    depth_body, pc_body = b"".join(depth_answer()), b"".join(pc_answer())
+
+    def read_depth() -> None:
+        body = json.loads(depth_body)
+        np.frombuffer(base64.b64decode(body["depth_map"]), dtype=np.float32).reshape(body["shape"])
+
+    def read_pc() -> None:
+        body = json.loads(pc_body)
+        np.frombuffer(base64.b64decode(body["pointcloud"]), dtype=np.float32).reshape(body["pointcloud_shape"])
+        np.frombuffer(base64.b64decode(body["depth_map"]), dtype=np.float32).reshape(body["depth_shape"])
+
+    steps = [
+        ("gateway", "depth map to base64 JSON", depth_answer, len(depth_body)),
+        ("gateway", "points from depth, both to base64 JSON", pc_answer, len(pc_body)),
+        ("old client", "JSON + base64 decode of a depth answer", read_depth, len(depth_body)),
+        ("old client", "JSON + base64 decode of a /pc answer", read_pc, len(pc_body)),
+    ]
+    rows = []
+    for side, step, call, size in steps:
+        stats = _common.summarize(_common.time_calls(call, iterations=iterations, warmup=2))
+        rows.append({"side": side, "step": step, "answer bytes": size, "p50 ms": stats["p50"], "mean ms": stats["mean"]})
+    return rows
+
+
 def main() -> int:
     parser = _common.base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per mode (all rounds together)")
@@ -184,6 +225,8 @@ def main() -> int:
             "+ms over direct (p50)": s["p50"] - direct["p50"],
         })  # fmt: skip
     report.table(rows, list(rows[0]), title=f"One {shape[0]}x{shape[1]} frame, one request at a time, client's view ({args.worker} worker)")
+    component_rows = components(shape, 3 if args.quick else 30)
+    report.table(component_rows, list(component_rows[0]), title="Where the added milliseconds go (in process, per frame)")
     added = {op: stats[f"gateway-{op}"]["p50"] - stats[f"direct-{op}"]["p50"] for op in ("metric", "pc")}
     report.note(
         f"The gateway adds {added['metric']:.1f} ms per depth map and {added['pc']:.1f} ms per point cloud at p50 "
@@ -196,6 +239,7 @@ def main() -> int:
         "config": {"shape": list(shape), "jpeg_bytes": len(jpeg), "seconds": args.seconds, "warmup": args.warmup, "rounds": args.rounds, "worker": args.worker, "quick": args.quick},
         "modes": {m: {"description": DESCRIPTIONS[m], **stats[m]} for m in MODES},
         "added_p50_ms": added,
+        "components": component_rows,
     }
     _common.write_json(NAME, result, args.json)
     return 0
