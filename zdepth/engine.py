@@ -75,10 +75,21 @@ class Prepared:
 
 @dataclass(eq=False)
 class Pending:
-    """A batch that ``Engine.run`` started: depth maps on the host, or on their way there."""
+    """A batch that ``Engine.run`` started: depth maps on the host, or on their way there, with
+    each map's (min, max) ignoring NaN, taken on the device from the float32 values."""
 
-    depths: list[torch.Tensor]  # per image, H x W float32 on the host (pinned on CUDA)
+    depths: list[torch.Tensor]  # per image, H x W on the host (pinned on CUDA): float32, or float16 where asked
+    lows: list[torch.Tensor]  # per image, a 0-d float32 tensor on the host (inf where all of the map is NaN)
+    highs: list[torch.Tensor]  # the same for the maximum (-inf where all of it is NaN)
     done: torch.cuda.Event | None = None  # on CUDA: recorded after the last copy to the host
+
+    def ranges(self) -> list[tuple[float, float]]:
+        """(min, max) of each map, NaN for one that is all NaN; read after ``Engine.collect``."""
+        out = []
+        for low, high in zip(self.lows, self.highs):
+            low, high = float(low), float(high)
+            out.append((low, high) if low <= high else (math.nan, math.nan))
+        return out
 
 
 class Engine:
@@ -216,7 +227,7 @@ class Engine:
                 scale = None if scales is None else torch.tensor([scales[i] for i in indices], dtype=torch.float32)
                 if self._cv2_preprocess:
                     prepared = [Prepared(preprocess_cv2(image, input_size), image.shape[:2]) for image in batch]
-                    depths = [depth.numpy() for depth in self._run_group(forward, prepared, scale).depths]
+                    depths = [depth.numpy() for depth in self._run_group(forward, prepared, scale, ranges=False).depths]
                 else:
                     depths = self._forward_tensor(forward, batch, size, scale)
                 results.update(zip(indices, depths))
@@ -251,33 +262,39 @@ class Engine:
                     ready.record(self._upload_stream)
             return Prepared(tensor, shape, ready)
 
-    def run(self, prepared: Sequence[Prepared], model_id: str, *, max_depth: MaxDepth = None) -> Pending:
+    def run(
+        self, prepared: Sequence[Prepared], model_id: str, *, max_depth: MaxDepth = None, float16: Sequence[bool] | None = None
+    ) -> Pending:
         """Step two: the forward pass over prepared images (grouped by network input size) and the
         resize back to each image's size, with the copies to the host queued behind them.
 
         On CUDA this returns once the work is queued; ``collect`` waits for it.
-        ``max_depth`` as for ``infer``.
+        ``max_depth`` as for ``infer``. ``float16``: per image, whether its map
+        comes back as float16, cast on the device (half the bytes to copy);
+        min and max are taken before the cast either way.
         """
         spec = get_spec(model_id)
         prepared = list(prepared)
         scales = _max_depths(spec, max_depth, len(prepared))
+        halves = [False] * len(prepared) if float16 is None else [bool(h) for h in float16]
+        if len(halves) != len(prepared):
+            raise BadRequest(f"got {len(halves)} float16 flags for {len(prepared)} images")
         self.load(spec.id)
         forward = self._forwards[spec.id]
         groups: dict[tuple[int, int], list[int]] = {}
         for index, item in enumerate(prepared):
             groups.setdefault(item.size, []).append(index)
-        depths: list[torch.Tensor | None] = [None] * len(prepared)
+        out = Pending([None] * len(prepared), [None] * len(prepared), [None] * len(prepared))  # type: ignore[list-item]
         with torch.inference_mode(), self._on_device():
             for indices in groups.values():
                 scale = None if scales is None else torch.tensor([scales[i] for i in indices], dtype=torch.float32)
-                pending = self._run_group(forward, [prepared[i] for i in indices], scale)
-                for i, depth in zip(indices, pending.depths):
-                    depths[i] = depth
-            done = None
+                part = self._run_group(forward, [prepared[i] for i in indices], scale, [halves[i] for i in indices])
+                for k, i in enumerate(indices):
+                    out.depths[i], out.lows[i], out.highs[i] = part.depths[k], part.lows[k], part.highs[k]
             if self.device.type == "cuda":
-                done = torch.cuda.Event()
-                done.record()
-        return Pending(depths, done)  # type: ignore[arg-type]
+                out.done = torch.cuda.Event()
+                out.done.record()
+        return out
 
     def collect(self, pending: Pending) -> list[np.ndarray]:
         """Step three: the depth maps of a ``run``, as float32 H x W arrays, once they are on the host."""
@@ -302,9 +319,13 @@ class Engine:
             chw = frame  # CHW RGB on the device
         return preprocess_tensor(chw.unsqueeze(0), size).to(self.dtype)
 
-    def _run_group(self, forward, prepared: list[Prepared], scale: torch.Tensor | None) -> Pending:
-        """The forward pass over prepared images of one network input size, and the resize back."""
+    def _run_group(
+        self, forward, prepared: list[Prepared], scale: torch.Tensor | None, halves: list[bool] | None = None, *, ranges: bool = True
+    ) -> Pending:
+        """The forward pass over prepared images of one network input size, the resize back, each
+        map's min and max (unless ``ranges`` is off), and (on CUDA) the copies to the host, queued behind them."""
         cuda = self.device.type == "cuda"
+        halves = halves or [False] * len(prepared)
         if cuda:
             stream = torch.cuda.current_stream(self.device)
             for item in prepared:
@@ -315,21 +336,31 @@ class Engine:
         if scale is not None:
             scale = scale.to(self.device, non_blocking=cuda)
         depth = forward(x.to(self.device, self.dtype), scale).float()
-        # Equally sized images share one resize back (and, on CUDA, one copy to the host).
-        by_shape: dict[tuple[int, int], list[int]] = {}
+        # Equally sized images (and wanted dtypes) share one resize back and one copy to the host.
+        by_shape: dict[tuple[tuple[int, int], bool], list[int]] = {}
         for j, item in enumerate(prepared):
-            by_shape.setdefault(item.shape, []).append(j)
-        out: list[torch.Tensor | None] = [None] * len(prepared)
-        for shape, members in by_shape.items():
+            by_shape.setdefault((item.shape, halves[j]), []).append(j)
+        out = Pending([None] * len(prepared), [None] * len(prepared), [None] * len(prepared))  # type: ignore[list-item]
+        for (shape, half), members in by_shape.items():
             rows = depth[members[0] : members[0] + 1] if len(members) == 1 else depth[members]
             resized = resize_depth(rows, shape)
+            bounds = None
+            if ranges:
+                nan = torch.isnan(resized)
+                bounds = torch.stack([
+                    torch.where(nan, math.inf, resized).amin(dim=(1, 2)),
+                    torch.where(nan, -math.inf, resized).amax(dim=(1, 2)),
+                ])  # fmt: skip
+            if half:
+                resized = resized.half()
             if cuda:
-                host = torch.empty(resized.shape, dtype=resized.dtype, pin_memory=True)
-                host.copy_(resized, non_blocking=True)
-                resized = host
+                resized = _to_host(resized)
+                bounds = None if bounds is None else _to_host(bounds)
             for k, j in enumerate(members):
-                out[j] = resized[k]
-        return Pending(out)  # type: ignore[arg-type]
+                out.depths[j] = resized[k]
+                if bounds is not None:
+                    out.lows[j], out.highs[j] = bounds[0, k], bounds[1, k]
+        return out
 
     def warmup(self, model_id: str, sizes: Iterable[tuple[int, int]] = ((480, 640),), *, input_size: int = 518, batch_size: int = 1) -> float:
         """Load ``model_id`` and run ``batch_size`` black images of each (height, width).
@@ -414,6 +445,13 @@ class Engine:
             logger.warning("the device JPEG decoder failed on %d batches in a row that cv2 decoded; decoding with cv2 from now on", self._decoder_strikes)
             self._decode_jpeg = None
         return frames
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of a device tensor, queued on the current stream (``Engine.collect`` waits)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 def _check_input_size(input_size: object) -> None:

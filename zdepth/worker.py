@@ -194,18 +194,25 @@ def error_frames(rid: Any, request_id: str | None, code: str, message: str) -> l
     return [protocol.command(protocol.REPLY, rid=rid, status=code), protocol.error_header(request_id, code, message)]
 
 
-def reply_frames(job: Job, depth: np.ndarray, *, worker: str, timings: dict[str, float], batch: int) -> list[Any]:
+def reply_frames(
+    job: Job, depth: np.ndarray, *, worker: str, timings: dict[str, float], batch: int, depth_range: tuple[float, float] | None = None
+) -> list[Any]:
     """A REPLY with the depth map (and points for a point cloud) as raw array frames.
 
-    ``depth``: HxW float32 from the engine; sent as float32 or float16 as the
-    request asked. ``min``/``max`` are taken before any cast.
+    ``depth``: HxW from the engine, float32 (or float16 already cast on the
+    device); sent as float32 or float16 as the request asked. ``min``/``max``
+    are taken before any cast: ``depth_range`` when the engine took them,
+    else here.
     """
-    depth = np.asarray(depth, dtype=np.float32)
+    if depth.dtype != np.float16:
+        depth = np.asarray(depth, dtype=np.float32)
     arrays = {"depth": depth.astype(codec.DEPTH_DTYPES[job.params.depth_dtype], copy=False)}
     if job.op == protocol.OP_POINTCLOUD:
-        arrays["points"], _ = depth_to_points(depth, Intrinsics(*job.params.intrinsics))
+        arrays["points"], _ = depth_to_points(depth.astype(np.float32, copy=False), Intrinsics(*job.params.intrinsics))
     descs, buffers = codec.array_frames(arrays)
-    low, high = _nan_min_max(depth)
+    if depth_range is None and depth.dtype == np.float16:
+        raise ValueError("a float16 depth map needs the min and max of its float32 values")
+    low, high = depth_range if depth_range is not None else _nan_min_max(depth)
     header = protocol.reply_header(
         job.request_id,
         model=job.model,
@@ -1021,10 +1028,8 @@ class Worker:
         return _Ran(items, parts, started)
 
     def _run_parts(self, items: list[_Item]) -> list[tuple[list[_Item], Any]]:
-        model = items[0].job.model
-        max_depth = [item.job.params.max_depth for item in items] if protocol.is_metric_model(model) else None
         try:
-            return [(items, self._steps.run([item.prepared for item in items], model, items[0].job.batch_key[1], max_depth))]
+            return [(items, self._steps.run([item.prepared for item in items], [item.job for item in items]))]
         except Exception as exc:
             if len(items) > 1:
                 logger.warning("batch of %d failed (%s: %s); retrying one by one", len(items), type(exc).__name__, exc)
@@ -1048,15 +1053,17 @@ class Worker:
         infer_ms = (time.monotonic() - ran.started) * 1000
         model, input_size = ran.items[0].job.batch_key
         logger.debug("batch of %d for %s at %d: %.1f ms", len(ran.items), model, input_size, infer_ms)
-        for item, depth in depths:
+        for item, result in depths:
             job = item.job
-            if isinstance(depth, ServiceError):
-                self._fail(job, depth.code, depth.message)
+            if isinstance(result, ServiceError):
+                self._fail(job, result.code, result.message)
                 continue
+            depth, depth_range = result
             timings = {"queue_ms": (ran.started - job.received) * 1000, "infer_ms": infer_ms}
             try:
                 timings["worker_ms"] = (time.monotonic() - job.received) * 1000
-                self._emit(job, reply_frames(job, depth, worker=self.name, timings=timings, batch=len(ran.items)), protocol.STATUS_OK)
+                frames = reply_frames(job, depth, worker=self.name, timings=timings, batch=len(ran.items), depth_range=depth_range)
+                self._emit(job, frames, protocol.STATUS_OK)
             except ServiceError as exc:
                 self._fail(job, exc.code, exc.message)
             except Exception as exc:
@@ -1119,13 +1126,20 @@ class _Steps:
     def prepare(self, image: Any, input_size: int) -> Any:
         return self.engine.prepare(image, input_size) if self.staged else image
 
-    def run(self, prepared: list[Any], model: str, input_size: int, max_depth: list[float | None] | None) -> Any:
+    def run(self, prepared: list[Any], jobs: list[Job]) -> Any:
+        model, input_size = jobs[0].batch_key
+        max_depth = [job.params.max_depth for job in jobs] if protocol.is_metric_model(model) else None
         if self.staged:
-            return self.engine.run(prepared, model, max_depth=max_depth)
+            # float16 replies are cast on the device (half the bytes to copy back); a point cloud needs float32 depth.
+            float16 = [job.params.depth_dtype == "float16" and job.op != protocol.OP_POINTCLOUD for job in jobs]
+            return self.engine.run(prepared, model, max_depth=max_depth, float16=float16)
         return list(self.engine.infer(prepared, model, input_size=input_size, max_depth=max_depth))
 
-    def collect(self, ran: Any) -> list[np.ndarray]:
-        return self.engine.collect(ran) if self.staged else ran
+    def collect(self, ran: Any) -> list[tuple[np.ndarray, tuple[float, float] | None]]:
+        """Each depth map with its (min, max) when the engine took them on the device, else None."""
+        if not self.staged:
+            return [(depth, None) for depth in ran]
+        return list(zip(self.engine.collect(ran), ran.ranges()))
 
 
 def _batch_key(item: Job | _Item | _Stop) -> Hashable:
