@@ -13,6 +13,7 @@ import http.client
 import http.server
 import ipaddress
 import json
+import signal
 import socket
 import statistics
 import subprocess
@@ -167,6 +168,27 @@ def test_rel_depth_keeps_the_old_meaning_and_max_depth_defaults_to_one(gateway, 
         np.testing.assert_allclose(decode_depth_map(again["depth_map"], again["shape"]), legacy, rtol=1e-5, atol=1e-6)
 
 
+def test_concurrent_callers_each_get_their_own_answer(gateway, client, frame, tmp_path):
+    # One AsyncClient carries every request: replies must reach the caller that asked, whatever the order.
+    other = small_image(tmp_path / "other.jpg", "demo01.jpg", (96, 64))
+    expected = {path: client.legacy_relative_depth(path.read_bytes()).depth for path in (frame, other)}
+    assert not np.allclose(expected[frame], expected[other])
+    jobs = [frame, other] * 6
+    answers: list = [None] * len(jobs)
+
+    def call(index: int) -> None:
+        answers[index] = predict(gateway, "/rel_depth", encode_image(jobs[index]))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for path, answer in zip(jobs, answers):
+        assert answer is not None
+        np.testing.assert_allclose(decode_depth_map(answer["depth_map"], answer["shape"]), expected[path], rtol=1e-5, atol=1e-6)
+
+
 def test_health_needs_no_key_and_has_the_old_fields(gateway):
     response = requests.get(f"{gateway}/health", timeout=30)
     assert response.status_code == 200, response.text
@@ -291,6 +313,8 @@ def test_no_broker_is_503_and_a_slow_answer_is_504(server, tmp_path):
         # A full-size photo at input 518 takes a CPU worker far longer than 0.2 s.
         response = post(slow_url, "/metric_depth", {**payload, "model_input_size": 518})
         assert response.status_code == 504 and response.json()["code"] == "timeout", response.text
+        # SIGTERM: uvicorn finishes what it holds, closes the AsyncClient, then ends by the signal it got.
+        assert slow.stop() in (0, -signal.SIGTERM) and "Application shutdown complete" in slow.output(), slow.tail()
     finally:
         dead.stop()
         slow.stop()
