@@ -275,7 +275,7 @@ class ProtocolWorker(threading.Thread):
         self.start()
 
     def release(self) -> None:
-        """A stuck worker recovers: it computes what it holds, then serves as usual."""
+        """A stuck worker recovers: its batch ends (what it held is answered, late or not), then it serves as usual."""
         self.stuck = False
 
     def vanish(self) -> None:
