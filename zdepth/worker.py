@@ -577,7 +577,9 @@ class Worker:
 
     ``engine`` is injectable (tests, or a custom engine); by default an
     ``Engine`` is built from ``config``. It needs ``load(model_id)`` and
-    ``infer(images, model_id, *, input_size, max_depth) -> list[HxW float32]``.
+    ``infer(images, model_id, *, input_size, max_depth) -> list[HxW float32]``;
+    a class that also defines ``prepare``, ``run`` and ``collect`` (as
+    ``zdepth.engine.Engine`` does) has its batches pipelined step by step.
     """
 
     def __init__(self, config: WorkerConfig, *, engine: Any = None) -> None:
@@ -623,8 +625,8 @@ class Worker:
         Raises Unauthorized when the broker refuses the key, and whatever the
         engine raises while loading (WeightsNotFound, UnknownModel, ...).
         """
-        # All engine work, loading included, happens on the compute thread: CUDA
-        # state (current device, graphs, compiled code) stays on one thread.
+        # Loading, warm-up and every forward pass happen on the compute thread: CUDA graphs and
+        # compiled code stay on one thread (the prepare and reply threads only upload and copy back).
         compute = threading.Thread(target=self._compute_main, name="zdepth-compute", daemon=True)
         graceful = False
         try:
@@ -666,7 +668,8 @@ class Worker:
         """Load every model and run a forward pass per warm-up size before announcing READY.
 
         With CUDA graphs, one per padded batch size (1, 2, 4, ... up to max_batch's), so that
-        no request waits for a capture; with GPU decoding, one from a JPEG.
+        no request waits for a capture; with GPU decoding, one from a JPEG; and one through the
+        engine's steps, as requests go.
         """
         batches = [1]
         if getattr(self._engine, "cuda_graphs", False):
@@ -681,6 +684,8 @@ class Worker:
                         self._engine.infer([black] * count, model)
                     if getattr(self._engine, "decodes_jpeg", False):  # the GPU decoder's start-up, too
                         self._engine.infer([imageio.device_decodable_jpeg(imageio.encode_jpeg(black))], model)
+                    if self._steps.staged:  # and the steps requests take: the upload stream, pinned buffers
+                        self._engine.collect(self._engine.run([self._engine.prepare(black, DEFAULT_INPUT_SIZE)], model))
             except ValueError as exc:  # a checkpoint that does not fit, a bad warm-up size
                 if isinstance(exc, ZdepthError):
                     raise
