@@ -129,7 +129,7 @@ def token_matches(token: bytes, digest: bytes) -> bool:
     return hmac.compare_digest(hashlib.sha256(token).digest(), digest)
 
 
-# code -> (HTTP status, whether the caller may simply retry later)
+# The first class an error is an instance of decides its status.
 _STATUS_BY_ERROR: tuple[tuple[type[ServiceError], int], ...] = (
     (Unauthorized, 401),
     (BadRequest, 400),
@@ -512,11 +512,11 @@ class _Guard:
         await self.app(scope, replay, send)
 
 
-def create_app(settings: GatewaySettings, *, client: Any = None) -> Any:
-    """The FastAPI app: the old server's four endpoints (and its ``/docs``), forwarding through an AsyncClient.
+def create_app(settings: GatewaySettings) -> Any:
+    """The ASGI app: the old server's four endpoints (and its ``/docs``), forwarding through an AsyncClient.
 
-    ``client``: an AsyncClient to use (closed with the app); by default one is
-    made from ``settings``. Needs the ``gateway`` extra.
+    The FastAPI app (``.app`` of what is returned) sits behind ``_Guard``,
+    which checks the key and the body's size first. Needs the ``gateway`` extra.
     """
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import JSONResponse, Response
@@ -532,8 +532,7 @@ def create_app(settings: GatewaySettings, *, client: Any = None) -> Any:
     # One key for both sides: the one the AsyncClient would use (given, else the profile's, else the environment's).
     key = settings.key or (profile.key if profile is not None and profile.key else None) or read_key()
     curve = settings.curve if settings.curve is not None else (profile.curve if profile is not None else None)
-    if client is None:
-        client = AsyncClient(address, key=key, timeout=settings.timeout, retries=settings.retries, curve=curve)
+    client = AsyncClient(address, key=key, timeout=settings.timeout, retries=settings.retries, curve=curve)
     health_client = AsyncClient(client.address, key=key, timeout=min(settings.timeout, HEALTH_TIMEOUT_S), retries=0, curve=curve)
     counter = {"requests": 0}
 
