@@ -1101,7 +1101,10 @@ def keygen(
 @command()
 def predict(
     ctx: typer.Context,
-    images: Annotated[list[str], typer.Argument(help="Image files, folders, globs (quote them) and video files.", show_default=False)],
+    images: Annotated[
+        list[str],
+        typer.Argument(help="Image files, folders, globs (quote them), video files and http(s) image URLs (downloaded here, never by the server).", show_default=False),
+    ],
     server: Server = None,
     model: Annotated[
         str | None,
@@ -1165,7 +1168,7 @@ def predict(
     json_out: JsonOut = False,
     log_level: LogLevel = None,
 ) -> None:
-    """Predict depth for images, folders, globs and videos; write npy, 16-bit png, colour png or ply files.
+    """Predict depth for images, folders, globs, videos and image URLs; write npy, 16-bit png, colour png or ply files.
 
     With --server the work goes to a zdepth broker; without one, the model runs in this process (torch needed), so it works with nothing else running.
     """
@@ -1215,7 +1218,9 @@ def predict(
                 client = stack.enter_context(_client(target, wait, model))
                 predictor = runner.remote_predictor(client, model, metric=metric, input_size=input_size, max_depth=max_depth, max_in_flight=in_flight)
             advance = stack.enter_context(_progress(sources, every, enabled=progress and not json_out))
-            summary = runner.run(sources, predictor, options, every=every, advance=advance)
+            # Images by URL are downloaded here, within the client's timeout (--timeout) with a server.
+            url_timeout = runner.DEFAULT_URL_TIMEOUT_S if target is None else wait
+            summary = runner.run(sources, predictor, options, every=every, advance=advance, url_timeout=url_timeout)
         summary.failures[:0] = missing
     _print_predict_summary(summary, out, json_out)
     if summary.failures:

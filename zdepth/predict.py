@@ -1,12 +1,19 @@
-"""``zdepth predict``: images, folders, globs and videos in; depth files out.
+"""``zdepth predict``: images, folders, globs, videos and image URLs in; depth files out.
 
 The command's logic, apart from option parsing: expanding inputs into frames,
 running them through a predictor (a server via the client, or an in-process
 Engine that is imported only then), writing each output format, and the
 summary. numpy and cv2 only at import time.
 
-Outputs for a frame named ``NAME`` (an image's stem, or ``STEM_000123`` for
-frame 123 of a video) in the output folder:
+Images given by ``http://`` or ``https://`` URL are downloaded here, by the
+client library's own fetch (``zdepth._requests.fetch_image``: at most 64 MiB,
+within the timeout, redirects only to http(s)), once per image: the bytes go to
+the server as any image file's would, and the pixels stay here for the point
+cloud's colours. A download that fails is that image's failure, like an
+unreadable file. The server never fetches.
+
+Outputs for a frame named ``NAME`` (an image's stem, the stem of a URL's last
+path segment, or ``STEM_000123`` for frame 123 of a video) in the output folder:
 
 - ``npy``: ``NAME.npy``, the HxW float32 depth map as the model gives it.
 - ``png16``: ``NAME.depth.png``, 16-bit grayscale. Metric depth is stored in
@@ -33,6 +40,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ._requests import URL_SCHEMES, _shown_url, fetch_image, is_url
 from .errors import ConfigError, ZdepthError
 from .imageio import decode_image
 from .pointcloud import Intrinsics, depth_to_points, write_ply
@@ -57,6 +65,7 @@ __all__ = [
     "parse_formats",
     "remote_predictor",
     "run",
+    "url_name",
     "write_outputs",
 ]
 
@@ -74,12 +83,21 @@ COLORMAPS = {
 # ----------------------------------------------------------------------------- inputs
 
 
+DEFAULT_URL_TIMEOUT_S = 30.0
+
+
 @dataclass(frozen=True)
 class Source:
-    """One input file; ``video`` for files read frame by frame."""
+    """One input: a file (``video`` for files read frame by frame), or an image by ``url`` (``path`` is then its name)."""
 
     path: Path
     video: bool
+    url: str | None = None
+
+    @property
+    def shown(self) -> str:
+        """The input for messages: the path, or the URL without credentials or query."""
+        return _shown_url(self.url) if self.url is not None else os.fspath(self.path)
 
 
 @dataclass(frozen=True)
@@ -128,17 +146,34 @@ def _kind(path: Path) -> bool | None:
     return None
 
 
+def url_name(url: str) -> str:
+    """The file name a URL's image is saved under: its last path segment (``.../photos/cat.jpg?w=640`` -> ``cat.jpg``),
+    else its host; characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``."""
+    import re
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        segment = urllib.parse.unquote(parts.path.rstrip("/").rpartition("/")[2]) or parts.hostname or ""
+    except ValueError:
+        segment = ""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", segment).strip(".")
+    return name or "image"
+
+
 def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Source], list[Failure]]:
-    """Files, folders (their images and videos, sorted, not recursive) and globs, in the order given.
+    """Files, folders (their images and videos, sorted, not recursive), globs and image URLs, in the order given.
 
     Files named explicitly are taken whatever their suffix (a video suffix
     makes them videos); inside folders and globs only known image and video
-    suffixes count. Inputs that match nothing become failures. A file reached
-    twice is taken once.
+    suffixes count. ``http://`` and ``https://`` URLs are images, fetched when
+    their turn comes; other schemes, and URLs of videos, are failures. Inputs
+    that match nothing become failures. A file or URL reached twice is taken
+    once.
     """
     sources: list[Source] = []
     failures: list[Failure] = []
-    seen: set[Path] = set()
+    seen: set[Path | str] = set()
 
     def add(path: Path, *, explicit: bool) -> None:
         kind = _kind(path)
@@ -151,6 +186,17 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Source
 
     for item in inputs:
         text = os.fspath(item)
+        if is_url(text):
+            scheme = text.partition("://")[0].lower()
+            name = url_name(text)
+            if scheme not in URL_SCHEMES:
+                failures.append(Failure(_shown_url(text), f"only {' and '.join(f'{s}://' for s in URL_SCHEMES)} URLs are fetched; for a local file give its path"))
+            elif _kind(Path(name)):
+                failures.append(Failure(_shown_url(text), "videos are not fetched by URL; download the file and give its path"))
+            elif text not in seen:
+                seen.add(text)
+                sources.append(Source(Path(name), False, url=text))
+            continue
         path = Path(text).expanduser()
         if path.is_dir():
             before = len(sources)
@@ -186,9 +232,17 @@ def count_frames(source: Source, every: int = 1) -> int | None:
     return (total + every - 1) // every if total > 0 else None
 
 
-def iter_frames(source: Source, every: int = 1) -> Iterator[Frame | Failure]:
-    """An image file's one frame, or every ``every``-th frame of a video as ``STEM_000123`` (frame index)."""
+def iter_frames(source: Source, every: int = 1, *, url_timeout: float = DEFAULT_URL_TIMEOUT_S) -> Iterator[Frame | Failure]:
+    """An image's one frame (a URL's downloaded within ``url_timeout`` seconds), or every ``every``-th frame of a video
+    as ``STEM_000123`` (frame index)."""
     stem = source.path.name[: -len(source.path.suffix)] if source.path.suffix else source.path.name
+    if source.url is not None:
+        try:
+            data = fetch_image(source.url, timeout=url_timeout)
+            yield Frame(stem, decode_image(data), data)
+        except ZdepthError as exc:
+            yield Failure(source.shown, _reason(exc))
+        return
     if not source.video:
         try:
             data = source.path.read_bytes()
@@ -453,10 +507,12 @@ def run(
     *,
     every: int = 1,
     advance: Callable[[int], None] = lambda n: None,
+    url_timeout: float = DEFAULT_URL_TIMEOUT_S,
 ) -> Summary:
     """Predict every frame of ``sources`` and write its outputs; per-frame failures are collected, not raised.
 
-    ``advance(n)`` is called as frames are done (for a progress bar).
+    ``advance(n)`` is called as frames are done (for a progress bar); images
+    by URL are downloaded within ``url_timeout`` seconds each.
     """
     options.out_dir.mkdir(parents=True, exist_ok=True)
     summary = Summary()
@@ -464,7 +520,7 @@ def run(
 
     def frames() -> Iterator[Frame]:
         for source in sources:
-            yield from iter_frames(source, every)
+            yield from iter_frames(source, every, url_timeout=url_timeout)
 
     def good_frames() -> Iterator[Frame]:
         for item in _unique(frames()):
