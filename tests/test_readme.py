@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -103,7 +104,8 @@ SKIPPED = (
 @dataclass(frozen=True)
 class Sub:
     """A change to the text of the blocks named in ``blocks``: ``pattern`` (a regular expression, multiline) becomes
-    ``replacement`` (str.format fields: tmp, client_port, worker_port, key). It must apply to each of those blocks."""
+    ``replacement`` (str.format fields: tmp, key and the free ports of ``Place.ports``). It must apply to each of those
+    blocks, so a README change that makes one stale fails."""
 
     pattern: str
     replacement: str
@@ -147,8 +149,9 @@ ENVIRONMENT = {
     "ZDEPTH_CLIENTS": ("tcp://127.0.0.1:<free port>", "for commands that listen on the default 5555 without naming it"),
     "ZDEPTH_WORKERS": ("tcp://127.0.0.1:<free port>", "for commands that listen on the default 5556 without naming it"),
     "ZDEPTH_BROKER": ("tcp://127.0.0.1:<that port>", "the Monitoring worker's broker, which its '...' leaves out"),
-    "ZDEPTH_INPUT_SIZE": ("182", "predict and bench at network input 182 instead of 518: a ninth of the work, on a 2-core CPU"),
+    "ZDEPTH_INPUT_SIZE": ("182", "predict and bench at network input 182 instead of 518 (an eighth of the tokens): bench's 8 streams on a 2-core CPU"),
     "OMP_NUM_THREADS": ("1", "one torch thread per process: the test machines have few cores"),
+    "PYTHONUNBUFFERED": ("1", "servers' logs reach their files at once, so a ready line is seen when it is written"),
 }
 
 SERVER_LINE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*=\S*\s+)*zdepth\s+(serve|broker|worker|gateway)\b")
@@ -330,7 +333,7 @@ class Terminal:
 
     def run(self, line: str, *, timeout: float = 240.0) -> Result:
         env_file = self.logs / f"{self.name}.env"
-        script = f"{line}\n__status=$?\nenv -0 > {shlex_quote(str(env_file))}\nexit $__status\n"
+        script = f"{line}\n__status=$?\nenv -0 > {shlex.quote(str(env_file))}\nexit $__status\n"
         done = subprocess.run(["bash", "-c", script], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
         if env_file.exists():
             pairs = (item.partition("=") for item in env_file.read_text().split("\0") if "=" in item)
@@ -386,12 +389,6 @@ class Terminal:
 
     def server_logs(self) -> str:
         return "\n".join(f"--- {s.line}\n{s.output()[-2500:]}" for s in self.servers)
-
-
-def shlex_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
 
 
 def commands(text: str) -> Iterator[str]:
@@ -454,7 +451,8 @@ def place(tmp_path: Path, weights_dir: Path) -> Place:
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
     )
-    assert set(ENVIRONMENT) <= set(env), set(ENVIRONMENT) - set(env)
+    changed = {k for k in env if k.startswith("ZDEPTH_")} | {"HOME", "PATH", "OMP_NUM_THREADS", "PYTHONUNBUFFERED"}
+    assert changed == set(ENVIRONMENT), changed ^ set(ENVIRONMENT)  # the table says all that differs
     ports = {
         "client_port": client_port,
         "worker_port": worker_port,
