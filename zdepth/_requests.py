@@ -13,6 +13,7 @@ numpy, cv2 and msgpack only: never torch.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import math
@@ -34,6 +35,7 @@ from .curve import CurveClient
 from .errors import (
     BadRequest,
     BrokerUnreachable,
+    ConfigError,
     DeadlineExceeded,
     InternalError,
     ServiceError,
@@ -385,6 +387,46 @@ class _PointCloudFinisher:
 # ----------------------------------------------------------------------------- options and request building
 
 
+def resolve_addresses(address: str | Sequence[str]) -> tuple[tuple[str, ...], Any]:
+    """(broker endpoints in order of preference, the profile or None) for what a caller gave as the server.
+
+    One string without a comma is an address or a profile name, by the
+    command line's rules (``zdepth.profiles.resolve_server``); a profile may
+    name several brokers. A comma-separated string (``"a:5555,b:5555"``) or a
+    list names several brokers, each an address (a profile name there would
+    leave open whose key and model apply). ConfigError, one line, otherwise.
+    """
+    from .profiles import looks_like_address, normalize_address, resolve_server
+
+    if isinstance(address, str):
+        parts = address.split(",")
+    elif isinstance(address, (list, tuple)) and address and all(isinstance(item, str) for item in address):
+        parts = [part for item in address for part in item.split(",")]
+    else:
+        raise ConfigError(
+            f"give the broker as an address string, a profile name or a list of addresses, got {type(address).__name__} {address!r}"
+        )
+    parts = [part.strip() for part in parts]
+    if len(parts) == 1:
+        endpoint, profile = resolve_server(parts[0])
+        several = getattr(profile, "addresses", None) if profile is not None else None
+        return (tuple(several) if several else tuple(endpoint.split(","))), profile
+    endpoints: list[str] = []
+    for part in parts:
+        if not part:
+            raise ConfigError(f"{address!r} holds an empty address; separate brokers with one comma: tcp://a:5555,tcp://b:5555")
+        if not looks_like_address(part):
+            raise ConfigError(
+                f"{part!r} in a list of brokers is not an address: give each as HOST:PORT or tcp://HOST:PORT "
+                "(a profile names its brokers with addresses = [...])"
+            )
+        endpoint = normalize_address(part)
+        if endpoint in endpoints:
+            raise ConfigError(f"{address!r} names the broker {endpoint} twice")
+        endpoints.append(endpoint)
+    return tuple(endpoints), None
+
+
 class _Unchosen:
     """Marks a constructor default the caller did not choose, so a profile's own value may take its place.
 
@@ -414,7 +456,7 @@ class ClientBase:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | Sequence[str] = DEFAULT_ADDRESS,
         *,
         key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
@@ -427,9 +469,7 @@ class ClientBase:
         wire_format: str = "raw",
         curve: CurveClient | None = None,
     ) -> None:
-        from .profiles import resolve_server  # the CLI's address forms and profile names, one set of rules
-
-        address, profile = resolve_server(address)
+        addresses, profile = resolve_addresses(address)
         if profile is not None:  # what the caller left unchosen comes from the profile
             key = key if key is not None else profile.key
             curve = curve if curve is not None else profile.curve
@@ -448,7 +488,8 @@ class ClientBase:
             raise ValueError(f"depth_dtype must be one of {sorted(DEPTH_DTYPES)}, got {depth_dtype!r}")
         if wire_format not in WIRE_FORMATS:
             raise ValueError(f"wire_format must be one of {list(WIRE_FORMATS)}, got {wire_format!r}")
-        self.address = address
+        self.addresses = addresses  # in order of preference
+        self.address = ",".join(addresses)  # the form the constructor and --server take back
         self.profile = profile.name if profile is not None else None
         self.timeout = float(timeout)
         self.retries = retries
@@ -460,7 +501,7 @@ class ClientBase:
         self.wire_format = wire_format
         self.curve = curve
         self._state = ClientState.UNOPENED
-        self._pipeline = Pipeline(address=address, key=read_key(key), timeout=self.timeout, retries=retries, curve=curve)
+        self._pipeline = Pipeline(addresses=addresses, key=read_key(key), timeout=self.timeout, retries=retries, curve=curve)
 
     @staticmethod
     def _profile_kwargs(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -469,7 +510,7 @@ class ClientBase:
         from .profiles import load_profile  # lazy: profiles are optional for plain clients
 
         profile = load_profile(name)
-        kwargs: dict[str, Any] = {"address": profile.address, "key": profile.key}
+        kwargs: dict[str, Any] = {"address": ",".join(getattr(profile, "addresses", None) or (profile.address,)), "key": profile.key}
         encoder, dataset = split_model_id(profile.model)
         if encoder is not None:
             kwargs["encoder"] = encoder
@@ -571,11 +612,11 @@ class ClientBase:
         return lambda frame: self._depth_request(op, frame, **kwargs)
 
 
-# ----------------------------------------------------------------------------- the connection
+# ----------------------------------------------------------------------------- the connections
 
 
 class Link:
-    """What the client knows of its connection to the broker, from the socket's monitor events.
+    """What the client knows of its connection to one broker, from the socket's monitor events and its replies.
 
     Sans-IO: the driver feeds every monitor event to ``event``; ``up`` says
     whether a connection has passed its handshake, ``down_since`` since when
@@ -584,7 +625,9 @@ class Link:
     mechanism mismatch, and the client then reconnects without it. A refused
     handshake, or a CurveZMQ setting only one side has, leaves a ``failure``
     (an exception) that fails what is pending, and makes the next call open a
-    fresh socket (ZeroMQ does not reconnect after a refusal).
+    fresh socket (ZeroMQ does not reconnect after a refusal). ``silent``: a
+    request to it expired while nothing at all was heard from it, so a client
+    with other brokers sends elsewhere until it is heard again.
     """
 
     def __init__(self, address: str, *, key: str | None, curve: CurveClient | None, now: float) -> None:
@@ -597,19 +640,32 @@ class Link:
     def reset(self, now: float) -> None:
         """A fresh socket: nothing connected yet."""
         self.up = False
-        self.down_since = now
+        self.down_since: float | None = now
+        self.opened_at = now
         self.ever_up = False
         self.connects = 0
         self.connect_retries = 0
         self.handshake_failures = 0
         self.failure: tuple[type[ServiceError], str, dict[str, Any]] | None = None
+        self.failed_at = math.inf
+        self.heard_at = -math.inf  # the last reply of any kind
+        self.silent = False
+
+    @property
+    def usable(self) -> bool:
+        return self.up and not self.silent
+
+    def heard(self, now: float) -> None:
+        """A reply came in on this connection: the broker is alive."""
+        self.heard_at = now
+        self.silent = False
 
     def event(self, event: int, value: int, now: float) -> str | None:
         """Take one monitor event; returns REOPEN when the socket must be replaced (with ``plain`` now False)."""
         from . import auth  # lazy: it imports the ZAP machinery, which plain clients rarely need
 
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.up, self.down_since, self.ever_up, self.failure = True, None, True, None
+            self.up, self.down_since, self.ever_up, self.failure, self.silent = True, None, True, None, False
         elif event == zmq.EVENT_DISCONNECTED:
             if self.up:
                 self.up, self.down_since = False, now
@@ -619,7 +675,7 @@ class Link:
             self.connect_retries += 1
         elif auth.key_refused(event, value):
             self.handshake_failures += 1
-            self.failure = self._refused()
+            self.failure, self.failed_at = self._refused(), now
         elif auth.mechanism_mismatch(event, value):
             self.handshake_failures += 1
             if self.plain:
@@ -629,7 +685,7 @@ class Link:
                     "reconnecting without it: the key still travels in each request", self.address,
                 )
                 return REOPEN
-            self.failure = self._mismatch()
+            self.failure, self.failed_at = self._mismatch(), now
         elif event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
             self.handshake_failures += 1
         return None
@@ -665,27 +721,35 @@ class Link:
             f"set ZDEPTH_KEY or ZDEPTH_KEY_FILE (or key / key_file in the profile, or key=); if the broker runs CurveZMQ, {curve_hint}"
         ), details
 
-    def unreachable(self, waited: float) -> tuple[type[ServiceError], str, dict[str, Any]]:
-        """The error for a request that found no working connection for ``waited`` seconds."""
-        details = {"address": self.address, "waited_s": waited, "reason": "unreachable"}
+    def what_failed(self, waited: float) -> str:
+        """Why no working connection came up in ``waited`` seconds, in a few words."""
+        if self.failure is not None:
+            if self.failure[2].get("reason") == "security_mismatch":
+                return "its handshake security is not this client's (CurveZMQ on one side only)"
+            return f"it refused this client's {'CurveZMQ certificate' if self.curve is not None else 'key'}"
         if self.ever_up:
-            what = f"the connection dropped and was not re-established in {waited:.1f} s"
-        elif self.handshake_failures:
-            what = (
+            return f"the connection dropped and was not re-established in {waited:.1f} s"
+        if self.handshake_failures:
+            return (
                 f"{self.handshake_failures} connection(s) were made but the security handshake never completed in {waited:.1f} s"
                 + ("; with CurveZMQ, check that curve_server_key is the broker's public certificate" if self.curve is not None else "")
             )
-        elif self.connects:
-            what = f"a connection was made but its handshake did not complete in {waited:.1f} s"
-        else:
-            what = f"no connection in {waited:.1f} s" + (f" ({self.connect_retries} retries)" if self.connect_retries else "")
+        if self.connects:
+            return f"a connection was made but its handshake did not complete in {waited:.1f} s"
+        return f"no connection in {waited:.1f} s" + (f" ({self.connect_retries} retries)" if self.connect_retries else "")
+
+    def unreachable(self, waited: float) -> tuple[type[ServiceError], str, dict[str, Any]]:
+        """The error for a request that found no working connection for ``waited`` seconds."""
+        details = {"address": self.address, "waited_s": waited, "reason": "unreachable"}
         return BrokerUnreachable, (
-            f"cannot reach the broker at {self.address}: {what}; check that the broker runs there "
+            f"cannot reach the broker at {self.address}: {self.what_failed(waited)}; check that the broker runs there "
             f"(zdepth health --server {self.address}), the address and port, and any firewall between"
         ), details
 
 
 REOPEN = "reopen"
+FIRST_CHOICE_GRACE_S = 0.25  # how long a fresh client waits for an earlier broker in its list before using a later one
+REFUSED_RETRY_S = 5.0  # with other brokers to use, a broker that refused the handshake is tried again this seldom
 
 
 # ----------------------------------------------------------------------------- requests in flight
@@ -696,10 +760,10 @@ class Exchange:
 
     __slots__ = (
         "id", "ids", "request", "index", "retries_left", "attempts", "opened", "final", "sent_at", "deadline",
-        "done", "value", "error", "waiter",
+        "done", "value", "error", "waiter", "via", "pin",
     )  # fmt: skip
 
-    def __init__(self, request: Request, retries: int, index: int | None, opened: float, final: float) -> None:
+    def __init__(self, request: Request, retries: int, index: int | None, opened: float, final: float, pin: int | None = None) -> None:
         self.id = ""  # the current attempt's id
         self.ids: dict[str, float | None] = {}  # every attempt's id: when it was handed to the socket (None: not yet)
         self.request = request
@@ -714,6 +778,8 @@ class Exchange:
         self.value: Any = None
         self.error: BaseException | None = None
         self.waiter: Any = None  # for the driver: an asyncio future in aio.py
+        self.via: int | None = None  # the broker (its index) the current attempt was handed to
+        self.pin = pin  # a broker this request is for, whatever happens to it (health of each broker)
 
     @property
     def unsent(self) -> bool:
@@ -726,12 +792,14 @@ class Exchange:
 
 
 class Pipeline:
-    """Requests in flight on one socket, in the order they were opened, and the state of its connection.
+    """Requests in flight on one socket per broker, in the order they were opened, and the state of each connection.
 
-    Sans-IO. The driver sends, in order, ``message(ex)`` for each exchange in
-    ``unsent()`` and calls ``sent(ex)`` for each the socket took (one that
-    would block stays, and ``send_blocked`` says when to try again); it feeds
-    every reply to ``receive`` and every monitor event to ``link_event``, and
+    Sans-IO. The driver keeps one socket per address, in order. It sends, in
+    order, ``message(ex)`` for each exchange in ``unsent()`` on the socket of
+    ``route(ex)`` (None: none to send it on yet) and calls ``sent(ex, i)`` for
+    each the socket took (one that would block stays, and ``send_blocked``
+    says when to try again); it feeds every reply to ``receive`` and every
+    monitor event to ``link_event``, each with the index of its socket, and
     calls ``expire`` whenever ``next_deadline`` passes.
 
     The time bound: a request opened at ``t`` is settled by
@@ -739,33 +807,99 @@ class Pipeline:
     most ``timeout`` (less when the bound is nearer) and tells the broker so
     in ``timeout_ms``. Only an attempt that expired, or whose connection
     dropped under it, is resent, and each resend spends a retry. A resend goes
-    out on the same socket with a new id: a late reply to an earlier attempt
-    still counts if it is a result, and is dropped if it is an error (the
-    current attempt decides), so a broker's "timeout" for an attempt the client
-    has already replaced cannot fail the call.
+    out with a new id: a late reply to an earlier attempt still counts if it
+    is a result, and is dropped if it is an error (the current attempt
+    decides), so a broker's "timeout" for an attempt the client has already
+    replaced cannot fail the call.
+
+    Several brokers: requests go to one, the *active* broker. It stays active
+    while its connection is up and it is not silent; otherwise the first broker
+    in the list that is connected (and not silent) becomes active, and every
+    send from then on, resends included, goes there. So a connection that
+    drops moves what it held to the next broker at once (each such resend
+    spends a retry, as above), and an attempt that expires while nothing at
+    all was heard from its broker marks that broker silent, so the retry goes
+    to another. The client does not move back to an earlier broker when it
+    returns (workers serve every broker, and one that just restarted may have
+    none yet); it moves only when the active one fails. At the start, an
+    earlier broker gets ``FIRST_CHOICE_GRACE_S`` to connect before a later
+    one is used.
     """
 
-    def __init__(self, *, address: str, key: str | None, timeout: float, retries: int, curve: CurveClient | None = None) -> None:
-        self.address = address
+    def __init__(
+        self, *, addresses: Sequence[str] | str, key: str | None, timeout: float, retries: int, curve: CurveClient | None = None
+    ) -> None:
+        self.addresses = (addresses,) if isinstance(addresses, str) else tuple(addresses)
+        if not self.addresses:
+            raise ValueError("a pipeline needs at least one broker address")
+        self.address = ",".join(self.addresses)
         self.key = key
         self.timeout = timeout
         self.retries = retries
         self.unreachable_after = min(timeout, UNREACHABLE_AFTER_S)
-        self.link = Link(address, key=key, curve=curve, now=time.monotonic())
+        now = time.monotonic()
+        self.links = [Link(address, key=key, curve=curve, now=now) for address in self.addresses]
+        self.active = 0  # the broker new attempts go to
         self._exchanges: dict[int, Exchange] = {}  # by id(exchange), in the order opened
         self._by_wire_id: dict[str, Exchange] = {}
         self._outbox: deque[Exchange] = deque()
         self._retry_sends_at = math.inf
+        self._grace_until = math.inf
 
     def __len__(self) -> int:
         return len(self._exchanges)
 
+    @property
+    def several(self) -> bool:
+        return len(self.links) > 1
+
+    # -- choosing a broker
+
+    def route(self, exchange: Exchange, now: float) -> int | None:
+        """The socket (index) to send the exchange's current attempt on now; None: wait for a connection."""
+        if exchange.pin is not None:
+            return exchange.pin
+        return self.choose(now)
+
+    def choose(self, now: float) -> int | None:
+        """The active broker: the current one while usable, else the first usable in the list (see the class)."""
+        self._grace_until = math.inf
+        if not self.several or self.links[self.active].usable:
+            return self.active
+        candidates = [i for i, link in enumerate(self.links) if link.usable] or [i for i, link in enumerate(self.links) if link.up]
+        if not candidates:
+            return self.active  # none connected: the send waits in ZeroMQ's place (IMMEDIATE), until one is
+        best = candidates[0]
+        waiting = [link.opened_at + FIRST_CHOICE_GRACE_S for link in self.links[:best] if not link.ever_up and link.failure is None]
+        if waiting and max(waiting) > now:
+            self._grace_until = max(waiting)
+            return None
+        if best != self.active:
+            old = self.links[self.active]
+            why = "was silent while a request to it waited" if old.up else "has no connection"
+            if old.failure is not None:
+                why = "refused the handshake"
+            (log.warning if old.ever_up else log.info)("the broker at %s %s; sending to the broker at %s", old.address, why, self.links[best].address)
+            self.active = best
+        return best
+
+    def refused(self, now: float) -> list[int]:
+        """Brokers whose refused handshake a new request should try again, on a fresh socket: a lone broker
+        always (the caller may have fixed the key), one of several when no other is connected or every
+        ``REFUSED_RETRY_S``."""
+        others_up = any(link.up for link in self.links)
+        return [
+            i for i, link in enumerate(self.links)
+            if link.failure is not None and (not self.several or not others_up or now - link.failed_at >= REFUSED_RETRY_S)
+        ]  # fmt: skip
+
     # -- opening and sending
 
-    def open(self, request: Request, now: float, *, index: int | None = None) -> Exchange:
-        """Track a new request; its first attempt waits in ``unsent()``. The bound counts from ``request.created``."""
+    def open(self, request: Request, now: float, *, index: int | None = None, pin: int | None = None) -> Exchange:
+        """Track a new request; its first attempt waits in ``unsent()``. The bound counts from ``request.created``.
+        ``pin``: the broker it must go to (no failover), by index."""
         opened = min(request.created, now)
-        exchange = Exchange(request, self.retries, index, opened, opened + self.timeout * (self.retries + 1))
+        exchange = Exchange(request, self.retries, index, opened, opened + self.timeout * (self.retries + 1), pin)
         self._exchanges[id(exchange)] = exchange
         self._start_attempt(exchange, now)
         return exchange
@@ -776,6 +910,7 @@ class Pipeline:
             exchange.ids.pop(exchange.id, None)
         exchange.id = new_request_id()
         exchange.ids[exchange.id] = None
+        exchange.via = None
         self._by_wire_id[exchange.id] = exchange
         exchange.attempts += 1
         exchange.deadline = min(now + self.timeout, exchange.final)
@@ -783,7 +918,9 @@ class Pipeline:
             self._outbox.append(exchange)
 
     def unsent(self) -> list[Exchange]:
-        """Exchanges whose current attempt still has to be handed to the socket, in order."""
+        """Exchanges whose current attempt still has to be handed to a socket, in order. The driver is about
+        to try them all, so an earlier ``send_blocked`` is forgotten."""
+        self._retry_sends_at = math.inf
         return [ex for ex in self._outbox if not ex.done]
 
     def message(self, exchange: Exchange, now: float) -> list[Any]:
@@ -796,10 +933,11 @@ class Pipeline:
         header = request_header(id=exchange.id, key=self.key, op=request.op, model=request.model, timeout_ms=timeout_ms)
         return [header, *request.body]
 
-    def sent(self, exchange: Exchange, now: float) -> None:
-        """The socket took the current attempt."""
+    def sent(self, exchange: Exchange, now: float, link: int = 0) -> None:
+        """The socket of broker ``link`` took the current attempt."""
         exchange.ids[exchange.id] = now
         exchange.sent_at = now
+        exchange.via = link
         try:
             self._outbox.remove(exchange)
         except ValueError:
@@ -807,15 +945,18 @@ class Pipeline:
         if not self._outbox:
             self._retry_sends_at = math.inf
 
-    def send_blocked(self, now: float) -> None:
-        """The socket would not take a message: try again soon if a connection is up, else when one comes up."""
-        self._retry_sends_at = now + SEND_RETRY_S if self.link.up else math.inf
+    def send_blocked(self, now: float, link: int = 0) -> None:
+        """A socket would not take a message: try again soon if its connection is up (a full queue), else
+        when a connection comes up."""
+        if self.links[link].up:
+            self._retry_sends_at = min(self._retry_sends_at, now + SEND_RETRY_S)
 
-    def requeue(self) -> None:
-        """The socket was replaced: every pending attempt goes out again on the new one (same id, same deadline)."""
+    def requeue(self, link: int = 0) -> None:
+        """Broker ``link``'s socket was replaced: what went out on it goes out again (same id, same deadline)."""
         for exchange in self.pending():
-            if exchange not in self._outbox:
+            if exchange.via == link and exchange not in self._outbox:
                 exchange.ids[exchange.id] = None
+                exchange.via = None
                 self._outbox.append(exchange)
 
     def forget(self, exchange: Exchange) -> None:
@@ -832,34 +973,46 @@ class Pipeline:
     def pending(self) -> list[Exchange]:
         return [ex for ex in self._exchanges.values() if not ex.done]
 
+    def _down_since(self, exchange: Exchange) -> float | None:
+        """Since when none of the brokers the exchange may go to has had a working connection (None: one has)."""
+        links = self.links if exchange.pin is None else [self.links[exchange.pin]]
+        if any(link.up for link in links):
+            return None
+        return max(link.down_since for link in links if link.down_since is not None)
+
     def next_deadline(self) -> float:
         """When ``expire`` next has something to do (or a blocked send is due another try)."""
-        when = self._retry_sends_at
+        when = min(self._retry_sends_at, self._grace_until)
         for exchange in self._exchanges.values():
             if exchange.done:
                 continue
             when = min(when, exchange.deadline)
-            if not self.link.up and self.link.down_since is not None:
-                when = min(when, max(self.link.down_since, exchange.opened) + self.unreachable_after)
+            down = self._down_since(exchange)
+            if down is not None:
+                when = min(when, max(down, exchange.opened) + self.unreachable_after)
         return when
 
     # -- replies, events and deadlines
 
-    def receive(self, frames: Sequence[Any], now: float) -> Exchange | None:
-        """Match a reply to its request and settle it; returns the exchange, or None if the reply was dropped."""
+    def receive(self, frames: Sequence[Any], now: float, link: int = 0) -> Exchange | None:
+        """Match a reply from broker ``link`` to its request and settle it; returns the exchange, or None if the
+        reply was dropped."""
+        address = self.links[link].address
+        self.links[link].heard(now)
         try:
             header = unpack_map(memoryview(frames[0]), what="reply header", limit=MAX_REPLY_HEADER_BYTES)
         except BadRequest as exc:
-            log.warning("dropping a malformed reply from %s: %s", self.address, exc)
+            log.warning("dropping a malformed reply from %s: %s", address, exc)
             return None
         request_id, status = header.get("id"), header.get("status")
         exchange = self._by_wire_id.get(request_id) if isinstance(request_id, str) else None
         if exchange is None and request_id is None and status != STATUS_OK:
-            pending = self.pending()  # an error the server could not pin on an id: unambiguous only alone
-            if len(pending) == 1:
-                exchange, request_id = pending[0], pending[0].id
+            # an error the server could not pin on an id: unambiguous only if one request is out there
+            out = [ex for ex in self.pending() if ex.via == link and not ex.unsent]
+            if len(out) == 1:
+                exchange, request_id = out[0], out[0].id
         if exchange is None or exchange.done:
-            log.debug("dropping a reply for an unknown or settled request %r from %s", request_id, self.address)
+            log.debug("dropping a reply for an unknown or settled request %r from %s", request_id, address)
             return None
         if status != STATUS_OK and header.get("v") == VERSION:
             if request_id != exchange.id:
@@ -867,15 +1020,15 @@ class Pipeline:
                 return None
             if status == "timeout" and now >= exchange.deadline:
                 return None  # the attempt's own deadline passed as well: expire() retries it, or fails it
-        self._settle(exchange, header, frames, now, request_id)
+        self._settle(exchange, header, frames, now, request_id, address)
         return exchange
 
-    def _settle(self, exchange: Exchange, header: dict[str, Any], frames: Sequence[Any], now: float, request_id: Any) -> None:
+    def _settle(self, exchange: Exchange, header: dict[str, Any], frames: Sequence[Any], now: float, request_id: Any, address: str) -> None:
         exchange.done = True
         status = header.get("status")
         if header.get("v") != VERSION:
             exchange.error = InternalError(
-                f"{self.address} speaks protocol version {header.get('v')!r}; this client speaks {VERSION}: "
+                f"{address} speaks protocol version {header.get('v')!r}; this client speaks {VERSION}: "
                 "upgrade the older side"
             )
         elif status != STATUS_OK:
@@ -888,9 +1041,9 @@ class Pipeline:
             round_trip_ms = (now - sent_at) * 1000.0
             try:
                 arrays = decode_arrays(header.get("arrays", []), [memoryview(f) for f in frames[1:]])
-                exchange.value = exchange.request.finish(header, arrays, round_trip_ms, exchange.index)
+                exchange.value = _from_broker(exchange.request.finish(header, arrays, round_trip_ms, exchange.index), address)
             except Exception as exc:
-                error = InternalError(f"could not decode the {exchange.request.op} reply from {self.address}: {exc}")
+                error = InternalError(f"could not decode the {exchange.request.op} reply from {address}: {exc}")
                 error.__cause__ = exc
                 exchange.error = error
         try:
@@ -907,59 +1060,88 @@ class Pipeline:
         except ValueError:
             pass
 
-    def link_event(self, event: int, value: int, now: float) -> tuple[str | None, list[Exchange]]:
-        """Take a monitor event: (REOPEN or None, exchanges it settled).
+    def link_event(self, link: int, event: int, value: int, now: float) -> tuple[str | None, list[Exchange]]:
+        """Take a monitor event of broker ``link``'s socket: (REOPEN or None, exchanges it settled).
 
         A connection that drops takes its replies with it (the broker routes
         each reply to the connection its request came on), so what went out on
-        it is resent at once, spending a retry, and goes out when a connection
-        is back; a request with no retry left fails now rather than at its
-        deadline. A refused handshake or a CurveZMQ mismatch fails everything
-        pending with a message that says what to change. Drivers read every
-        waiting event before they send, so a request sent on a new connection
-        is never taken for one lost with the old.
+        it is resent at once, spending a retry, and goes out to the broker
+        chosen next (the same one when it is the only one, once it is back); a
+        request with no retry left fails now rather than at its deadline. A
+        refused handshake or a CurveZMQ mismatch fails, with a message that
+        says what to change, everything pending when no other broker can take
+        it, and otherwise only what was for that broker alone. Drivers read
+        every waiting event before they send, so a request sent on a new
+        connection is never taken for one lost with the old.
         """
-        action = self.link.event(event, value, now)
+        state = self.links[link]
+        refused_before = state.failure is not None
+        action = state.event(event, value, now)
         failed: list[Exchange] = []
-        if self.link.failure is not None:
+        if state.failure is not None:
+            everything = all(other.failure is not None for other in self.links)
             for exchange in self.pending():
-                self._fail(exchange, self.link.failure)
-                failed.append(exchange)
+                if everything or exchange.pin == link:
+                    self._fail(exchange, state.failure)
+                    failed.append(exchange)
+            if not everything and not refused_before:
+                log.warning("%s; using the other brokers meanwhile", state.failure[1])
         elif event == zmq.EVENT_DISCONNECTED:
             for exchange in self.pending():
-                if exchange.unsent:
+                if exchange.via != link or exchange.unsent:
                     continue
                 if exchange.retries_left > 0 and exchange.final > now:
                     exchange.retries_left -= 1
-                    log.info("the connection to %s dropped while %s %s was out; resending it", self.address, exchange.request.op, exchange.id)
+                    log.info("the connection to %s dropped while %s %s was out; resending it", state.address, exchange.request.op, exchange.id)
                     self._start_attempt(exchange, now)
                 else:
                     self._fail(exchange, (
                         DeadlineExceeded,
-                        f"the connection to {self.address} dropped while this request was out (the broker stopped, or "
+                        f"the connection to {state.address} dropped while this request was out (the broker stopped, or "
                         f"the network failed) and no retry was left ({exchange.attempts} attempt(s)); raise retries=",
-                        {"address": self.address, "reason": "connection_lost"},
+                        {"address": state.address, "reason": "connection_lost"},
                     ))  # fmt: skip
                     failed.append(exchange)
         return action, failed
+
+    def _unreachable(self, exchange: Exchange, waited: float) -> tuple[type[ServiceError], str, dict[str, Any]]:
+        if exchange.pin is not None:
+            return self.links[exchange.pin].unreachable(waited)
+        if not self.several:
+            return self.links[0].unreachable(waited)
+        each = "; ".join(f"{link.address}: {link.what_failed(waited)}" for link in self.links)
+        return BrokerUnreachable, (
+            f"cannot reach any of the {len(self.links)} brokers ({each}); check that a broker runs at each "
+            f"(zdepth health --server {self.address}), the addresses and ports, and any firewall between"
+        ), {"address": self.address, "addresses": list(self.addresses), "waited_s": waited, "reason": "unreachable"}
 
     def expire(self, now: float) -> list[Exchange]:
         """Settle what is past its deadline, and what found no connection for too long; returns what failed."""
         failed = []
         for exchange in self.pending():
-            if not self.link.up and self.link.down_since is not None:
-                waited = now - max(self.link.down_since, exchange.opened)
+            down = self._down_since(exchange)
+            if down is not None:
+                waited = now - max(down, exchange.opened)
                 if waited >= self.unreachable_after:
-                    self._fail(exchange, self.link.unreachable(waited))
+                    self._fail(exchange, self._unreachable(exchange, waited))
                     failed.append(exchange)
                     continue
             if exchange.deadline > now:
                 continue
+            address = self.address if exchange.via is None else self.links[exchange.via].address
+            if exchange.via is not None and exchange.pin is None and self.several and not exchange.unsent:
+                link = self.links[exchange.via]
+                if not link.silent and link.heard_at < (exchange.ids.get(exchange.id) or exchange.opened):
+                    link.silent = True
+                    log.warning(
+                        "nothing heard from the broker at %s while %s %s waited %.3g s; sending to another broker",
+                        address, exchange.request.op, exchange.id, now - (exchange.ids.get(exchange.id) or exchange.opened),
+                    )  # fmt: skip
             if exchange.retries_left > 0 and exchange.final > now:
                 exchange.retries_left -= 1
                 log.info(
                     "no reply from %s to %s %s in %.3g s; retrying (attempt %d of %d)",
-                    self.address, exchange.request.op, exchange.id, now - (exchange.ids.get(exchange.id) or exchange.opened),
+                    address, exchange.request.op, exchange.id, now - (exchange.ids.get(exchange.id) or exchange.opened),
                     exchange.attempts + 1, self.retries + 1,
                 )  # fmt: skip
                 self._start_attempt(exchange, now)
@@ -967,12 +1149,33 @@ class Pipeline:
             waited = now - exchange.opened
             self._fail(exchange, (
                 DeadlineExceeded,
-                f"no reply from {self.address} after {waited:.1f} s ({exchange.attempts} attempt(s) of {self.timeout:g} s); "
+                f"no reply from {address} after {waited:.1f} s ({exchange.attempts} attempt(s) of {self.timeout:g} s); "
                 "check that the broker runs there (zdepth health) and the address, or raise timeout=",
-                {"address": self.address, "waited_s": waited},
+                {"address": address, "waited_s": waited},
             ))  # fmt: skip
             failed.append(exchange)
         return failed
+
+
+def _from_broker(value: Any, address: str) -> Any:
+    """A result stamped with the broker that relayed it (health maps are left as they are)."""
+    if isinstance(value, DepthResult):
+        return dataclasses.replace(value, broker=address)
+    if isinstance(value, PointCloudResult):
+        return dataclasses.replace(value, depth=dataclasses.replace(value.depth, broker=address))
+    return value
+
+
+def brokers_health(exchanges: Sequence[Exchange], addresses: Sequence[str]) -> dict[str, Any]:
+    """``{"brokers": [...]}`` from one settled health exchange per broker: each broker's health map, or the
+    error that kept it from answering (its message and code)."""
+    brokers: list[dict[str, Any]] = []
+    for exchange, address in zip(exchanges, addresses):
+        if isinstance(exchange.error, ServiceError):
+            brokers.append({"address": address, "error": str(exchange.error), "code": exchange.error.code})
+        else:
+            brokers.append({"address": address, "health": exchange.result()})
+    return {"brokers": brokers}
 
 
 class StreamState:

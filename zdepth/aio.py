@@ -2,9 +2,10 @@
 
 The same API as ``zdepth.client.Client``, as coroutines, with the same
 timeouts, retries and errors (request building and reply decoding are shared
-in ``zdepth._requests``). One socket carries every call: any number of tasks
-may await calls on one AsyncClient at once, and a background task matches
-replies to them by request id. Use it from one event loop. Imports no torch.
+in ``zdepth._requests``), several brokers and failover included. One socket
+per broker carries every call: any number of tasks may await calls on one
+AsyncClient at once, and a background task per socket matches replies to them
+by request id. Use it from one event loop. Imports no torch.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ._requests import (
     LatestSlot,
     Request,
     StreamState,
+    brokers_health,
     configure_socket,
     fetch_image,
     is_url,
@@ -46,18 +48,19 @@ _END = object()
 
 
 class AsyncClient(ClientBase):
-    """An asyncio zdepth client: arguments (addresses and profile names included), defaults, timeouts,
-    retries, errors and the time bound as ``zdepth.Client``. Images given by URL are downloaded in a worker
-    thread, so the event loop keeps running.
+    """An asyncio zdepth client: arguments (addresses, lists of brokers and profile names included), defaults,
+    timeouts, retries, errors, the time bound and failover between brokers as ``zdepth.Client``. Images given
+    by URL are downloaded in a worker thread, so the event loop keeps running.
 
     Use ``async with``, or ``await client.aclose()``.
     """
 
-    # Options and their checks live in ClientBase.__init__; the socket is made on first use.
-    _socket: zmq.asyncio.Socket | None = None
-    _monitor: zmq.asyncio.Socket | None = None
-    _receiver: asyncio.Task | None = None
-    _watcher: asyncio.Task | None = None
+    # Options and their checks live in ClientBase.__init__; the sockets are made on first use, one per broker
+    # (in the order of ``addresses``), each with a task reading its replies and one reading its monitor.
+    _sockets: list[zmq.asyncio.Socket | None] | None = None
+    _monitors: list[zmq.asyncio.Socket | None] | None = None
+    _receivers: list[asyncio.Task | None] | None = None
+    _watchers: list[asyncio.Task | None] | None = None
 
     @classmethod
     def from_profile(cls, name: str, **overrides: Any) -> AsyncClient:
@@ -71,46 +74,62 @@ class AsyncClient(ClientBase):
         self._open()
         return self
 
-    def _open(self) -> zmq.asyncio.Socket:
+    def _open(self) -> None:
         self._check_usable()
-        if self._socket is None:
-            self._open_socket()
+        if self._sockets is None:
+            count = len(self.addresses)
+            self._sockets, self._monitors = [None] * count, [None] * count
+            self._receivers, self._watchers = [None] * count, [None] * count
+            try:
+                for index in range(count):
+                    self._open_socket(index)
+            except BaseException:
+                self._drop_sockets()
+                raise
             self._state = ClientState.OPENED
-        elif self._pipeline.link.failure is not None:  # refused: ZeroMQ will not retry, so a new call starts afresh
-            self._reopen()
-        assert self._socket is not None
-        return self._socket
 
-    def _open_socket(self) -> None:
-        """A DEALER with the client's options and security, a task reading its replies and one its monitor."""
+    def _begin(self) -> None:
+        """Before a new request: usable, connected, and a broker that refused the handshake tried afresh
+        (ZeroMQ does not retry after a refusal; the pipeline says when)."""
+        self._open()
+        for index in self._pipeline.refused(time.monotonic()):
+            self._reopen(index)
+
+    def _open_socket(self, index: int) -> None:
+        """A DEALER to broker ``index`` with the client's options and security, a task reading its replies and
+        one its monitor."""
+        assert self._sockets is not None and self._monitors is not None
+        assert self._receivers is not None and self._watchers is not None
         loop = asyncio.get_running_loop()
+        link = self._pipeline.links[index]
         sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         monitor = None
         try:
             configure_socket(sock)
-            apply_peer_security(sock, key=self._pipeline.key, curve=self.curve, plain=self._pipeline.link.plain)
+            apply_peer_security(sock, key=self._pipeline.key, curve=self.curve, plain=link.plain)
             monitor = sock.get_monitor_socket(MONITOR_EVENTS)
-            sock.connect(self.address)
+            sock.connect(link.address)
         except BaseException:
             _close_socket(sock, monitor)
             raise
-        self._socket, self._monitor = sock, monitor
-        self._pipeline.link.reset(time.monotonic())
-        self._receiver = loop.create_task(self._receive(sock))
-        self._watcher = loop.create_task(self._watch(monitor))
+        self._sockets[index], self._monitors[index] = sock, monitor
+        link.reset(time.monotonic())
+        self._receivers[index] = loop.create_task(self._receive(sock, index))
+        self._watchers[index] = loop.create_task(self._watch(monitor))
 
-    def _reopen(self) -> None:
-        """Replace the socket (with the security the link now asks for); what was pending goes out on the new one."""
-        self._drop_socket()
-        self._open_socket()
-        self._pipeline.requeue()
+    def _reopen(self, index: int) -> None:
+        """Replace broker ``index``'s socket (with the security its link now asks for); what was pending on it
+        goes out again."""
+        self._drop_socket(index)
+        self._open_socket(index)
+        self._pipeline.requeue(index)
 
     async def aclose(self) -> None:
-        """Drop the socket and anything unsent; calls still waiting fail. Idempotent."""
+        """Drop the sockets and anything unsent; calls still waiting fail. Idempotent."""
         self.close()
 
     def close(self) -> None:
-        self._drop_socket()
+        self._drop_sockets()
         self._state = ClientState.CLOSED
         for exchange in self._pipeline.pending():
             exchange.done = True
@@ -192,6 +211,23 @@ class AsyncClient(ClientBase):
     async def health(self) -> dict[str, Any]:
         return await self._call(self._health_request())
 
+    async def health_all(self) -> dict[str, Any]:
+        self._begin()
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        exchanges = [self._pipeline.open(self._health_request(), now, pin=index) for index in range(len(self.addresses))]
+        for exchange in exchanges:
+            exchange.waiter = loop.create_future()
+        try:
+            self._flush()
+            while not all(exchange.done for exchange in exchanges):
+                waiting = [exchange.waiter for exchange in exchanges if not exchange.done]
+                await self._wait(waiting, self._pipeline.next_deadline())
+            return brokers_health(exchanges, self.addresses)
+        finally:
+            for exchange in exchanges:
+                self._pipeline.forget(exchange)
+
     def stream(
         self,
         frames: Iterable[Any] | AsyncIterable[Any],
@@ -218,7 +254,7 @@ class AsyncClient(ClientBase):
     # ------------------------------------------------------------------ driving the socket
 
     async def _call(self, request: Request) -> Any:
-        self._open()
+        self._begin()
         exchange = self._pipeline.open(request, time.monotonic())
         exchange.waiter = asyncio.get_running_loop().create_future()
         try:
@@ -236,30 +272,41 @@ class AsyncClient(ClientBase):
         return image
 
     def _submit(self, state: StreamState, index: int, frame: Any) -> None:
+        self._begin()
         exchange = state.submit(index, frame, time.monotonic())
         exchange.waiter = asyncio.get_running_loop().create_future()
         self._flush()
 
     def _flush(self) -> None:
-        """Hand the socket every attempt waiting to go out, in order, until one would block. Connection events
-        are read first, so the pipeline knows which connection a request goes out on."""
-        self._read_monitor()
+        """Hand each attempt waiting to go out to the socket of the broker the pipeline routes it to, in order,
+        until that socket would block. Connection events are read first, so the pipeline knows which
+        connections are up and which connection a request goes out on."""
+        self._read_monitors()
+        blocked: set[int] = set()
         for exchange in self._pipeline.unsent():
-            if not self._send(exchange):
-                self._pipeline.send_blocked(time.monotonic())
-                break
+            target = self._pipeline.route(exchange, time.monotonic())
+            if target is None or target in blocked:
+                continue
+            if not self._send(exchange, target):
+                blocked.add(target)
+                self._pipeline.send_blocked(time.monotonic(), target)
 
-    def _send(self, exchange: Exchange) -> bool:
-        """Send the current attempt; False when the socket would block (no connection yet, or a full queue)."""
+    def _send(self, exchange: Exchange, target: int) -> bool:
+        """Send the current attempt to broker ``target``; False when its socket would block (no connection yet,
+        or a full queue)."""
+        self._open()
+        assert self._sockets is not None
+        sock = self._sockets[target]
+        assert sock is not None
         now = time.monotonic()
         frames = self._pipeline.message(exchange, now)
         # With NOBLOCK the future is already settled: sending never awaits.
-        sent = self._open().send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        sent = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         if sent.exception() is not None:
             if not isinstance(sent.exception(), zmq.Again):
                 raise sent.exception()  # type: ignore[misc]
             return False
-        self._pipeline.sent(exchange, now)
+        self._pipeline.sent(exchange, now, target)
         return True
 
     async def _wait(self, waitables: Sequence[asyncio.Future], until: float) -> None:
@@ -271,12 +318,12 @@ class AsyncClient(ClientBase):
             await asyncio.sleep(timeout)
         self._tick()
 
-    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
-        """Match every reply on ``sock`` to its waiter, until the socket is replaced or closed."""
+    async def _receive(self, sock: zmq.asyncio.Socket, index: int) -> None:
+        """Match every reply on broker ``index``'s socket to its waiter, until the socket is replaced or closed."""
         try:
             while True:
                 frames = await sock.recv_multipart(copy=False)
-                exchange = self._pipeline.receive(frames, time.monotonic())
+                exchange = self._pipeline.receive(frames, time.monotonic(), index)
                 if exchange is not None:
                     _wake(exchange)
         except asyncio.CancelledError:
@@ -287,49 +334,63 @@ class AsyncClient(ClientBase):
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         """Read the socket's connection events as they come; then send what they allow."""
         try:
-            while self._monitor is monitor:
+            while self._monitors is not None and monitor in self._monitors:
                 await monitor.poll(None, zmq.POLLIN)
-                if self._monitor is monitor:
+                if self._monitors is not None and monitor in self._monitors:
                     self._flush()  # reads the events first
         except asyncio.CancelledError:
             raise
         except zmq.ZMQError as exc:  # the socket was closed under us
             log.debug("monitor for %s stopped: %s", self.address, exc)
 
-    def _read_monitor(self) -> None:
-        """Feed every waiting connection event to the pipeline; wake what they settle; reopen when asked."""
-        while self._monitor is not None:
-            received = self._monitor.recv_multipart(zmq.NOBLOCK)  # settled at once: never awaits
-            error = received.exception()
-            if isinstance(error, zmq.Again):
-                return
-            if error is not None:
-                raise error
-            message = parse_monitor_message(received.result())
-            action, failed = self._pipeline.link_event(message["event"], message["value"], time.monotonic())
-            for exchange in failed:
-                _wake(exchange)
-            if action == REOPEN:
-                self._reopen()
+    def _read_monitors(self) -> None:
+        """Feed every waiting connection event of every socket to the pipeline; wake what they settle; reopen a
+        socket when asked."""
+        if self._monitors is None:
+            return
+        for index in range(len(self._monitors)):
+            monitor = self._monitors[index]
+            while monitor is not None and self._monitors is not None and self._monitors[index] is monitor:
+                received = monitor.recv_multipart(zmq.NOBLOCK)  # settled at once: never awaits
+                error = received.exception()
+                if isinstance(error, zmq.Again):
+                    break
+                if error is not None:
+                    raise error
+                message = parse_monitor_message(received.result())
+                action, failed = self._pipeline.link_event(index, message["event"], message["value"], time.monotonic())
+                for exchange in failed:
+                    _wake(exchange)
+                if action == REOPEN:
+                    self._reopen(index)
 
     def _tick(self) -> None:
         for exchange in self._pipeline.expire(time.monotonic()):
             _wake(exchange)
-        if self._socket is not None and not self.closed:
+        if self._sockets is not None and not self.closed:
             self._flush()
 
-    def _drop_socket(self) -> None:
-        """Close the socket and its monitor (linger 0): unsent requests and late replies to it are gone."""
-        for task in (self._receiver, self._watcher):
+    def _drop_socket(self, index: int) -> None:
+        """Close broker ``index``'s socket and monitor (linger 0): unsent requests and late replies to it are gone."""
+        assert self._sockets is not None and self._monitors is not None
+        assert self._receivers is not None and self._watchers is not None
+        for task in (self._receivers[index], self._watchers[index]):
             if task is not None:
                 try:
                     task.cancel()
                 except RuntimeError:  # its event loop has already closed
                     pass
-        self._receiver = self._watcher = None
-        if self._socket is not None:
-            _close_socket(self._socket, self._monitor)
-            self._socket = self._monitor = None
+        self._receivers[index] = self._watchers[index] = None
+        sock, monitor = self._sockets[index], self._monitors[index]
+        self._sockets[index] = self._monitors[index] = None
+        if sock is not None:
+            _close_socket(sock, monitor)
+
+    def _drop_sockets(self) -> None:
+        if self._sockets is not None:
+            for index in range(len(self._sockets)):
+                self._drop_socket(index)
+        self._sockets = self._monitors = self._receivers = self._watchers = None
 
     # ------------------------------------------------------------------ streams
 
@@ -385,7 +446,7 @@ class AsyncClient(ClientBase):
 
 
 # The calls mirror Client's, so they share its docstrings.
-for _name in ("relative_depth", "metric_depth", "legacy_relative_depth", "pointcloud", "health"):
+for _name in ("relative_depth", "metric_depth", "legacy_relative_depth", "pointcloud", "health", "health_all"):
     getattr(AsyncClient, _name).__doc__ = getattr(Client, _name).__doc__
 del _name
 

@@ -1,6 +1,7 @@
 """The blocking client: ``with Client("tcp://gpu-box:5555") as c: c.metric_depth(frame)``.
 
-One DEALER socket per client, hidden from the caller. Each attempt waits at
+One DEALER socket per broker address, hidden from the caller; requests go to
+one broker at a time and move to the next when it fails. Each attempt waits at
 most ``timeout`` seconds for its reply; an attempt that gets none is retried,
 up to ``retries`` times, and then the call raises DeadlineExceeded naming the
 address: a call never takes longer than ``timeout * (retries + 1)``. Only the
@@ -36,6 +37,7 @@ from ._requests import (
     LatestSlot,
     Request,
     StreamState,
+    brokers_health,
     configure_socket,
 )
 from .auth import apply_peer_security
@@ -57,7 +59,10 @@ class Client(ClientBase):
     ``address``: the broker's client endpoint in any form the command line
     takes (``tcp://gpu-box:5555``, ``gpu-box:5555``, ``ipc://PATH``), or the
     name of a saved profile, whose key, model, timeout and CurveZMQ
-    certificates fill in what the call leaves unchosen. ``key``: the shared
+    certificates fill in what the call leaves unchosen. Several brokers, in
+    order of preference: a list (``["tcp://a:5555", "tcp://b:5555"]``) or a
+    comma-separated string (``"a:5555,b:5555"``) of addresses, or a profile
+    that names several; they share one key. ``key``: the shared
     secret; None reads ``ZDEPTH_KEY`` or the file named by ``ZDEPTH_KEY_FILE``.
     A broker with a key checks it at the connection's handshake too (ZeroMQ
     PLAIN); a wrong key fails calls at once with ``Unauthorized``.
@@ -76,6 +81,27 @@ class Client(ClientBase):
     DeadlineExceeded. A broker that restarts within that time is reconnected
     to, and what it lost is resent at once.
 
+    With several brokers the client keeps a connection to each and sends to
+    one: the first in the list that is connected, and then the same one for
+    as long as it works. When it fails, the first other broker in the list
+    that is connected takes every request from then on, within the same time
+    bound. It fails when its connection drops (the process died, the host
+    closed it) or never comes up, when ZeroMQ's heartbeats get no answer for
+    6 s (a frozen host), or when a request to it times out while nothing at
+    all was heard from it. What the caller sees of requests out at that
+    moment: a dropped connection resends each at once to the next broker,
+    spending a retry (with ``retries=0`` each fails at once with a
+    DeadlineExceeded whose ``details["reason"]`` is ``"connection_lost"``); a
+    silent broker's requests are resent when their attempt expires, spending a
+    retry as always; requests not yet sent just go to the next broker. Either
+    way each call returns one result or raises one error, by its bound. The
+    client stays on the broker it moved to (its workers serve every broker,
+    and one that just restarted may have none yet); a restarted broker is
+    reconnected to and is used again when the one in use fails. Only when no
+    broker has a connection for ``min(timeout, 5)`` seconds does a call fail
+    with BrokerUnreachable, naming each. ``result.broker`` says which broker
+    relayed a result; ``health_all()`` asks each broker for its health.
+
     ``encoder``, ``dataset``, ``input_size``, ``max_depth``: defaults for every
     call, which a call's own argument overrides; None leaves the choice to the
     server. Models are ``vits`` (Apache-2.0), ``vitb`` and ``vitl``
@@ -93,10 +119,10 @@ class Client(ClientBase):
     saying so.
     """
 
-    # Options and their checks live in ClientBase.__init__; the socket is made on first use.
-    _socket: zmq.Socket | None = None
-    _monitor: zmq.Socket | None = None
-    _poller: zmq.Poller | None = None  # kept with the socket: one per call would cost on every frame
+    # Options and their checks live in ClientBase.__init__; the sockets are made on first use.
+    _sockets: list[zmq.Socket | None] | None = None  # one per broker, in the order of ``addresses``
+    _monitors: list[zmq.Socket | None] | None = None
+    _poller: zmq.Poller | None = None  # kept with the sockets: one per call would cost on every frame
 
     @classmethod
     def from_profile(cls, name: str, **overrides: Any) -> Client:
@@ -106,36 +132,61 @@ class Client(ClientBase):
     # ------------------------------------------------------------------ lifecycle
 
     def open(self) -> Client:
-        """Connect now (otherwise the first call connects). Connecting never waits for the broker."""
+        """Connect now (otherwise the first call connects). Connecting never waits for a broker."""
         self._check_usable()
-        if self._socket is None:
-            self._open_socket()
+        if self._sockets is None:
+            count = len(self.addresses)
+            self._sockets, self._monitors, self._poller = [None] * count, [None] * count, zmq.Poller()
+            try:
+                for index in range(count):
+                    self._open_socket(index)
+            except BaseException:
+                self._close_sockets()
+                raise
             self._state = ClientState.OPENED
         return self
 
-    def _open_socket(self) -> None:
-        """A DEALER with the client's options and security, watched by a monitor socket."""
+    def _open_socket(self, index: int) -> None:
+        """A DEALER to broker ``index`` with the client's options and security, watched by a monitor socket."""
+        assert self._sockets is not None and self._monitors is not None and self._poller is not None
+        link = self._pipeline.links[index]
         sock = zmq.Context.instance().socket(zmq.DEALER)
         monitor = None
         try:
             configure_socket(sock)
-            apply_peer_security(sock, key=self._pipeline.key, curve=self.curve, plain=self._pipeline.link.plain)
+            apply_peer_security(sock, key=self._pipeline.key, curve=self.curve, plain=link.plain)
             monitor = sock.get_monitor_socket(MONITOR_EVENTS)
-            sock.connect(self.address)
+            sock.connect(link.address)
         except BaseException:
             _close_socket(sock, monitor)
             raise
-        self._socket, self._monitor = sock, monitor
-        self._poller = zmq.Poller()
+        self._sockets[index], self._monitors[index] = sock, monitor
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(monitor, zmq.POLLIN)
-        self._pipeline.link.reset(time.monotonic())
+        link.reset(time.monotonic())
+
+    def _close_socket_at(self, index: int) -> None:
+        assert self._sockets is not None and self._monitors is not None and self._poller is not None
+        sock, monitor = self._sockets[index], self._monitors[index]
+        self._sockets[index] = self._monitors[index] = None
+        if sock is None:
+            return
+        for polled in (sock, monitor):
+            try:
+                self._poller.unregister(polled)
+            except KeyError:
+                pass
+        _close_socket(sock, monitor)
+
+    def _close_sockets(self) -> None:
+        if self._sockets is not None:
+            for index in range(len(self._sockets)):
+                self._close_socket_at(index)
+        self._sockets = self._monitors = self._poller = None
 
     def close(self) -> None:
-        """Drop the socket and anything unsent; idempotent. A closed client cannot be reopened."""
-        if self._socket is not None:
-            _close_socket(self._socket, self._monitor)
-            self._socket = self._monitor = self._poller = None
+        """Drop the sockets and anything unsent; idempotent. A closed client cannot be reopened."""
+        self._close_sockets()
         self._state = ClientState.CLOSED
 
     def __enter__(self) -> Client:
@@ -229,8 +280,26 @@ class Client(ClientBase):
         )
 
     def health(self) -> dict[str, Any]:
-        """The broker's health map (workers, models, queue); answered by the broker itself."""
+        """The broker's health map (workers, models, queue); answered by the broker itself (with several
+        brokers, by the one in use: see ``health_all``)."""
         return self._call(self._health_request())
+
+    def health_all(self) -> dict[str, Any]:
+        """Every broker's health, asked of each at once: ``{"brokers": [{"address": ..., "health": {...}}, ...]}``,
+        in the order of ``addresses``; a broker that did not answer has ``"error"`` (the message) and
+        ``"code"`` (``"unreachable"``, ``"timeout"``, ``"unauthorized"``, ...) instead of ``"health"``. Never
+        fails over: each broker answers for itself, within the client's time bound."""
+        self._begin()
+        now = time.monotonic()
+        exchanges = [self._pipeline.open(self._health_request(), now, pin=index) for index in range(len(self.addresses))]
+        try:
+            self._flush()
+            while not all(exchange.done for exchange in exchanges):
+                self._pump()
+            return brokers_health(exchanges, self.addresses)
+        finally:
+            for exchange in exchanges:
+                self._pipeline.forget(exchange)
 
     def stream(
         self,
@@ -275,17 +344,20 @@ class Client(ClientBase):
 
     # ------------------------------------------------------------------ driving the socket
 
-    def _ensure_socket(self) -> zmq.Socket:
-        if self._socket is None:
+    def _ensure_open(self) -> None:
+        if self._sockets is None:
             self.open()
-        elif self._pipeline.link.failure is not None:  # refused: ZeroMQ will not retry, so a new call starts afresh
-            self._reopen()
-        assert self._socket is not None
-        return self._socket
+
+    def _begin(self) -> None:
+        """Before a new request: usable, connected, and a broker that refused the handshake tried afresh
+        (ZeroMQ does not retry after a refusal; the pipeline says when)."""
+        self._check_usable()
+        self._ensure_open()
+        for index in self._pipeline.refused(time.monotonic()):
+            self._reopen(index)
 
     def _call(self, request: Request) -> Any:
-        self._check_usable()
-        self._ensure_socket()
+        self._begin()
         exchange = self._pipeline.open(request, time.monotonic())
         try:
             self._flush()
@@ -296,32 +368,41 @@ class Client(ClientBase):
             self._pipeline.forget(exchange)
 
     def _flush(self) -> None:
-        """Hand the socket every attempt waiting to go out, in order, until one would block. Connection events
-        are read first, so the pipeline knows which connection a request goes out on."""
-        if self._monitor is not None:
-            self._read_monitor(self._monitor)
+        """Hand each attempt waiting to go out to the socket of the broker the pipeline routes it to, in order,
+        until that socket would block. Connection events are read first, so the pipeline knows which
+        connections are up and which connection a request goes out on."""
+        self._read_monitors()
+        blocked: set[int] = set()
         for exchange in self._pipeline.unsent():
-            self._send(exchange)
-            if exchange.unsent:
-                self._pipeline.send_blocked(time.monotonic())
-                break
+            target = self._pipeline.route(exchange, time.monotonic())
+            if target is None or target in blocked:
+                continue
+            if not self._send(exchange, target):
+                blocked.add(target)
+                self._pipeline.send_blocked(time.monotonic(), target)
 
-    def _send(self, exchange: Exchange) -> None:
-        """Send the exchange's current attempt; it stays unsent when the socket would block (no connection yet,
-        or a full queue)."""
+    def _send(self, exchange: Exchange, target: int) -> bool:
+        """Send the exchange's current attempt to broker ``target``; False when its socket would block (no
+        connection yet, or a full queue)."""
+        self._ensure_open()
+        assert self._sockets is not None
+        sock = self._sockets[target]
+        assert sock is not None
         now = time.monotonic()
         frames = self._pipeline.message(exchange, now)
         try:
-            self._ensure_socket().send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            return
-        self._pipeline.sent(exchange, now)
+            return False
+        self._pipeline.sent(exchange, now, target)
+        return True
 
     def _pump(self, reader: _FrameReader | None = None) -> None:
         """Wait for a reply, a connection event (or a new frame from ``reader``) until the next deadline; then
         settle replies, events and expired deadlines, and send what waits."""
-        sock, monitor, poller = self._ensure_socket(), self._monitor, self._poller
-        assert poller is not None and monitor is not None
+        self._ensure_open()
+        sockets, poller = self._sockets, self._poller
+        assert sockets is not None and poller is not None
         wait_s = min(self._pipeline.next_deadline() - time.monotonic(), IDLE_POLL_S)
         if reader is not None:
             poller.register(reader.wake_fd, zmq.POLLIN)
@@ -330,41 +411,47 @@ class Client(ClientBase):
         finally:
             if reader is not None:
                 poller.unregister(reader.wake_fd)
-        if sock in events:
+        for index, sock in enumerate(sockets):
+            if sock is None or sock not in events:
+                continue
             while True:
                 try:
                     frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                self._pipeline.receive(frames, time.monotonic())
+                self._pipeline.receive(frames, time.monotonic(), index)
         if reader is not None and reader.wake_fd in events:
             reader.drain()
         self._pipeline.expire(time.monotonic())
         self._flush()
 
-    def _read_monitor(self, monitor: zmq.Socket) -> None:
-        while self._socket is not None and monitor is self._monitor:
-            try:
-                message = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            action, _ = self._pipeline.link_event(message["event"], message["value"], time.monotonic())
-            if action == REOPEN:
-                self._reopen()
+    def _read_monitors(self) -> None:
+        """Feed every waiting connection event of every socket to the pipeline; reopen a socket when asked."""
+        if self._monitors is None:
+            return
+        for index in range(len(self._monitors)):
+            monitor = self._monitors[index]
+            while monitor is not None and self._monitors is not None and self._monitors[index] is monitor:
+                try:
+                    message = recv_monitor_message(monitor, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                action, _ = self._pipeline.link_event(index, message["event"], message["value"], time.monotonic())
+                if action == REOPEN:
+                    self._reopen(index)
 
-    def _reopen(self) -> None:
-        """Replace the socket (with the security the link now asks for) and resend what was pending on it."""
-        if self._socket is not None:
-            _close_socket(self._socket, self._monitor)
-            self._socket = self._monitor = self._poller = None
-        self._open_socket()
-        self._pipeline.requeue()
+    def _reopen(self, index: int) -> None:
+        """Replace broker ``index``'s socket (with the security its link now asks for) and resend what was
+        pending on it."""
+        self._close_socket_at(index)
+        self._open_socket(index)
+        self._pipeline.requeue(index)
 
     # ------------------------------------------------------------------ streams
 
     def _stream_all(self, frames: Iterable[Any], state: StreamState) -> Iterator[StreamItem]:
         self._check_usable()
-        self._ensure_socket()
+        self._ensure_open()
         source = enumerate(frames)
         exhausted = False
         try:
@@ -375,7 +462,7 @@ class Client(ClientBase):
                     if item is None:
                         exhausted = True
                     else:
-                        self._check_usable()
+                        self._begin()
                         state.submit(*item, time.monotonic())
                         self._flush()
                 if exhausted and state.head is None:
@@ -387,7 +474,7 @@ class Client(ClientBase):
 
     def _stream_latest(self, frames: Iterable[Any], state: StreamState) -> Iterator[StreamItem]:
         self._check_usable()
-        self._ensure_socket()
+        self._ensure_open()
         slot = LatestSlot()
         reader = _FrameReader(frames, slot)
         reader.start()
@@ -400,7 +487,7 @@ class Client(ClientBase):
                     item = slot.take()
                     if item is None:
                         break
-                    self._check_usable()
+                    self._begin()
                     state.submit(*item, time.monotonic())
                     self._flush()
                 if state.head is None and slot.exhausted:

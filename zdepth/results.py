@@ -27,7 +27,9 @@ class DepthResult:
     and ``round_trip_ms`` measured by the client from send to reply.
     ``index`` is the frame's position in the input of ``Client.stream``
     (None outside a stream), so a result can be paired with its frame even
-    when ``latest_only`` skipped some.
+    when ``latest_only`` skipped some. ``broker``: the address of the broker
+    that relayed the reply (a client given several answers through one at a
+    time, and moves to the next when that one fails).
     """
 
     depth: np.ndarray
@@ -37,6 +39,7 @@ class DepthResult:
     worker: str
     timings: dict[str, float] = field(default_factory=dict)
     index: int | None = None
+    broker: str = ""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -68,6 +71,10 @@ class PointCloudResult:
     @property
     def index(self) -> int | None:
         return self.depth.index
+
+    @property
+    def broker(self) -> str:
+        return self.depth.broker
 
     def save_ply(self, path) -> None:
         """Write a binary PLY file (with colours when present)."""
