@@ -9,6 +9,7 @@ served and scraped the same way from this process.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def test_request_counters_and_latency_histograms_move_as_requests_are_served(ctx
         assert value(after, "zdepth_broker_state_age_seconds") < 1.0
         assert value(after, "process_resident_memory_bytes") > 0
     finally:
-        broker.stop()
+        broker.stop(signal.SIGKILL)
 
 
 def test_queue_gauges_and_workers_by_state(ctx, tmp_path):
@@ -144,10 +145,10 @@ def test_queue_gauges_and_workers_by_state(ctx, tmp_path):
         assert msgpack.unpackb(draining.recv_multipart()[0])["cmd"] == "request"
         draining.send_multipart([command("disconnect", reason="draining")])  # holds one: it stays, draining
 
+        frozen.frozen = True  # silent after 1 s, while the next worker misses its deadlines
         for i in range(2):  # two deadlines missed in a row: no new work for it
             send_request(client, f"late{i}", model="vits-hypersim", timeout_ms=200, body=BODY)
             assert recv_reply(client, timeout=10)[0]["status"] == "timeout"
-        frozen.frozen = True
         workers_in_state(ctx, broker, "silent", 1)
         draining.send_multipart([command("heartbeat")])
 
@@ -177,7 +178,7 @@ def test_queue_gauges_and_workers_by_state(ctx, tmp_path):
         assert value(samples, "zdepth_broker_model_workers", model="vits", state="ready") == 2
         assert value(samples, "zdepth_broker_queue_wait_seconds_count", model="vits") == 3
     finally:
-        broker.stop()
+        broker.stop(signal.SIGKILL)
         draining.close(linger=0)
 
 
