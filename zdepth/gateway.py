@@ -398,7 +398,8 @@ def _read_image(conn: http.client.HTTPConnection, response: http.client.HTTPResp
 
 @dataclass
 class GatewaySettings:
-    """What a gateway needs: the broker (address or profile name), its key and CurveZMQ pair, timeouts, the URL policy.
+    """What a gateway needs: the broker (an address, several comma-separated, or a profile name), its key and
+    CurveZMQ pair, timeouts, the URL policy.
 
     ``key``: None reads ``ZDEPTH_KEY`` / ``ZDEPTH_KEY_FILE``, as ``zdepth.Client``
     does; the same key is then required as the bearer token. ``timeout`` and
@@ -525,15 +526,15 @@ def create_app(settings: GatewaySettings) -> Any:
 
     from . import __version__
     from .aio import AsyncClient
+    from ._requests import resolve_addresses
     from .config import read_key
-    from .profiles import resolve_server
 
-    address, profile = resolve_server(settings.broker)
+    addresses, profile = resolve_addresses(settings.broker)  # one broker, several (a:5555,b:5555) or a profile
     # One key for both sides: the one the AsyncClient would use (given, else the profile's, else the environment's).
     key = settings.key or (profile.key if profile is not None and profile.key else None) or read_key()
     curve = settings.curve if settings.curve is not None else (profile.curve if profile is not None else None)
-    client = AsyncClient(address, key=key, timeout=settings.timeout, retries=settings.retries, curve=curve)
-    health_client = AsyncClient(client.address, key=key, timeout=min(settings.timeout, HEALTH_TIMEOUT_S), retries=0, curve=curve)
+    client = AsyncClient(list(addresses), key=key, timeout=settings.timeout, retries=settings.retries, curve=curve)
+    health_client = AsyncClient(list(addresses), key=key, timeout=min(settings.timeout, HEALTH_TIMEOUT_S), retries=0, curve=curve)
     counter = {"requests": 0}
 
     class CameraIntrinsics(BaseModel):
