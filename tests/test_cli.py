@@ -764,3 +764,103 @@ def test_predict_with_a_profile(runner: CliRunner, live, images: Path, tmp_path:
 
     result = runner.invoke(app, ["health", "-s", "lab", "--json"], env={"ZDEPTH_CONFIG": str(profiles)})
     assert result.exit_code == 0 and json.loads(result.stdout)["server"] == live.client_address
+
+
+# ----------------------------------------------------------------------------- predict: images by URL
+
+
+class _ImageHost:
+    """A local HTTP server (127.0.0.1) serving a folder, recording every path asked for."""
+
+    def __init__(self, folder: Path) -> None:
+        import functools
+        import http.server
+        import threading
+
+        self.paths: list[str] = []
+        host = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                host.paths.append(self.path)
+                super().do_GET()
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's signature
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def image_host(images: Path):
+    host = _ImageHost(images)
+    try:
+        yield host
+    finally:
+        host.close()
+
+
+@pytest.mark.timeout(180)
+def test_predict_images_by_url_against_a_server(live, images: Path, image_host: _ImageHost, tmp_path: Path) -> None:
+    # Real `zdepth predict` processes: a URL (with a query, which names no file), a 404, a scheme that is never fetched,
+    # and, for comparison, the same photo as a file.
+    options = [
+        "--server", live.client_address, "-m", "vits-hypersim", "--input-size", "28", "-f", "npy,ply",
+        "--fx", str(FX), "--fy", str(FY), "--cx", str(CX), "--cy", str(CY), "--json",
+    ]  # fmt: skip
+    urls = [f"{image_host.url}/street.jpg?token=s3cret", f"{image_host.url}/missing.jpg", "ftp://127.0.0.1/street.jpg"]
+    by_url = subprocess.run(
+        zdepth_argv("predict", *urls, *options, "-o", str(tmp_path / "url")), capture_output=True, text=True, env=child_env(ZDEPTH_KEY=live.key), timeout=120
+    )
+    assert by_url.returncode == 1, by_url.stdout + by_url.stderr  # two of the three inputs fail
+    summary = json.loads(by_url.stdout)
+    assert summary["frames"] == 1 and summary["written"] == 2
+    reasons = {f["input"]: f["reason"] for f in summary["failures"]}
+    assert set(reasons) == {f"{image_host.url}/missing.jpg", "ftp://127.0.0.1/street.jpg"}, reasons
+    assert "HTTP 404" in reasons[f"{image_host.url}/missing.jpg"]
+    assert "only http:// and https://" in reasons["ftp://127.0.0.1/street.jpg"]
+    assert "s3cret" not in by_url.stdout + by_url.stderr  # a URL's query may hold a token: never shown
+    assert sorted(p.name for p in (tmp_path / "url").iterdir()) == ["street.npy", "street.ply"]
+    # Fetched once, here (the point cloud's colours come from the same download), never by the server.
+    assert image_host.paths.count("/street.jpg?token=s3cret") == 1 and len(image_host.paths) == 2, image_host.paths
+
+    by_file = subprocess.run(
+        zdepth_argv("predict", str(images / "street.jpg"), *options, "-o", str(tmp_path / "file")),
+        capture_output=True, text=True, env=child_env(ZDEPTH_KEY=live.key), timeout=120,
+    )  # fmt: skip
+    assert by_file.returncode == 0, by_file.stdout + by_file.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "url" / "street.npy"), np.load(tmp_path / "file" / "street.npy"), rtol=1e-5, atol=1e-6)
+    from_url, from_file = parse_ply(tmp_path / "url" / "street.ply"), parse_ply(tmp_path / "file" / "street.ply")
+    assert len(from_url) == 64 * 96
+    for channel in ("red", "green", "blue"):
+        np.testing.assert_array_equal(from_url[channel], from_file[channel])
+
+
+@pytest.mark.timeout(120)
+def test_predict_image_by_url_in_process_and_names(runner: CliRunner, image_host: _ImageHost, weights_dir: Path, tmp_path: Path) -> None:
+    from zdepth.predict import expand_inputs, url_name
+
+    assert url_name("https://example.org/a/b/cat.photo.jpg?w=640#x") == "cat.photo.jpg"
+    assert url_name("https://example.org/") == "example.org"
+    assert url_name("https://example.org/dir/it%27s%20here.png") == "it_s_here.png"
+    sources, failures = expand_inputs(["https://example.org/x.jpg", "https://example.org/x.jpg", "https://example.org/clip.mp4"])
+    assert [s.url for s in sources] == ["https://example.org/x.jpg"]  # taken once
+    assert [f.reason for f in failures] == ["videos are not fetched by URL; download the file and give its path"]
+
+    result = runner.invoke(
+        app,
+        ["predict", f"{image_host.url}/room.png", "--input-size", "28", "-f", "npy", "-o", str(tmp_path / "o"), "--device", "cpu"],
+        env={"ZDEPTH_WEIGHTS_DIR": str(weights_dir)},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    depth = np.load(tmp_path / "o" / "room.npy")
+    assert depth.shape == (64, 96) and np.isfinite(depth).all()
+    assert image_host.paths == ["/room.png"]
