@@ -3,15 +3,22 @@
 A real broker and ``--workers`` CPU workers (``python -m zdepth``
 subprocesses), ``--clients`` client threads each with its own
 ``zdepth.Client`` (retries on) sending small frames one after another. Every
-``--kill-every`` seconds one worker is killed with SIGKILL and a fresh one
-started in its place; once, half way through, the broker itself is killed
-with SIGKILL and restarted on the same ports. The run stops by itself after
-``--minutes``.
+``--kill-every`` seconds ``--kill-together`` workers (one by default) are
+killed with SIGKILL at once and fresh ones started in their place (a GPU host
+with several GPUs that crashes); with ``--freeze SECONDS`` they are instead
+stopped with SIGSTOP and resumed with SIGCONT that much later (a host
+suspended for a moment). Once, half way through, the broker itself is killed
+with SIGKILL and restarted on the same ports (``--broker-restart-at 0``: never).
+The run stops by itself after ``--minutes``.
 
 Every call's outcome is recorded, and the report says:
 
 - ``sent``: calls made; ``ok``: results; one column per error code that a
   server answered with (``worker_lost``, ``overloaded``, ...);
+- ``worker_lost while a worker lived``: the ``worker_lost`` answers to calls
+  during all of which at least one worker was up (registered, not killed or
+  stopped). A dead worker's requests go to a live one, so this must be 0: the
+  run exits 1 otherwise;
 - ``no_reply`` (the *unanswered*): calls that got no reply at all, to any of
   their attempts, and so raised the client's own DeadlineExceeded. It must be
   0: the run exits 1 otherwise;
@@ -25,6 +32,8 @@ Every call's outcome is recorded, and the report says:
   worker's end is just before its kill).
 
     python benchmarks/soak.py [--minutes 3] [--clients 4] [--workers 2] [--kill-every 20] [--json out.json]
+    python benchmarks/soak.py --minutes 2 --workers 3 --kill-together 2 --broker-restart-at 0   # two of three at once
+    python benchmarks/soak.py --minutes 2 --workers 3 --kill-together 2 --freeze 4 --broker-restart-at 0
 
 ``fuzz.py`` reuses the process helpers below.
 """
@@ -35,7 +44,6 @@ import collections
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,10 +64,7 @@ ROOT = _common.ROOT
 # ----------------------------------------------------------------------------- processes (shared with fuzz.py)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+free_port = _common.free_port
 
 
 def child_env(weights_dir: Path | str | None, key: str | None) -> dict[str, str]:
@@ -141,6 +146,18 @@ class Child:
             self.ended = "exited by itself"
         self.exit_code = self.popen.returncode
         return self.exit_code
+
+    def kill_now(self, how: str) -> None:
+        """SIGKILL without waiting (``reap`` waits), so several processes die at the same moment."""
+        if self.alive():
+            self.rss_end = self.rss()
+            self.ended = how
+            self.popen.send_signal(signal.SIGKILL)
+
+    def reap(self) -> None:
+        if self.popen is not None:
+            self.popen.wait(10)
+            self.exit_code = self.popen.returncode
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -286,6 +303,18 @@ class Soak:
         self.env = child_env(self.weights_dir, KEY)
         self.worker_generation = 0
         self.broker_generation = 0
+        self.up: set[int] = set()  # pids of workers registered and neither killed nor stopped
+        self.up_log: list[tuple[float, int]] = []  # (time.monotonic(), len(self.up)) at every change
+
+    def mark_up(self, pid: int, up: bool) -> None:
+        (self.up.add if up else self.up.discard)(pid)
+        self.up_log.append((time.monotonic(), len(self.up)))
+
+    def fewest_up(self, start: float, end: float) -> int:
+        """The fewest workers up at any moment of [start, end]."""
+        before = [n for t, n in self.up_log if t <= start]
+        during = [n for t, n in self.up_log if start < t <= end]
+        return min([before[-1] if before else 0, *during])
 
     def event(self, text: str) -> None:
         stamp = time.monotonic() - self.t0 if self.t0 else 0.0
@@ -319,6 +348,8 @@ class Soak:
         ]
         for child in (broker, *workers):
             child.mark_start()
+        for child in workers:
+            self.mark_up(child.pid, True)
         driver_start = rss_mb(os.getpid())
         self.t0 = time.monotonic()
         self.event(f"start: {args.clients} clients, {args.workers} workers, {args.minutes:g} min")
@@ -330,6 +361,9 @@ class Soak:
         broker_restart_at = self.t0 + args.broker_restart_at * duration if args.broker_restart_at > 0 else None
         victim = 0
         pending: list[Child] = []  # restarted, not yet registered
+        frozen: list[Child] = []  # stopped with SIGSTOP, resumed at thaw_at
+        rejoining: list[Child] = []  # resumed, not yet seen registered again
+        thaw_at = math.inf
         try:
             while time.monotonic() < end:
                 now = time.monotonic()
@@ -337,23 +371,48 @@ class Soak:
                     if child.rss_start is None and now - child.started > 1 and self._registered(child.pid):
                         child.mark_start()
                         pending.remove(child)
+                        self.mark_up(child.pid, True)
                         self.event(f"{child.name} (pid {child.pid}) registered")
+                for child in list(rejoining):
+                    if self._registered(child.pid):
+                        rejoining.remove(child)
+                        self.mark_up(child.pid, True)
+                        self.event(f"{child.name} (pid {child.pid}) registered again")
+                if frozen and now >= thaw_at:
+                    self._thaw(frozen)
+                    rejoining.extend(frozen)
+                    frozen, thaw_at = [], math.inf
                 if broker_restart_at is not None and now >= broker_restart_at:
                     broker_restart_at = None
                     broker = self._restart_broker(broker)
-                elif now >= next_kill and end - now > CHAOS_MARGIN_S:
+                elif now >= next_kill and end - now > CHAOS_MARGIN_S and not frozen:
                     next_kill += args.kill_every
-                    old = workers[victim]
-                    old.stop(signal.SIGKILL, how="SIGKILL (chaos)")
-                    self.event(f"kill -9 {old.name} (pid {old.pid})")
-                    time.sleep(args.restart_delay)
-                    workers[victim] = self.start_worker()
-                    pending.append(workers[victim])
-                    self.event(f"started {workers[victim].name} (pid {workers[victim].pid}) in its place")
-                    victim = (victim + 1) % len(workers)
+                    victims = [(victim + j) % len(workers) for j in range(min(args.kill_together, len(workers)))]
+                    victim = (victim + len(victims)) % len(workers)
+                    if args.freeze:
+                        frozen = [workers[i] for i in victims]
+                        for child in frozen:
+                            os.kill(child.pid, signal.SIGSTOP)
+                            self.mark_up(child.pid, False)
+                            self.event(f"SIGSTOP {child.name} (pid {child.pid}) for {args.freeze:g} s")
+                        thaw_at = time.monotonic() + args.freeze
+                    else:
+                        for i in victims:  # all at once, then their replacements
+                            workers[i].kill_now(how="SIGKILL (chaos)")
+                        for i in victims:
+                            workers[i].reap()
+                            self.mark_up(workers[i].pid, False)
+                            self.event(f"kill -9 {workers[i].name} (pid {workers[i].pid})")
+                        time.sleep(args.restart_delay)
+                        for i in victims:
+                            workers[i] = self.start_worker()
+                            pending.append(workers[i])
+                            self.event(f"started {workers[i].name} (pid {workers[i].pid}) in its place")
                 time.sleep(0.05)
             self.event("time is up: stopping the clients")
         finally:
+            if frozen:
+                self._thaw(frozen)
             stop.set()
             for thread in threads:
                 thread.join(args.timeout * (args.retries + 1) + 30)
@@ -371,6 +430,12 @@ class Soak:
         broker.stop(signal.SIGTERM, how="SIGTERM (end)")
         outcomes = sorted((o for t in threads for o in t.outcomes), key=lambda o: o.started)
         return self._report(outcomes, stopped, health, driver_start, driver_end, threads)
+
+    def _thaw(self, frozen: list[Child]) -> None:
+        for child in frozen:
+            if child.alive():
+                os.kill(child.pid, signal.SIGCONT)
+                self.event(f"SIGCONT {child.name} (pid {child.pid})")
 
     def _registered(self, pid: int) -> bool:
         from zdepth import Client, ZdepthError
@@ -413,6 +478,9 @@ class Soak:
             "retried_ok": sum(1 for o in retried if o.status == "ok"),
             "attempts_lost": attempts_lost,
         }
+        lost = [o for o in outcomes if o.status == "worker_lost"]
+        totals["worker_lost"] = len(lost)
+        totals["worker_lost_while_a_worker_lived"] = sum(1 for o in lost if self.fewest_up(o.started, o.ended) >= 1)
         unanswered = totals["no_reply"]
         windows = []
         span = stopped - self.t0
@@ -441,10 +509,13 @@ class Soak:
         driver = {"process": "driver (client threads)", "role": "clients", "pid": os.getpid(), "rss_start_mb": driver_start, "rss_end_mb": driver_end}
         processes.append({**driver, "growth_mb": driver_growth, "ended": "-", "exit": None})
         kills = sum(1 for _, text in self.events if text.startswith("kill -9 worker"))
+        freezes = sum(1 for _, text in self.events if text.startswith("SIGSTOP worker"))
         broker_restarts = self.broker_generation - 1
         failures = []
         if unanswered:
             failures.append(f"{unanswered} call(s) got no reply at all")
+        if totals["worker_lost_while_a_worker_lived"]:
+            failures.append(f"{totals['worker_lost_while_a_worker_lived']} call(s) got worker_lost while a worker was up")
         if totals["exception"]:
             failures.append(f"{totals['exception']} call(s) raised something other than a zdepth error")
         if health is None:
@@ -459,6 +530,7 @@ class Soak:
             "totals": totals,
             "unanswered": unanswered,
             "worker_kills": kills,
+            "worker_freezes": freezes,
             "broker_restarts": broker_restarts,
             "latency_ok_ms": ok_latency,
             "windows": windows,
@@ -478,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="client threads, each with its own zdepth.Client")
     parser.add_argument("--workers", type=int, default=2, help="CPU workers")
     parser.add_argument("--kill-every", type=float, default=20.0, help="seconds between worker kills (SIGKILL, then a fresh worker)")
+    parser.add_argument("--kill-together", type=int, default=1, help="workers killed (or frozen) at once, each time")
+    parser.add_argument("--freeze", type=float, default=0.0, help="stop the workers with SIGSTOP for this many seconds (then SIGCONT) instead of killing them")
     parser.add_argument("--restart-delay", type=float, default=1.0, help="seconds between a worker's kill and its replacement's start")
     parser.add_argument("--broker-restart-at", type=float, default=0.5, help="when to restart the broker, as a fraction of the run (0: never)")
     parser.add_argument("--broker-signal", choices=("kill", "term"), default="kill", help="how the broker is stopped for its restart")
@@ -513,11 +587,14 @@ def main(argv: list[str] | None = None) -> int:
     report = _common.Report()
     totals = result["totals"]
     row = {"sent": totals["sent"], "ok": totals["ok"], **{f"err {k}": v for k, v in totals["errors"].items()}}
+    row["worker_lost while a worker lived"] = totals["worker_lost_while_a_worker_lived"]
     row.update({"no reply (unanswered)": totals["no_reply"], "exceptions": totals["exception"], "retried": totals["retried"], "attempts lost": totals["attempts_lost"]})
-    title = (
-        f"Soak: {args.clients} clients x {args.workers} CPU workers, {result['duration_s']:.0f} s, a worker killed (-9) every {args.kill_every:g} s "
-        f"({result['worker_kills']} kills), broker {args.broker_signal}ed and restarted {result['broker_restarts']}x"
-    )
+    together = f"{args.kill_together} workers at once" if args.kill_together > 1 else "a worker"
+    if args.freeze:
+        chaos = f"{together} stopped (SIGSTOP) for {args.freeze:g} s every {args.kill_every:g} s ({result['worker_freezes']} stops)"
+    else:
+        chaos = f"{together} killed (-9) every {args.kill_every:g} s ({result['worker_kills']} kills)"
+    title = f"Soak: {args.clients} clients x {args.workers} CPU workers, {result['duration_s']:.0f} s, {chaos}, broker {args.broker_signal}ed and restarted {result['broker_restarts']}x"
     report.table([row], list(row), title=title)
     lat = result["latency_ok_ms"]
     percentiles = ", ".join(f"{name} {_common.fmt(lat.get(name))}" for name in ("p50", "p90", "p99", "max"))

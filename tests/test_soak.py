@@ -1,8 +1,9 @@
 """A short soak: ``benchmarks/soak.py`` for about 35 s with 2 workers and 2 clients,
 a worker killed with SIGKILL (and replaced) every 12 s, and the broker killed and
 restarted once half way. The checks are the long run's: every call is answered
-(by a result or a typed error; none gets no reply at all), the processes left
-at the end exit cleanly, the cluster is healthy afterwards.
+(by a result or a typed error; none gets no reply at all), none gets
+``worker_lost`` while a worker is up, the processes left at the end exit
+cleanly, the cluster is healthy afterwards.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def test_soak_short(tmp_path, weights_dir):
     assert proc.returncode == 0 and result["passed"], f"{result['failures']}:\n{proc.stdout[-4000:]}"
     totals = result["totals"]
     assert result["unanswered"] == 0 and totals["no_reply"] == 0 and totals["exception"] == 0
+    assert totals["worker_lost_while_a_worker_lived"] == 0, totals  # a killed worker's requests went to the live one
     assert result["worker_kills"] >= 1 and result["broker_restarts"] == 1
     assert totals["sent"] == totals["ok"] + sum(totals["errors"].values())  # each call: a result or a typed error
     assert totals["ok"] >= 0.95 * totals["sent"] and totals["ok"] > 50, totals
