@@ -154,6 +154,17 @@ KeyFile = Annotated[
     Path | None,
     typer.Option("--key-file", envvar="ZDEPTH_KEY_FILE", help="File holding the shared secret.", show_default=False),
 ]
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        envvar="ZDEPTH_METRICS_PORT",
+        min=0,
+        max=65535,
+        help="Serve Prometheus metrics at http://*:PORT/metrics (needs the metrics extra). Default: off.",
+        show_default=False,
+    ),
+]
 Precision = Annotated[
     PrecisionName | None,
     typer.Option("--precision", envvar="ZDEPTH_PRECISION", help="Default (auto): fp16 on CUDA, fp32 on CPU.", show_default=False),
@@ -657,6 +668,7 @@ def broker(
     ] = 10.0,
     curve_secret: BrokerCurveSecret = None,
     curve_allow: CurveAllow = None,
+    metrics_port: MetricsPort = None,
     log_level: LogLevel = None,
 ) -> None:
     """Run the broker: clients on one endpoint, workers on another; requests routed by model.
@@ -675,6 +687,7 @@ def broker(
 
     from .broker import Broker
     from .config import BrokerConfig
+    from .metrics import MetricsBindError
     from .config import Heartbeat as HeartbeatConfig
 
     with _errors():
@@ -692,6 +705,7 @@ def broker(
             drain_timeout_s=drain_timeout,
             reconnect_grace_s=reconnect_grace,
             curve=curve,
+            metrics_port=metrics_port,
         )
         server = Broker(config)
         restore = on_stop_signals(server.stop)
@@ -701,6 +715,10 @@ def broker(
             except zmq.ZMQError as exc:
                 server.close()
                 typer.echo(f"error: {_bind_failure(clients, workers, exc)}", err=True)
+                raise typer.Exit(EXIT_ADDRESS) from None
+            except MetricsBindError as exc:
+                server.close()
+                typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(EXIT_ADDRESS) from None
             report_ready({"clients": bound[0], "workers": bound[1]})
             server.run()
@@ -1484,3 +1502,8 @@ def format_bench(address: str, report: dict[str, Any]) -> str:
     for message in report.get("error_samples", []):
         lines.append(f"  e.g. {message}")
     return "\n".join(lines)
+
+
+from .gateway import gateway_command  # noqa: E402  (FastAPI is imported only when the command runs)
+
+command("gateway")(gateway_command)

@@ -799,7 +799,12 @@ def run_gateway(
 
 GatewayBroker = Annotated[
     str,
-    typer.Option("--broker", envvar="ZDEPTH_BROKER", help="The broker's client endpoint (tcp://HOST:5555, HOST:5555) or a profile name."),
+    typer.Option(
+        "--server",
+        "--broker",
+        envvar="ZDEPTH_SERVER",
+        help="The broker's client endpoint (tcp://HOST:5555, HOST:5555) or a profile name, as for predict and health.",
+    ),
 ]
 
 
