@@ -536,7 +536,7 @@ def test_quick_start(place: Place) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_lan_broker_and_workers(place: Place) -> None:
+def test_lan_broker_workers_and_http_gateway(place: Place) -> None:
     """The broker with a key file in one terminal, two workers (one per GPU there) in another; both join; then the HTTP
     gateway in front of the broker answers the old server's requests."""
     from zdepth import Client
