@@ -132,7 +132,7 @@ SUBSTITUTIONS = (
         "a folder the reader can write: tests do not write /etc"),
     Sub(r"--device cuda:\d+", "--device cpu", ("lan workers",), "no GPU: one CPU worker per line instead"),
     Sub(r"\bvitl\b", "vits", ("lan workers",), "the generated checkpoints are ViT-S only (vits, vits-hypersim)"),
-    Sub(r" \.\.\.( +#|$)", r"\1", ("metrics",),
+    Sub(r" \.\.\.(?= +#)", "", ("metrics",),
         "'...' stands for the command's other options; here they come from the environment (ports, the broker's address)"),
     Sub(r"--metrics-port 9100\b", "--metrics-port {metrics_port}", ("metrics",),
         "a free port: other tests may be listening on 9100"),
