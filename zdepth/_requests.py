@@ -973,21 +973,26 @@ class Pipeline:
     def pending(self) -> list[Exchange]:
         return [ex for ex in self._exchanges.values() if not ex.done]
 
-    def _down_since(self, exchange: Exchange) -> float | None:
-        """Since when none of the brokers the exchange may go to has had a working connection (None: one has)."""
-        links = self.links if exchange.pin is None else [self.links[exchange.pin]]
+    def _down_since(self, links: Sequence[Link] | None = None) -> float | None:
+        """Since when none of ``links`` (all brokers) has had a working connection (None: one has)."""
+        links = self.links if links is None else links
         if any(link.up for link in links):
             return None
         return max(link.down_since for link in links if link.down_since is not None)
 
+    def _down_for(self, exchange: Exchange, every: float | None) -> float | None:
+        """``_down_since`` of the brokers the exchange may go to, given ``every``, that of all brokers."""
+        return every if exchange.pin is None else self._down_since([self.links[exchange.pin]])
+
     def next_deadline(self) -> float:
         """When ``expire`` next has something to do (or a blocked send is due another try)."""
         when = min(self._retry_sends_at, self._grace_until)
+        every = self._down_since()
         for exchange in self._exchanges.values():
             if exchange.done:
                 continue
             when = min(when, exchange.deadline)
-            down = self._down_since(exchange)
+            down = self._down_for(exchange, every)
             if down is not None:
                 when = min(when, max(down, exchange.opened) + self.unreachable_after)
         return when
@@ -1118,8 +1123,9 @@ class Pipeline:
     def expire(self, now: float) -> list[Exchange]:
         """Settle what is past its deadline, and what found no connection for too long; returns what failed."""
         failed = []
+        every = self._down_since()
         for exchange in self.pending():
-            down = self._down_since(exchange)
+            down = self._down_for(exchange, every)
             if down is not None:
                 waited = now - max(down, exchange.opened)
                 if waited >= self.unreachable_after:
