@@ -107,10 +107,11 @@ class Child:
     rss_end: float | None = None
     ended: str = "running"
     exit_code: int | None = None
+    cwd: Path = ROOT
 
     def start(self) -> Child:
         with open(self.log, "ab") as handle:
-            self.popen = subprocess.Popen(self.argv, stdout=handle, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+            self.popen = subprocess.Popen(self.argv, stdout=handle, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
         self.started = time.monotonic()
         return self
 
@@ -324,7 +325,12 @@ class Soak:
     def start_broker(self) -> Child:
         self.broker_generation += 1
         hb = str(self.args.heartbeat)
-        child = broker_child(f"broker{self.broker_generation}", self.clients_address, self.workers_address, self.logs, self.env, "--heartbeat", hb, "--log-level", "info")
+        env = self.env
+        if self.args.broker_source:  # another tree's broker (an older commit, say), with this tree's workers and clients
+            env = {**env, "PYTHONPATH": str(Path(self.args.broker_source).resolve())}
+        child = broker_child(f"broker{self.broker_generation}", self.clients_address, self.workers_address, self.logs, env, "--heartbeat", hb, "--log-level", "info")
+        if self.args.broker_source:
+            child.cwd = Path(self.args.broker_source).resolve()
         self.children.append(child.start())
         return child
 
@@ -556,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker-restart-at", type=float, default=0.5, help="when to restart the broker, as a fraction of the run (0: never)")
     parser.add_argument("--broker-signal", choices=("kill", "term"), default="kill", help="how the broker is stopped for its restart")
     parser.add_argument("--broker-down", type=float, default=1.0, help="seconds the broker stays down")
+    parser.add_argument("--broker-source", help="run the broker of this source tree instead (its PYTHONPATH), to compare two brokers under the same faults")
     parser.add_argument("--heartbeat", type=float, default=0.5, help="heartbeat interval of broker and workers, seconds (liveness 3)")
     parser.add_argument("--timeout", type=float, default=8.0, help="client timeout per attempt, seconds")
     parser.add_argument("--retries", type=int, default=2, help="client resends after a lost reply")
@@ -586,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
                 child.stop(signal.SIGKILL, how="SIGKILL (cleanup)")
     report = _common.Report()
     totals = result["totals"]
-    row = {"sent": totals["sent"], "ok": totals["ok"], **{f"err {k}": v for k, v in totals["errors"].items()}}
+    row = {"sent": totals["sent"], "ok": totals["ok"], **{f"err {k}": v for k, v in totals["errors"].items() if k != "worker_lost"}}
+    row["worker_lost"] = totals["worker_lost"]
     row["worker_lost while a worker lived"] = totals["worker_lost_while_a_worker_lived"]
     row.update({"no reply (unanswered)": totals["no_reply"], "exceptions": totals["exception"], "retried": totals["retried"], "attempts lost": totals["attempts_lost"]})
     together = f"{args.kill_together} workers at once" if args.kill_together > 1 else "a worker"
@@ -595,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         chaos = f"{together} killed (-9) every {args.kill_every:g} s ({result['worker_kills']} kills)"
     title = f"Soak: {args.clients} clients x {args.workers} CPU workers, {result['duration_s']:.0f} s, {chaos}, broker {args.broker_signal}ed and restarted {result['broker_restarts']}x"
+    if args.broker_source:
+        title += f", broker from {args.broker_source}"
     report.table([row], list(row), title=title)
     lat = result["latency_ok_ms"]
     percentiles = ", ".join(f"{name} {_common.fmt(lat.get(name))}" for name in ("p50", "p90", "p99", "max"))
