@@ -56,6 +56,7 @@ def generate(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
 
 
 def _load(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
+    path = Path(path).expanduser()  # "~/.config/zdepth/curve/robot1.key_secret" as a person writes it
     try:
         public_key, secret_key = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:

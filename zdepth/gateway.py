@@ -43,8 +43,10 @@ import ipaddress
 import json
 import logging
 import math
+import signal
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -789,10 +791,18 @@ def run_gateway(
     shown_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     log.info("zdepth gateway listening on http://%s:%d (API docs at /docs)", shown_host, bound[1])
     config = uvicorn.Config(app, log_config=None, log_level=log_level.lower(), access_log=access_log, loop="asyncio", lifespan="on")
+    stopped = []
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the handler it found;
+    # with ours in place a requested stop ends the command with status 0, like every other zdepth server.
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stopped.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)} if threading.current_thread() is threading.main_thread() else {}
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped:
+        log.info("gateway stopped (%s)", signal.Signals(stopped[0]).name)
 
 
 # ----------------------------------------------------------------------------- the command
