@@ -60,7 +60,7 @@ def decode_image(data: bytes | bytearray | memoryview | np.ndarray, *, max_pixel
     size limit. The header is checked (``inspect_image``) before any pixel is
     allocated; peak memory is ``inspect_image(data).decode_bytes`` at most.
     """
-    info = inspect_image(data, max_pixels=max_pixels)
+    info = _inspect(data, max_pixels, require_size=max_pixels is not None)
     if isinstance(data, np.ndarray):
         return _to_bgr8(data)
     view = memoryview(data).cast("B")
@@ -96,6 +96,12 @@ def inspect_image(data: bytes | bytearray | memoryview | np.ndarray, *, max_pixe
     Raises BadRequest, as ``decode_image`` would, for an unknown format, a
     header without readable dimensions, or more than ``max_pixels`` pixels.
     """
+    return _inspect(data, max_pixels, require_size=True)
+
+
+def _inspect(data: bytes | bytearray | memoryview | np.ndarray, max_pixels: int | None, *, require_size: bool) -> ImageInfo:
+    """``inspect_image``; without ``require_size`` a header whose dimensions cannot be read gives
+    size 0 (no limit to enforce: cv2 may still decode it, as a local caller with no limit wants)."""
     if isinstance(data, np.ndarray):
         _check_array(data)
         height, width = data.shape[:2]
@@ -115,9 +121,11 @@ def inspect_image(data: bytes | bytearray | memoryview | np.ndarray, *, max_pixe
             f"not a JPEG, PNG, WebP or BMP file (first bytes {bytes(view[:8])!r}); "
             "send one of those, or a uint8 pixel array"
         )
+    if layout is None and not require_size:
+        return ImageInfo(fmt, 0, 0, 0)
     if layout is None:
         # Without the dimensions a tiny file could make the decoder allocate gigabytes before any
-        # check could refuse it: never decode an image of unknown size.
+        # check could refuse it: never decode an image of unknown size under a limit.
         raise BadRequest(f"could not read the {fmt} image's dimensions from its header ({len(view)} bytes): corrupt or truncated file")
     _check_size(layout.width, layout.height, max_pixels, f"{fmt} header declares")
     return ImageInfo(fmt, layout.width, layout.height, layout.cost())
