@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from zdepth import ConfigError
-from zdepth.profiles import Profile, load_profile, load_profiles, profiles_path
+from zdepth.profiles import Profile, load_profile, load_profiles, profiles_path, resolve_server
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -195,3 +195,30 @@ def test_wrong_timeout_or_curve_fields(tmp_path: Path, body: str, match: str) ->
     with pytest.raises(ConfigError, match=match) as info:
         load_profile("lab", path)
     assert "profile 'lab'" in str(info.value)
+
+
+def test_a_profile_may_name_several_brokers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "profiles.toml"
+    monkeypatch.setenv("ZDEPTH_CONFIG", str(path))
+    path.write_text('[lab]\naddresses = ["gpu-a:5555", "tcp://gpu-b:6000"]\n')
+    lab = load_profile("lab")
+    assert lab.addresses == ("tcp://gpu-a:5555", "tcp://gpu-b:6000")
+    assert lab.address == "tcp://gpu-a:5555,tcp://gpu-b:6000"  # what Client takes back
+    for table, error in (('address = "a:1"\naddresses = ["b:2"]', "not both"), ('addresses = ["a:1", "tcp://a:1"]', "twice"), ("addresses = []", "list")):
+        path.write_text(f"[lab]\n{table}\n")
+        with pytest.raises(ConfigError, match=error):
+            load_profile("lab")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("a:5555,b:5556", "tcp://a:5555,tcp://b:5556"), (" tcp://a:1 , b:2 ", "tcp://a:1,tcp://b:2")],
+)
+def test_several_addresses_on_one_line(text: str, expected: str) -> None:
+    assert resolve_server(text) == (expected, None)
+
+
+@pytest.mark.parametrize("text", ["a:5555,", "a:5555,lab", "a:5555,a:5555", "a:5555,http://b"])
+def test_several_addresses_refuse_what_is_not_one(text: str) -> None:
+    with pytest.raises(ConfigError):
+        resolve_server(text)

@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_ENV = "ZDEPTH_CONFIG"
 STRING_FIELDS = ("address", "key", "key_file", "model", "description", "curve_secret", "curve_server_key")
-FIELDS = (*STRING_FIELDS, "timeout")
+FIELDS = (*STRING_FIELDS, "addresses", "timeout")
 ADDRESS_FORMS = "tcp://HOST:PORT, HOST:PORT, ipc://PATH or inproc://NAME"
 BIND_FORMS = "tcp://HOST:PORT (HOST * for every interface, PORT * for any free port), ipc://PATH or inproc://NAME"
 _SCHEMES = ("tcp", "ipc", "inproc")
@@ -75,12 +75,17 @@ class Profile:
     """One named server. ``key`` is the secret itself (already read from ``key_file``), or None."""
 
     name: str
-    address: str
+    address: str  # every broker, comma-joined (what Client accepts back)
     key: str | None = None
     model: str | None = None
     timeout: float | None = None  # seconds per reply; None: the client's default
     curve_secret: Path | None = None  # this client's secret certificate, resolved against the profile file
     curve_server_key: Path | None = None  # the broker's public certificate, likewise
+    addresses: tuple[str, ...] = ()  # the brokers in order of preference (one: the address alone)
+
+    def __post_init__(self) -> None:
+        if not self.addresses:
+            object.__setattr__(self, "addresses", tuple(self.address.split(",")))
 
     @property
     def curve(self) -> CurveClient | None:
@@ -188,6 +193,8 @@ def resolve_server(text: str, *, default_port: int = 5555, path: str | os.PathLi
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"no server given: pass an address ({ADDRESS_FORMS}) or a profile name")
     name = text.strip()
+    if "," in name:  # several brokers: a client uses one and fails over to the next
+        return ",".join(_address_list(name.split(","), default_port=default_port, where=repr(name))), None
     if looks_like_address(name):
         return normalize_address(name, default_port=default_port), None
     file = Path(path).expanduser() if path is not None else profiles_path()
@@ -271,13 +278,21 @@ def _profile(name: str, table: Any, path: Path) -> Profile:
     timeout = table.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf")):
         raise ConfigError(f"{where}: timeout must be a positive number of seconds, got {_type(timeout)} {timeout!r}")
-    address = table.get("address", "").strip()
-    if not address:
-        raise ConfigError(f'{where}: needs an address, for example address = "tcp://gpu-box:5555"')
-    try:
-        address = normalize_address(address)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: address {exc}") from None
+    if "address" in table and "addresses" in table:
+        raise ConfigError(f"{where}: give address or addresses, not both")
+    if "addresses" in table:
+        listed = table["addresses"]
+        if not isinstance(listed, list) or not listed or not all(isinstance(a, str) for a in listed):
+            raise ConfigError(f'{where}: addresses must be a list of strings, e.g. addresses = ["tcp://a:5555", "tcp://b:5555"]')
+        addresses = tuple(_address_list(listed, where=f"{where}: addresses"))
+    else:
+        address = table.get("address", "").strip()
+        if not address:
+            raise ConfigError(f'{where}: needs an address, for example address = "tcp://gpu-box:5555"')
+        try:
+            addresses = (normalize_address(address),)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: address {exc}") from None
     if "key" in table and "key_file" in table:
         raise ConfigError(f"{where}: give key or key_file, not both")
     key = table.get("key") or None
@@ -293,13 +308,30 @@ def _profile(name: str, table: Any, path: Path) -> Profile:
     curve_secret, curve_server_key = _curve_paths(table, path, where)
     return Profile(
         name=name,
-        address=address,
+        address=",".join(addresses),
+        addresses=addresses,
         key=key,
         model=model,
         timeout=float(timeout) if timeout is not None else None,
         curve_secret=curve_secret,
         curve_server_key=curve_server_key,
     )
+
+
+def _address_list(parts: list[str], *, default_port: int = 5555, where: str) -> list[str]:
+    """Several broker addresses, each checked; empty parts, profile names and repeats are refused."""
+    out: list[str] = []
+    for part in (p.strip() for p in parts):
+        if not part or not looks_like_address(part):
+            raise ConfigError(f"{where}: {part!r} is not an address; several brokers are given as addresses, e.g. a:5555,b:5555")
+        try:
+            address = normalize_address(part, default_port=default_port)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if address in out:
+            raise ConfigError(f"{where}: {address} is given twice")
+        out.append(address)
+    return out
 
 
 def _relative_to(profile_file: Path, value: str) -> Path:
