@@ -507,3 +507,28 @@ def test_a_profile_with_several_addresses_names_every_broker(tmp_path, monkeypat
     client = Client("lab")
     assert client.addresses == ("tcp://a:5555", "tcp://b:5556") and client.profile == "lab"
     assert Client.from_profile("lab").addresses == client.addresses
+
+
+def test_zdepth_health_shows_each_broker_and_fails_when_one_is_down(tmp_path):
+    """`zdepth health --server a,b`: every broker's table; exit 1 when any is down (a dead standby shows in scripts)."""
+    import json
+    import subprocess
+    import sys
+
+    from procs import child_env
+
+    first, second = start_broker(tmp_path), start_broker(tmp_path)
+    argv = [sys.executable, "-m", "zdepth", "health", "--server", f"{first.clients},{second.clients}", "--json"]
+    env = child_env(ZDEPTH_KEY=KEY)
+    try:
+        both = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+        assert both.returncode == 0, both.stderr
+        assert [b["address"] for b in json.loads(both.stdout)["brokers"]] == [first.clients, second.clients]
+        second.stop(signal.SIGKILL)
+        one = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+        assert one.returncode == 1
+        brokers = json.loads(one.stdout)["brokers"]
+        assert "health" in brokers[0] and "cannot reach the broker" in brokers[1]["error"]
+    finally:
+        first.stop(signal.SIGKILL)
+        second.stop(signal.SIGKILL)

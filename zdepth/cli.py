@@ -207,7 +207,7 @@ Server = Annotated[
         "--server",
         "-s",
         envvar="ZDEPTH_SERVER",
-        help="Broker address (tcp://host:5555, or host:port) or a profile name from the profiles file (ZDEPTH_CONFIG).",
+        help="Broker address (tcp://host:5555, or host:port), several as a:5555,b:5555 (the client fails over), or a profile name from the profiles file (ZDEPTH_CONFIG).",
         show_default=False,
     ),
 ]
@@ -1353,11 +1353,19 @@ def health(
         address = target.address
         wait = target.timeout or 5.0
         with _curve_hint(target.curve), Client(address, key=target.key, timeout=wait, retries=0, curve=target.curve) as client:
-            info = client.health()
+            several = len(client.addresses) > 1
+            info = client.health_all() if several else client.health()
+    if not several:
+        typer.echo(json.dumps({"server": address, **info}, indent=2, sort_keys=True) if json_out else format_health(address, info))
+        return
+    # Several brokers: each one's health, and a non-zero exit when any is down, so a dead standby shows in scripts.
+    brokers = info["brokers"]
     if json_out:
-        typer.echo(json.dumps({"server": address, **info}, indent=2, sort_keys=True))
+        typer.echo(json.dumps({"server": address, "brokers": brokers}, indent=2, sort_keys=True))
     else:
-        typer.echo(format_health(address, info))
+        typer.echo("\n\n".join(format_health(b["address"], b["health"]) if "health" in b else f"{b['address']}: {b['error']}" for b in brokers))
+    if any("error" in b for b in brokers):
+        raise typer.Exit(1)
 
 
 def _duration(seconds: Any) -> str:
