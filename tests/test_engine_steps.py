@@ -64,7 +64,8 @@ def test_steps_may_run_on_three_threads(engine):
         thread.start()
         thread.join()
     for depth, want in zip(depths, engine.infer(images, "vits", input_size=SMALL)):
-        np.testing.assert_array_equal(depth, want)
+        # Not bit for bit: another thread may run torch with another number of intra-op threads.
+        np.testing.assert_allclose(depth, want, rtol=1e-5, atol=1e-6)
 
 
 def test_float16_is_cast_in_the_engine_after_min_and_max(engine):
