@@ -115,3 +115,24 @@ def test_bad_arguments_are_bad_requests(engine):
         engine.run(prepared, "vits", float16=[True])
     with pytest.raises(BadRequest, match="relative"):
         engine.run(prepared, "vits", max_depth=3.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_the_steps_on_cuda_give_what_infer_gives(weights_dir, graphs):
+    """The upload stream, the events between it and the compute stream, the pinned copies back and
+    the float16 cast on the device, against infer's batched upload on the same GPU."""
+    engine = Engine(device="cuda", weights_dir=weights_dir, cuda_graphs=graphs)
+    images = frames()
+    max_depth = [5.0, None, 7.5, 2.0, None]
+    expected = engine.infer(images, "vits-hypersim", input_size=SMALL, max_depth=max_depth)
+    halves = [False, True, False, True, False]
+    results: list = []
+    prepared = [engine.prepare(image, SMALL) for image in images]
+    worker = threading.Thread(target=lambda: results.append(engine.collect(engine.run(prepared, "vits-hypersim", max_depth=max_depth, float16=halves))))
+    worker.start()
+    worker.join()
+    for depth, want, half in zip(results[0], expected, halves):
+        assert depth.dtype == (np.float16 if half else np.float32)
+        np.testing.assert_allclose(depth.astype(np.float32), want, rtol=2e-3, atol=1e-3)  # fp16 on the device either way
