@@ -99,7 +99,7 @@ class BrokerConfig:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    broker: str = f"tcp://localhost:{DEFAULT_WORKER_PORT}"
+    broker: str = f"tcp://localhost:{DEFAULT_WORKER_PORT}"  # one worker endpoint, or several comma-separated (see brokers)
     models: tuple[str, ...] = ("vits",)
     key: str | None = None
     device: str = "cpu"
@@ -133,6 +133,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if not self.models:
             raise ConfigError("a worker needs at least one model, for example --model vits")
+        if not self.brokers or len(set(self.brokers)) != len(self.brokers):
+            raise ConfigError(f"a worker needs one or more distinct broker endpoints, got {self.broker!r}")
         if self.max_batch is not None and self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.threads is not None and self.threads < 1:
@@ -149,6 +151,11 @@ class WorkerConfig:
             raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if self.summary_interval_s <= 0:
             raise ConfigError(f"summary_interval_s must be > 0, got {self.summary_interval_s}")
+
+    @property
+    def brokers(self) -> tuple[str, ...]:
+        """Every broker this worker serves: one connection and one READY each, one device shared by all."""
+        return tuple(b.strip() for b in self.broker.split(",") if b.strip())
 
     @property
     def effective_capacity(self) -> int:
