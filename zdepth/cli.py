@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import math
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -164,6 +165,22 @@ MetricsPort = Annotated[
         help="Serve Prometheus metrics at http://*:PORT/metrics (needs the metrics extra). Default: off.",
         show_default=False,
     ),
+]
+MaxBatch = Annotated[
+    int | None,
+    typer.Option("--max-batch", envvar="ZDEPTH_MAX_BATCH", min=1, help="Largest batch per forward pass. Default: 8 on CUDA; on a CPU, chosen from its cores.", show_default=False),
+]
+Threads = Annotated[
+    int | None,
+    typer.Option("--threads", envvar="ZDEPTH_THREADS", min=1, help="torch threads of a CPU worker. Default: chosen from the cores (OMP_NUM_THREADS wins).", show_default=False),
+]
+Pipeline = Annotated[
+    bool,
+    typer.Option("--pipeline/--no-pipeline", envvar="ZDEPTH_PIPELINE", help="Prepare the next batch and reply to the last while one runs (off: one step at a time)."),
+]
+MaxPixels = Annotated[
+    int | None,
+    typer.Option("--max-pixels", envvar="ZDEPTH_MAX_PIXELS", min=1, help="Pixels per image. Default: the most whose float32 depth map fits one reply (4096x4096).", show_default=False),
 ]
 Precision = Annotated[
     PrecisionName | None,
@@ -757,8 +774,14 @@ def _bind_failure(clients: str, workers: str, exc: Exception) -> str:
 @command()
 def worker(
     broker: Annotated[
-        str, typer.Option("--broker", envvar="ZDEPTH_BROKER", help="The broker's worker endpoint.")
-    ] = "tcp://localhost:5556",
+        list[str] | None,
+        typer.Option(
+            "--broker",
+            envvar="ZDEPTH_BROKER",
+            help="The broker's worker endpoint; repeat it (or give a comma list, or set ZDEPTH_BROKERS) to serve several brokers. Default: tcp://localhost:5556.",
+            show_default=False,
+        ),
+    ] = None,
     model: Annotated[
         list[str] | None,
         typer.Option("--model", "-m", envvar="ZDEPTH_MODEL", help=MODELS_HELP + " Repeat it, or give a comma list. Default: vits.", show_default=False),
@@ -772,7 +795,10 @@ def worker(
         typer.Option("--weights-dir", envvar="ZDEPTH_WEIGHTS_DIR", help="Folder of checkpoints. Default: ~/.cache/zdepth/weights.", show_default=False),
     ] = None,
     download: Annotated[bool, typer.Option("--download/--no-download", envvar="ZDEPTH_DOWNLOAD", help="Fetch missing checkpoints from the model hub.")] = False,
-    max_batch: Annotated[int, typer.Option("--max-batch", envvar="ZDEPTH_MAX_BATCH", min=1, help="Largest batch for one forward pass.")] = 8,
+    max_batch: MaxBatch = None,
+    threads: Threads = None,
+    pipeline: Pipeline = True,
+    max_pixels: MaxPixels = None,
     max_wait_ms: MaxWaitMs = 0.0,
     capacity: Annotated[
         int | None, typer.Option("--capacity", envvar="ZDEPTH_CAPACITY", min=1, help="Requests held at once. Default: 2 x max batch.", show_default=False)
@@ -790,6 +816,7 @@ def worker(
     curve_server_key: WorkerCurveServerKey = None,
     heartbeat: Heartbeat = 1.0,
     liveness: Liveness = 3,
+    metrics_port: MetricsPort = None,
     log_level: LogLevel = None,
 ) -> None:
     """Run one worker: load the models on one device and serve the broker's requests.
@@ -807,7 +834,8 @@ def worker(
     from .worker import run_worker
 
     with _errors():
-        broker = _address(broker, "--broker")
+        given = _split(broker) or _split([os.environ.get("ZDEPTH_BROKERS", "")]) or ["tcp://localhost:5556"]
+        brokers = [_address(b, "--broker") for b in given]
         curve = _curve_pair(curve_secret, curve_server_key)
         _require_torch()
         _fetch_weights(models, weights_dir, download)
@@ -816,7 +844,7 @@ def worker(
         if sizes is not None:
             fields["warmup_sizes"] = sizes
         config = WorkerConfig(
-            broker=broker,
+            broker=",".join(brokers),
             models=tuple(models),
             key=_resolve_key(key, key_file),
             device=device,
@@ -829,6 +857,10 @@ def worker(
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             capacity=capacity,
+            threads=threads,
+            pipeline=pipeline,
+            max_pixels=max_pixels,
+            metrics_port=metrics_port,
             heartbeat=HeartbeatConfig(interval_s=heartbeat, liveness=liveness),
             curve=curve,
             **fields,
@@ -858,7 +890,10 @@ def serve(
         ),
     ] = None,
     precision: Precision = None,
-    max_batch: Annotated[int, typer.Option("--max-batch", envvar="ZDEPTH_MAX_BATCH", min=1, help="Largest batch per forward pass.")] = 8,
+    max_batch: MaxBatch = None,
+    threads: Threads = None,
+    pipeline: Pipeline = True,
+    max_pixels: MaxPixels = None,
     max_wait_ms: MaxWaitMs = 0.0,
     weights_dir: Annotated[
         Path | None,
@@ -894,6 +929,17 @@ def serve(
     restart_delay: Annotated[
         float, typer.Option("--restart-delay", envvar="ZDEPTH_RESTART_DELAY", min=0, help="Seconds before a crashed process is restarted (doubles while it keeps crashing).")
     ] = 1.0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            envvar="ZDEPTH_METRICS_PORT",
+            min=0,
+            max=65535,
+            help="Prometheus metrics: the broker on PORT, the workers on PORT+1, PORT+2, ... in --device order. Default: off.",
+            show_default=False,
+        ),
+    ] = None,
     log_level: LogLevel = None,
 ) -> None:
     """Run a broker and one worker per GPU on this machine, and keep them running.
@@ -940,7 +986,18 @@ def serve(
             endpoints = [bound.get(name) if bound.get(name) and given.endswith(":*") else given for name, given in (("clients", clients), ("workers", workers))]
             return [*python, "broker", "--clients", endpoints[0], "--workers", endpoints[1], *broker_args, *common]
 
-        worker_args = ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+        if metrics_port is not None:
+            if metrics_port and metrics_port + len(devices) > 65535:
+                raise ConfigError(f"--metrics-port {metrics_port} leaves no port for {len(devices)} workers (they take the next ports)")
+            broker_args += ["--metrics-port", str(metrics_port)]
+        env["ZDEPTH_METRICS_PORT"] = None  # each child gets its own port on its command line, never a shared one
+        worker_args = ["--max-wait-ms", str(max_wait_ms), "--pipeline" if pipeline else "--no-pipeline"]
+        if max_batch is not None:
+            worker_args += ["--max-batch", str(max_batch)]
+        if threads is not None:
+            worker_args += ["--threads", str(threads)]
+        if max_pixels is not None:
+            worker_args += ["--max-pixels", str(max_pixels)]
         if worker_curve is not None:
             worker_args += ["--curve-secret", str(worker_curve.secret_file), "--curve-server-key", str(worker_curve.server_public_file)]
         for m in models:
@@ -956,16 +1013,18 @@ def serve(
         if sizes is not None:
             worker_args += ["--warmup", ",".join(f"{h}x{w}" for h, w in sizes) or "none"]
 
-        def worker_argv(dev: str):
+        def worker_argv(dev: str, index: int):
+            own = [] if metrics_port is None else ["--metrics-port", str(metrics_port + 1 + index if metrics_port else 0)]
+
             def argv(ready: dict[str, Any]) -> list[str]:
                 """Pointed at the worker endpoint our own broker reported, never at whatever else listens there."""
                 endpoint = connect_address(ready["broker"]["workers"])
-                return [*python, "worker", "--broker", endpoint, "--device", dev, *worker_args, *common]
+                return [*python, "worker", "--broker", endpoint, "--device", dev, *worker_args, *own, *common]
 
             return argv
 
         children = [ChildSpec("broker", broker_argv, env, stop_timeout_s=15.0, group=0, ready=True)]
-        children += [ChildSpec(f"worker {dev}", worker_argv(dev), env, stop_timeout_s=30.0, group=1) for dev in devices]
+        children += [ChildSpec(f"worker {dev}", worker_argv(dev, i), env, stop_timeout_s=30.0, group=1) for i, dev in enumerate(devices)]
         supervisor = Supervisor(children, restart_delay_s=restart_delay)
         logger.info(
             "serving %s on %s (workers on %s): %d worker(s) on %s", ", ".join(models), clients, workers, len(devices), ", ".join(devices)
