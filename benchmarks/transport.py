@@ -55,15 +55,17 @@ KEY = "bench-key"
 class DealerClient:
     """The thinnest protocol client: one DEALER, one request at a time, reply arrays viewed in place."""
 
-    def __init__(self, ctx, endpoint: str, image: bytes, *, body: str = "raw") -> None:
+    def __init__(self, ctx, endpoint: str, image: bytes, *, body: str = "raw", key: str | None = None) -> None:
         import zmq
 
         from zdepth import codec
+        from zdepth.auth import apply_peer_security
 
         self._zmq = zmq
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        apply_peer_security(self.sock, key=key, curve=None)  # a keyed broker asks for the key at the handshake
         self.sock.connect(endpoint)
         self.image = image
         self.params = codec.params_frame({"format": "encoded"})
@@ -249,9 +251,9 @@ def make_client(mode: str, stack: Stack, ctx, image: bytes) -> Callable[[], np.n
     if mode == "zmq-proxy":
         return DealerClient(ctx, ep["zmq-proxy"], image)
     if mode == "broker-dealer":
-        return DealerClient(ctx, ep["broker-echo"], image)
+        return DealerClient(ctx, ep["broker-echo"], image, key=KEY)
     if mode == "broker-dealer-ipc":
-        return DealerClient(ctx, ep["broker-echo-ipc"], image)
+        return DealerClient(ctx, ep["broker-echo-ipc"], image, key=KEY)
     if mode == "broker-client":
         return ZdepthClient(ep["broker-echo"], image)
     return ZdepthClient(ep[mode], image)  # broker-worker, broker-worker-nowait
