@@ -319,11 +319,29 @@ def test_request_fails_with_worker_lost_after_second_death(ctx, broker):
     wait_for_workers(broker, 1)
     send_request(client, "r", timeout_ms=20_000)
     first.next_request()
+    first.keep_alive(0.1)  # alive after it got the request, then silent: a real loss
     second = PeerWorker(ctx, broker.worker_endpoint)
     second.next_request()
+    second.keep_alive(0.1)
     header = reply_header(recv(client, timeout=5))
     assert (header["id"], header["status"]) == ("r", "worker_lost")
     assert nothing(client, 0.5)
+
+
+def test_a_worker_that_dies_before_any_sign_of_life_does_not_spend_the_requeue(ctx, broker):
+    """Two processes killed together: the second one's death is noticed only after the re-queue reached it."""
+    client = dealer(ctx, broker.client_endpoint)
+    first = PeerWorker(ctx, broker.worker_endpoint)
+    wait_for_workers(broker, 1)
+    send_request(client, "r", timeout_ms=20_000)
+    first.next_request()
+    first.keep_alive(0.1)
+    doomed = PeerWorker(ctx, broker.worker_endpoint)
+    doomed.next_request()  # and silent from then on: it may never have had it
+    rescue = PeerWorker(ctx, broker.worker_endpoint)
+    header, _ = rescue.next_request(timeout=5)
+    rescue.reply(header, b"ok")
+    assert recv(client)[1] == b"ok"
 
 
 def test_draining_worker_gets_no_new_work_but_its_replies_arrive(ctx, broker):

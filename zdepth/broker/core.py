@@ -10,7 +10,8 @@ fake clock can drive every interleaving:
   error made here (late and duplicate worker replies are dropped);
 - a dead worker's requests go to a live one, once: all expired workers are
   removed before anything is re-dispatched, and a send that failed on our
-  side costs the request nothing;
+  side, or reached a worker that died before it could show a sign of life,
+  costs the request nothing (up to MAX_DISPATCHES sends in all);
 - no request waits while a live, recently heard worker serving its model has
   room: every change of capacity dispatches;
 - the key is compared as soon as the header is a readable map;
@@ -63,7 +64,11 @@ from .stats import Stats
 log = logging.getLogger("zdepth.broker")
 
 IN_FLIGHT_GRACE_S = 1.0  # a dispatched request past its deadline gets this long before the broker answers for it
-MAX_ATTEMPTS = 2  # a request whose worker dies is re-queued once, then fails with worker_lost
+MAX_ATTEMPTS = 2  # a request lost with a worker that had it is re-queued once, then fails with worker_lost
+# Dispatches of one request in all, counting those to workers that died before a sign of life could say they
+# got it (two processes killed together: the second one's death is noticed only after the re-queue reached it).
+# The cap keeps a request that kills every worker on receipt from bouncing forever.
+MAX_DISPATCHES = 4
 UNHEALTHY_AFTER = 2  # in-flight deadlines missed in a row before a worker gets no new work
 SERVICE_EWMA = 0.3  # weight of the newest dispatch-to-reply time in a worker's estimate
 
@@ -94,7 +99,8 @@ class HeldRequest:
     peer: str
     received: float
     deadline: float
-    attempts: int = 0
+    attempts: int = 0  # losses with a worker known to have had it (heard from after the dispatch)
+    dispatches: int = 0  # sends to workers, in all
     rid: int | None = None
     worker: bytes | None = None
     dispatched: float = 0.0
@@ -207,6 +213,9 @@ class BrokerCore:
         self._next_heartbeat = now
         self._out: list[Outgoing] = []
         self._recent_s = config.heartbeat.recent_s
+        # A message that left the worker before a request reached it may arrive just after the dispatch;
+        # only one heard this much later says the worker had the request.
+        self._sign_of_life_s = config.heartbeat.interval_s / 2
 
     # ------------------------------------------------------------------ events
 
@@ -241,15 +250,15 @@ class BrokerCore:
     def worker_unreachable(self, worker: bytes, unsent: Iterable[int], now: float) -> list[Outgoing]:
         """Sends to ``worker`` failed on our side (the peer is gone): ``unsent`` dispatches never left.
 
-        Those requests are re-queued without spending an attempt; the worker is
-        removed, and what it held before is re-queued as for a dead worker.
+        Those requests are re-queued as if never sent; the worker is removed,
+        and what it held before is re-queued as for a dead worker.
         """
         state = self.workers.get(worker)
         if state is not None:
             for rid in unsent:
                 request = state.in_flight.get(rid)
                 if request is not None:
-                    request.attempts -= 1
+                    request.dispatches -= 1
             self._remove_workers([state], now, reason="unreachable")
         return self._flush()
 
@@ -391,7 +400,7 @@ class BrokerCore:
 
     def _send_request(self, worker: WorkerState, request: HeldRequest, now: float) -> None:
         request.rid, request.worker, request.dispatched = next(self._rids), worker.identity, now
-        request.attempts += 1
+        request.dispatches += 1
         worker.in_flight[request.rid] = request
         self.dispatched[request.rid] = request
         header = command(
@@ -588,14 +597,16 @@ class BrokerCore:
             log.log(level, "worker %s removed (%s); %d requests in flight", worker.name, reason, len(worker.in_flight))
             for rid in list(worker.in_flight):
                 request = self.dispatched.pop(rid)
+                if worker.heard > request.dispatched + self._sign_of_life_s:  # alive after it got the request: a real loss
+                    request.attempts += 1
                 request.rid = request.worker = None
                 lost.append(request)
             worker.in_flight.clear()
         for request in sorted(lost, key=lambda r: r.received, reverse=True):
             if self.stopping:
                 self._fail(request, "overloaded", "the broker is shutting down and the worker holding this request left; retry in a moment", now)
-            elif request.attempts >= MAX_ATTEMPTS:
-                self._fail(request, "worker_lost", f"the worker died while holding this request, {request.attempts} times; retry, and check the workers' logs", now)
+            elif request.attempts >= MAX_ATTEMPTS or request.dispatches >= MAX_DISPATCHES:
+                self._fail(request, "worker_lost", f"the workers holding this request died ({request.dispatches} dispatches); retry, and check the workers' logs", now)
             else:
                 self._enqueue(request, front=True)  # oldest first, ahead of newer work
         self._dispatch_all(models, now)
