@@ -95,10 +95,10 @@ def test_a_slot_freed_by_an_expired_request_is_used_at_once(ctx, broker):
     client = dealer(ctx, broker.clients)
     send_request(client, "slow", timeout_ms=500)
     wait_until(lambda: len(worker.received) == 1, what="the slow request at the worker")
+    worker.reply_after = 0.0  # what it gets from now on it answers (the slow one stays unanswered)
     send_request(client, "waiting", timeout_ms=8000)
     header, _ = recv_reply(client)
     assert (header["id"], header["status"]) == ("slow", "timeout")
-    worker.reply_after = 0.0
     wait_until(lambda: len(worker.received) == 2, timeout=3.0, what="the waiting request dispatched when the slot freed (not after its 8 s deadline)")
     header, _ = recv_reply(client)
     assert (header["id"], header["status"]) == ("waiting", "ok")
