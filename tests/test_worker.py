@@ -28,6 +28,7 @@ from zdepth import auth, codec, protocol
 from zdepth.config import Heartbeat, WorkerConfig
 from zdepth.errors import ConfigError, Unauthorized, WeightsNotFound
 from zdepth.imageio import encode_jpeg
+from zdepth.supervisor import EXIT_CONFIG
 from zdepth.worker import Worker, backoff_delay, run_worker
 
 pytestmark = pytest.mark.timeout(60)
@@ -661,8 +662,9 @@ def test_unauthorized_disconnect_makes_run_raise(broker, engine, start, caplog):
     assert any("key" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
 
 
-def test_run_worker_returns_1_on_a_wrong_key(broker, weights_dir):
-    """run_worker builds its own Engine from the config and reports failure as its exit status."""
+def test_run_worker_returns_2_on_a_wrong_key(broker, weights_dir):
+    """run_worker builds its own Engine from the config and reports failure as its exit status:
+    a key the broker refuses is a setting to fix, so the status is the permanent EXIT_CONFIG."""
     config = make_config(broker.endpoint, key="wrong", models=("vits",), weights_dir=str(weights_dir))
     status: list[int] = []
     thread = threading.Thread(target=lambda: status.append(run_worker(config)), daemon=True)
@@ -670,7 +672,7 @@ def test_run_worker_returns_1_on_a_wrong_key(broker, weights_dir):
     identity, _, _ = broker.expect(protocol.READY)
     broker.send(identity, protocol.DISCONNECT, reason=protocol.REASON_UNAUTHORIZED)
     thread.join(WAIT_S)
-    assert status == [1]
+    assert status == [EXIT_CONFIG]
 
 
 def test_backoff_doubles_with_jitter_within_bounds():
@@ -758,13 +760,13 @@ def test_a_broker_without_a_key_gets_a_connection_without_plain(broker, engine, 
     assert any("connected to broker" in r.getMessage() and "no handshake security" in r.getMessage() for r in caplog.records)
 
 
-def test_run_worker_exits_1_when_the_handshake_refuses_the_key(keyed, weights_dir):
+def test_run_worker_exits_2_when_the_handshake_refuses_the_key(keyed, weights_dir):
     config = make_config(keyed.endpoint, key="wrong", models=("vits",), weights_dir=str(weights_dir))
     status: list[int] = []
     thread = threading.Thread(target=lambda: status.append(run_worker(config)), daemon=True)
     thread.start()
     thread.join(WAIT_S * 3)
-    assert status == [1]
+    assert status == [EXIT_CONFIG]
 
 
 def test_a_certificate_outside_the_allow_list_is_final(ctx, engine, start, tmp_path):

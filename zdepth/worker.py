@@ -62,11 +62,13 @@ from . import __version__, auth, codec, imageio, protocol
 from .batching import collect_batch, padded_batches
 from .config import DEFAULT_MAX_BATCH, WorkerConfig
 from .curve import apply_client
-from .errors import BadRequest, ConfigError, InternalError, ServiceError, Unauthorized, UnknownModel, ZdepthError
+from .errors import BadRequest, ConfigError, InternalError, ServiceError, Unauthorized, UnknownModel, WeightsNotFound, ZdepthError
+from .metrics import MetricsBindError, WorkerMetrics, cuda_memory, serve as serve_metrics
 from .pointcloud import Intrinsics, depth_to_points
 from .signals import on_stop_signals
+from .supervisor import EXIT_ADDRESS, EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_MISSING, EXIT_OK
 
-__all__ = ["Worker", "backoff_delay", "run_worker"]
+__all__ = ["Worker", "backoff_delay", "exit_status", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -614,6 +616,11 @@ class Worker:
         self._load_error: BaseException | None = None
         self.serving = False
         self._traffic = Traffic()
+        self._metrics: WorkerMetrics | None = None
+        self._metrics_server = None
+        if config.metrics_port is not None:
+            self._metrics = WorkerMetrics(config.models, name=self.name, device=config.device)
+            self._metrics.read_held(lambda: (self._outstanding, self._held_bytes))
         self._summary_at = math.inf
         self._summary_from = 0.0
 
@@ -630,10 +637,14 @@ class Worker:
         compute = threading.Thread(target=self._compute_main, name="zdepth-compute", daemon=True)
         graceful = False
         try:
+            if self._metrics is not None:  # first: a port in use fails at once, not after minutes of loading
+                self._metrics_server = serve_metrics(self.config.metrics_port, self._metrics.registry)
             compute.start()
             self._loaded.wait()
             if self._load_error is not None:
                 raise self._load_error
+            if self._metrics is not None and self.config.device.startswith("cuda"):
+                self._metrics.read_device_memory(cuda_memory(self._engine_attr("device") or self.config.device))
             if self._stop_requested:
                 graceful = True
                 return
@@ -644,7 +655,8 @@ class Worker:
         finally:
             self._abort = self._abort or not graceful
             self._jobs.put(_Stop())
-            compute.join(timeout=None if graceful else 1.0)
+            if compute.ident is not None:  # started (serving metrics may have failed first)
+                compute.join(timeout=None if graceful else 1.0)
             self.serving = False
             if self._link is not None:
                 flush = graceful and self._link.answered
@@ -652,6 +664,8 @@ class Worker:
             self._ctx.term()
             self._wakeup.close()
             self._decoder.shutdown(wait=False, cancel_futures=True)
+            if self._metrics_server is not None:
+                self._metrics_server.close()
 
     def stop(self) -> None:
         """Drain: tell the broker to send no more, answer everything held, then return from run().
@@ -829,7 +843,10 @@ class Worker:
     def _refuse(self, rid: Any, request_id: str | None, code: str, message: str, received: float) -> None:
         """Answer a request from the I/O loop, before it reached the compute side."""
         self._link.send(error_frames(rid, request_id, code, message))
-        self._traffic.reply(code, (time.monotonic() - received) * 1000)
+        seconds = time.monotonic() - received
+        self._traffic.reply(code, seconds * 1000)
+        if self._metrics is not None:
+            self._metrics.request_done(None, None, code, seconds)
         logger.debug("request %r (rid %r): %s: %s", request_id, rid, code, message)
 
     def _decode(self, image: Any) -> Future[Any]:
@@ -843,8 +860,14 @@ class Worker:
                 return done
             if jpeg is not None:
                 done.set_result(jpeg)
+                self._count_decode("device")
                 return done
+        self._count_decode("raw" if isinstance(image, np.ndarray) else "cpu")
         return self._decoder.submit(imageio.decode_image, image, max_pixels=self._max_pixels)
+
+    def _count_decode(self, where: str) -> None:
+        if self._metrics is not None:
+            self._metrics.decoded(where)
 
     def _on_disconnect(self, reason: Any, now: float) -> None:
         link = self._link
@@ -878,8 +901,11 @@ class Worker:
             self._held_bytes -= job.held_bytes
             if frames is not None and job.generation == link.generation:
                 link.send(frames)
-                latency_ms = (time.monotonic() - job.received) * 1000
+                seconds = time.monotonic() - job.received
+                latency_ms = seconds * 1000
                 self._traffic.reply(job.status, latency_ms)
+                if self._metrics is not None:
+                    self._metrics.request_done(job.op, job.model, job.status, seconds)
                 logger.debug("request %r (rid %r): %s in %.1f ms", job.request_id, job.rid, job.status, latency_ms)
 
     def _engine_attr(self, name: str) -> str | None:
@@ -1057,6 +1083,8 @@ class Worker:
             depths += zip(items, outcome) if not isinstance(outcome, ServiceError) else [(item, outcome) for item in items]
         infer_ms = (time.monotonic() - ran.started) * 1000
         model, input_size = ran.items[0].job.batch_key
+        if self._metrics is not None:
+            self._metrics.inference(infer_ms / 1000, len(ran.items), model)
         logger.debug("batch of %d for %s at %d: %.1f ms", len(ran.items), model, input_size, infer_ms)
         for item, result in depths:
             job = item.job
@@ -1178,20 +1206,37 @@ def _check_curve(config: WorkerConfig) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
+def exit_status(exc: BaseException) -> int:
+    """The exit status for what stopped a worker: permanent causes (restarting cannot help) get their
+    own status (``zdepth.supervisor.PERMANENT_EXITS``), so ``zdepth serve`` and service managers stop
+    retrying; anything else is 1, worth another try."""
+    if isinstance(exc, (ConfigError, Unauthorized)):  # a bad setting, or a key or certificate the broker refuses
+        return EXIT_CONFIG
+    if isinstance(exc, WeightsNotFound) or (isinstance(exc, ModuleNotFoundError) and exc.name == "torch"):
+        return EXIT_MISSING
+    if isinstance(exc, MetricsBindError):
+        return EXIT_ADDRESS
+    return EXIT_FAILURE
+
+
 def run_worker(config: WorkerConfig) -> int:
     """Run a worker in this process until SIGTERM or SIGINT; the CLI's ``zdepth worker``.
 
     The first signal drains (finish held requests, then exit); a second one
-    stops at once. Returns the exit status, after logging why: 0 after a
-    stop, 2 for bad settings (ConfigError: device, certificates, a checkpoint
-    that does not fit), 1 for other failures (wrong key, missing weights),
-    130 if interrupted while loading.
+    stops at once. Returns the exit status (``exit_status``), after logging
+    why: 0 after a stop; 2 for bad settings (ConfigError: device,
+    certificates, a checkpoint that does not fit) and for a key or
+    certificate a broker refuses; 3 for missing weights; 4 for a metrics port
+    in use; 1 for other failures; 130 if interrupted while loading.
     """
     try:
         worker = Worker(config)
-    except ZdepthError as exc:
+    except (ZdepthError, MetricsBindError, ModuleNotFoundError) as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name != "torch":
+            raise
         logger.error("%s", exc)
-        return 2 if isinstance(exc, ConfigError) else 1
+        return exit_status(exc)
+
     def stop_now() -> None:
         if not worker.serving:
             raise KeyboardInterrupt  # still loading models: nothing to drain
@@ -1200,11 +1245,11 @@ def run_worker(config: WorkerConfig) -> int:
     restore = on_stop_signals(worker.stop, stop_now, doing="draining")
     try:
         worker.run()
-    except ZdepthError as exc:
+    except (ZdepthError, MetricsBindError) as exc:
         logger.error("%s", exc)
-        return 2 if isinstance(exc, ConfigError) else 1
+        return exit_status(exc)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         restore()
-    return 0
+    return EXIT_OK
