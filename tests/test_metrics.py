@@ -296,3 +296,60 @@ def test_cuda_memory_follows_what_the_device_holds():
         del block
     assert value(after, "zdepth_worker_device_memory_bytes", device="cuda:0", kind="allocated") - before >= 64 * 1024 * 1024
     assert value(after, "zdepth_worker_device_memory_bytes", device="cuda:0", kind="total") >= 64 * 1024 * 1024
+
+
+def test_a_serving_worker_counts_requests_batches_and_decodes(ctx, tmp_path, weights_dir):
+    """A real Worker (CPU engine, generated weights) behind a real broker process, asked by zdepth.Client;
+    its /metrics is scraped before and after, and every number the worker reports moves."""
+    import numpy as np
+
+    from zdepth.config import Heartbeat, WorkerConfig
+    from zdepth.imageio import encode_jpeg
+    from zdepth.worker import Worker
+
+    broker = start_broker(tmp_path)
+    port = free_port()
+    config = WorkerConfig(
+        broker=broker.workers, key=KEY, models=("vits",), weights_dir=str(weights_dir), warmup_sizes=(), threads=1,
+        heartbeat=Heartbeat(0.5, 4), metrics_port=port,
+    )  # fmt: skip
+    worker = Worker(config)
+    errors: list[BaseException] = []
+
+    def serve_worker() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve_worker, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        wait_until(lambda: len(health(ctx, broker)["workers"]) == 1, timeout=60, what="the worker at the broker")
+        before = scrape(url)
+        assert value(before, "zdepth_worker_requests_total", op="relative_depth", model="vits", status="ok") == 0
+        assert value(before, "zdepth_worker_info", version=zdepth.__version__, name=worker.name, device="cpu") == 1
+
+        image = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        with zdepth.Client(broker.clients, key=KEY, timeout=30) as client:
+            for _ in range(3):
+                assert client.relative_depth(encode_jpeg(image), encoder="vits", input_size=28).depth.shape == (48, 64)
+            assert client.relative_depth(image, encoder="vits", input_size=28).depth.shape == (48, 64)  # raw pixels
+        after = scrape(url)
+    finally:
+        worker.stop()
+        thread.join(30)
+        broker.stop()
+    assert not thread.is_alive() and not errors, errors
+    assert value(after, "zdepth_worker_requests_total", op="relative_depth", model="vits", status="ok") == 4
+    assert value(after, "zdepth_worker_request_seconds_count", model="vits") == 4
+    assert value(after, "zdepth_worker_images_decoded_total", where="cpu") == 3
+    assert value(after, "zdepth_worker_images_decoded_total", where="raw") == 1
+    batches = value(after, "zdepth_worker_inference_seconds_count", model="vits")
+    assert 1 <= batches <= 4 and value(after, "zdepth_worker_batch_size_count", model="vits") == batches
+    assert value(after, "zdepth_worker_batch_size_sum", model="vits") == 4
+    assert value(after, "zdepth_worker_inference_seconds_sum", model="vits") > 0
+    assert value(after, "zdepth_worker_held_requests") == 0 and value(after, "zdepth_worker_held_bytes") == 0
+    with pytest.raises(OSError):  # the exporter is closed with the worker
+        scrape(url)
