@@ -218,7 +218,7 @@ def test_oversized_frame_drops_the_connection_and_the_broker_serves_on(stacks):
 
 
 def test_every_socket_limits_message_size_and_queues(stacks):
-    from zdepth import Client
+    from zdepth._requests import configure_socket
 
     stack = stacks(worker={})
     for sock in (stack.broker._clients, stack.broker._workers):
@@ -227,10 +227,13 @@ def test_every_socket_limits_message_size_and_queues(stacks):
     link = stack.worker._link.sock
     assert link.getsockopt(zmq.MAXMSGSIZE) == stack.worker.config.max_message_bytes
     assert 0 < link.getsockopt(zmq.SNDHWM) and 0 < link.getsockopt(zmq.RCVHWM)
-    with Client(stack.clients, key=KEY) as client:
-        client.health()
-        assert client._socket.getsockopt(zmq.MAXMSGSIZE) >= stack.broker.config.max_message_bytes
-        assert 0 < client._socket.getsockopt(zmq.SNDHWM) and 0 < client._socket.getsockopt(zmq.RCVHWM)
+    client = zmq.Context.instance().socket(zmq.DEALER)
+    configure_socket(client)  # what every Client and AsyncClient socket gets
+    try:
+        assert client.getsockopt(zmq.MAXMSGSIZE) >= stack.broker.config.max_message_bytes
+        assert 0 < client.getsockopt(zmq.SNDHWM) and 0 < client.getsockopt(zmq.RCVHWM)
+    finally:
+        client.close(0)
 
 
 # ----------------------------------------------------------------------------- input that crashed a parser
