@@ -1,11 +1,11 @@
-"""The worker: one process per GPU, serving depth requests that the broker hands it.
+"""The worker: one process per GPU, serving depth requests that its brokers hand it.
 
 An I/O loop, so that heartbeats keep flowing while the GPU is busy, and a
 pipeline of three threads, so that the GPU does not wait for the host::
 
-    broker <--DEALER--> I/O loop (run(), the caller's thread)
-                          |  owns the socket: READY, heartbeats, liveness,
-                          |  reconnect with back-off, drain on stop()
+    broker(s) <--DEALER each--> I/O loop (run(), the caller's thread)
+                          |  owns the sockets: READY, heartbeats, liveness,
+                          |  reconnect with back-off, drain on stop(), per broker
                    jobs   v                                      ^  results + a wake-up byte
         prepare thread: wait for the decode, engine.prepare      |
                           v  prepared images                     |
@@ -35,6 +35,10 @@ for ``heartbeat.expiry_s`` is presumed dead; the worker closes its socket,
 waits with exponential back-off and jitter, connects a fresh one and
 announces itself again. Requests from a dropped connection are abandoned (the
 broker re-queues or fails them), never answered late on the new one.
+
+With several brokers (``WorkerConfig.brokers``, for a broker that is not a
+single point of failure) each has its own connection doing all of the above,
+and the device is shared: see ``Worker`` for the capacity each is announced.
 """
 
 from __future__ import annotations
@@ -91,8 +95,9 @@ class Job:
 
     ``image`` is the image frame's payload (encoded bytes or a raw array
     view); ``decoded`` its HxWx3 BGR uint8 pixels, on their way from the
-    decode pool. ``generation`` names the connection it came on; a job from
-    an older connection is abandoned.
+    decode pool. ``link`` is the broker connection it came on, where its
+    reply goes; ``generation`` is that link's generation then: a job from an
+    older connection (the link dropped or reconnected since) is abandoned.
     """
 
     rid: Any
@@ -108,6 +113,7 @@ class Job:
     done: bool = False
     status: str | None = None  # the reply's status ("ok" or an error code) once there is one; None: abandoned
     held_bytes: int = 0  # counted against WorkerConfig.max_held_bytes while the job is held
+    link: Any = None  # the _BrokerLink it came on
 
     @property
     def batch_key(self) -> Hashable:
@@ -405,7 +411,7 @@ class _Wakeup:
 
 
 class _BrokerLink:
-    """The DEALER to the broker, with heartbeats, liveness and reconnect back-off (Paranoid Pirate).
+    """The DEALER to one broker, with heartbeats, liveness and reconnect back-off (Paranoid Pirate).
 
     The connection proves the key at the ZeroMQ handshake (PLAIN, see
     ``zdepth.auth``) or uses CurveZMQ. A monitor socket reports how each
@@ -417,8 +423,10 @@ class _BrokerLink:
 
     EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED
 
-    def __init__(self, ctx: zmq.Context, config: WorkerConfig, ready: bytes, poller: zmq.Poller) -> None:
+    def __init__(self, ctx: zmq.Context, config: WorkerConfig, endpoint: str, ready: bytes, poller: zmq.Poller) -> None:
         self._ctx, self._config, self._ready, self._poller = ctx, config, ready, poller
+        self.endpoint = endpoint
+        self.refused = False  # this broker refused the key or certificate: never connected to again
         self.sock: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None
         self.generation = 0  # bumped on every connect and close: jobs remember theirs
@@ -447,7 +455,7 @@ class _BrokerLink:
             sock.setsockopt(option, value)
         auth.apply_peer_security(sock, key=self._config.key, curve=self._config.curve, plain=self.plain)
         self.monitor = sock.get_monitor_socket(self.EVENTS)  # before connect(), so no handshake goes unseen
-        sock.connect(self._config.broker)
+        sock.connect(self.endpoint)
         self.sock = sock
         self.answered = self.connected = False
         self.generation += 1
@@ -458,7 +466,7 @@ class _BrokerLink:
         self.send([self._ready])
         self._connects += 1
         log = logger.info if self._connects == 1 else logger.debug  # reconnects were announced with their delay
-        log("connecting to broker %s (%s)", self._config.broker, self.mechanism)
+        log("connecting to broker %s (%s)", self.endpoint, self.mechanism)
         return sock
 
     @property
@@ -507,10 +515,10 @@ class _BrokerLink:
             kind, value = event["event"], event["value"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
-                logger.info("connected to broker %s (%s)", self._config.broker, self.mechanism)
+                logger.info("connected to broker %s (%s)", self.endpoint, self.mechanism)
             elif kind == zmq.EVENT_DISCONNECTED and self.connected:
                 self.connected = False
-                logger.info("connection to broker %s lost; libzmq reconnects", self._config.broker)
+                logger.info("connection to broker %s lost; libzmq reconnects", self.endpoint)
             elif auth.key_refused(kind, value):
                 raise Unauthorized(self._refusal())
             elif auth.mechanism_mismatch(kind, value):
@@ -519,11 +527,11 @@ class _BrokerLink:
     def _refusal(self) -> str:
         if self._config.curve is not None:
             return (
-                f"broker {self._config.broker} refused this worker's CurveZMQ certificate at the handshake: "
+                f"broker {self.endpoint} refused this worker's CurveZMQ certificate at the handshake: "
                 "put its public key in the broker's allow directory (--curve-allow)"
             )
         return (
-            f"broker {self._config.broker} refused this worker's key at the handshake: "
+            f"broker {self.endpoint} refused this worker's key at the handshake: "
             "give the broker's key with --key-file or ZDEPTH_KEY"
         )
 
@@ -531,22 +539,22 @@ class _BrokerLink:
         """The two ends asked for different security: adapt where the key allows it, else give up."""
         if self._config.curve is not None:
             raise Unauthorized(
-                f"broker {self._config.broker} does not use CurveZMQ: start it with --curve-secret, "
+                f"broker {self.endpoint} does not use CurveZMQ: start it with --curve-secret, "
                 "or start this worker without --curve-secret and --curve-server-key"
             )
         if self._config.key is None:
             raise Unauthorized(
-                f"broker {self._config.broker} asks for credentials at the handshake that this worker lacks: "
+                f"broker {self.endpoint} asks for credentials at the handshake that this worker lacks: "
                 "give its key with --key-file or ZDEPTH_KEY (or, for a CurveZMQ broker, --curve-secret and --curve-server-key)"
             )
         self.plain = not self.plain
         delay = self.drop(now)
         if self.plain:
-            logger.warning("broker %s now asks for the key at the handshake; reconnecting with it in %.2f s", self._config.broker, delay)
+            logger.warning("broker %s now asks for the key at the handshake; reconnecting with it in %.2f s", self.endpoint, delay)
         else:
             logger.warning(
                 "broker %s takes no key at the handshake (it was started without one); reconnecting without in %.2f s. "
-                "The key still travels in READY", self._config.broker, delay,
+                "The key still travels in READY", self.endpoint, delay,
             )  # fmt: skip
 
     def send(self, frames: list[Any]) -> bool:
@@ -557,7 +565,7 @@ class _BrokerLink:
             self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
-            logger.warning("send queue to broker %s is full; dropped a message", self._config.broker)
+            logger.warning("send queue to broker %s is full; dropped a message", self.endpoint)
             return False
 
     def heartbeat_if_due(self, now: float) -> None:
@@ -568,14 +576,29 @@ class _BrokerLink:
     def next_event(self, *, reconnecting: bool) -> float:
         if self.sock is not None:
             return min(self.next_heartbeat, self.expires_at)
-        return self.reconnect_at if reconnecting else math.inf
+        return self.reconnect_at if reconnecting and not self.refused else math.inf
 
 
 # ----------------------------------------------------------------------------- the worker
 
 
 class Worker:
-    """Serves the broker until ``stop()``; one instance, one ``run()``.
+    """Serves its brokers until ``stop()``; one instance, one ``run()``.
+
+    Each broker in ``config.brokers`` gets its own connection (a
+    ``_BrokerLink``): READY, heartbeats, liveness, reconnects with back-off
+    and the handshake's outcome are per broker, and a job's reply goes back
+    on the link it came from (unless that link has reconnected since). A
+    broker that dies or freezes costs only the requests it had sent; the
+    others are served throughout, and the worker rejoins it when it is back.
+
+    Each broker is announced the full ``config.effective_capacity``, not a
+    share: a broker that is down or idle would otherwise strand its share of
+    the device, and a share of a small capacity rounds to nothing. So with n
+    brokers up to n x capacity requests may wait at the worker; the held-bytes
+    bound (``max_held_bytes``, past it: overloaded) protects its memory, and
+    each request's deadline bounds its wait (past it: timeout, before any
+    inference is spent on it).
 
     ``engine`` is injectable (tests, or a custom engine); by default an
     ``Engine`` is built from ``config``. It needs ``load(model_id)`` and
@@ -603,7 +626,8 @@ class Worker:
         self._wakeup = _Wakeup()
         self._ctx = zmq.Context()
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="zdepth-decode")
-        self._link: _BrokerLink | None = None
+        self._links: list[_BrokerLink] = []  # one per broker in config.brokers, made once the models are loaded
+        self._held_jobs: set[Job] = set()  # the jobs _outstanding counts (I/O loop only)
         self._poller = zmq.Poller()
         self._outstanding = 0  # jobs handed to the compute thread and not yet returned (I/O loop only)
         self._held_bytes = 0  # their held_bytes, bounded by config.max_held_bytes (I/O loop only)
@@ -627,10 +651,12 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> None:
-        """Load and warm the models, then serve until ``stop()``.
+        """Load and warm the models, then serve every broker until ``stop()``.
 
-        Raises Unauthorized when the broker refuses the key, and whatever the
-        engine raises while loading (WeightsNotFound, UnknownModel, ...).
+        Raises Unauthorized once every broker has refused the key or
+        certificate (one that refuses while others serve is given up alone,
+        with an error in the log), and whatever the engine raises while
+        loading (WeightsNotFound, UnknownModel, ...).
         """
         # Loading, warm-up and every forward pass happen on the compute thread: CUDA graphs and
         # compiled code stay on one thread (the prepare and reply threads only upload and copy back).
@@ -650,7 +676,7 @@ class Worker:
                 return
             threads = self.cpu_plan.threads if self.cpu_plan else None
             ready = ready_frame(self.config, name=self.name, device=self._engine_attr("device"), precision=self._engine_attr("precision"), threads=threads)
-            self._link = _BrokerLink(self._ctx, self.config, ready, self._poller)
+            self._links = [_BrokerLink(self._ctx, self.config, endpoint, ready, self._poller) for endpoint in self.config.brokers]
             graceful = self._serve()
         finally:
             self._abort = self._abort or not graceful
@@ -658,9 +684,9 @@ class Worker:
             if compute.ident is not None:  # started (serving metrics may have failed first)
                 compute.join(timeout=None if graceful else 1.0)
             self.serving = False
-            if self._link is not None:
-                flush = graceful and self._link.answered
-                self._link.close(linger_ms=FLUSH_LINGER_MS if flush else 0)
+            for link in self._links:
+                flush = graceful and link.answered
+                link.close(linger_ms=FLUSH_LINGER_MS if flush else 0)
             self._ctx.term()
             self._wakeup.close()
             self._decoder.shutdown(wait=False, cancel_futures=True)
@@ -708,9 +734,14 @@ class Worker:
 
     # ------------------------------------------------------------------ I/O loop
 
+    @property
+    def _link(self) -> _BrokerLink | None:
+        """The first broker's link (the only one with a single broker)."""
+        return self._links[0] if self._links else None
+
     def _serve(self) -> bool:
-        """The I/O loop; True after a completed drain, False after an abort."""
-        link = self._link
+        """The I/O loop over every broker link; True after a completed drain, False after an abort."""
+        links = self._links
         self._poller.register(self._wakeup, zmq.POLLIN)
         self.serving = True
         self._summary_from = time.monotonic()
@@ -723,14 +754,15 @@ class Worker:
                 return False
             if self._stop_requested and not self._draining:
                 self._begin_drain()
-            if self._draining and self._outstanding == 0 and (link.sock is None or now >= self._drain_grace_end):
+            if self._draining and self._outstanding == 0 and (all(link.sock is None for link in links) or now >= self._drain_grace_end):
                 self._log_summary(now)
                 logger.info("drained; worker %s stopped", self.name)
                 return True
             if now >= self._summary_at:
                 self._log_summary(now)
-            self._keep_link(now)
-            wake_at = min(link.next_event(reconnecting=not self._draining), self._summary_at)
+            for link in links:
+                self._keep_link(link, now)
+            wake_at = min(min(link.next_event(reconnecting=not self._draining) for link in links), self._summary_at)
             if self._draining and self._outstanding == 0:
                 wake_at = min(wake_at, self._drain_grace_end)
             timeout_ms = max(0.0, wake_at - now) * 1000
@@ -738,10 +770,25 @@ class Worker:
             if self._wakeup in events:
                 self._wakeup.clear()
             self._send_results()
-            if link.monitor is not None and link.monitor in events:
-                link.take_events(time.monotonic())
-            if link.sock is not None and link.sock in events:
-                self._read_broker()
+            for link in links:
+                try:
+                    if link.monitor is not None and link.monitor in events:
+                        link.take_events(time.monotonic())
+                    if link.sock is not None and link.sock in events:
+                        self._read_broker(link)
+                except Unauthorized as exc:
+                    self._refused(link, exc)
+
+    def _refused(self, link: _BrokerLink, exc: Unauthorized) -> None:
+        """A broker refused the key or certificate: final for that broker (a setting to fix, not a fault
+        that retrying cures). The worker goes on serving the other brokers; when every one has refused
+        it, run() raises ``exc``."""
+        link.refused = True
+        link.close()
+        if all(other.refused for other in self._links):
+            raise exc
+        serving = [other.endpoint for other in self._links if not other.refused]
+        logger.error("%s; serving only %s from now on", exc, ", ".join(serving))
 
     def _log_summary(self, now: float) -> None:
         line = self._traffic.summary(now - self._summary_from)
@@ -749,26 +796,30 @@ class Worker:
             logger.info("%s", line)
         self._summary_from, self._summary_at = now, now + self.config.summary_interval_s
 
-    def _keep_link(self, now: float) -> None:
+    def _keep_link(self, link: _BrokerLink, now: float) -> None:
         """Connect when due, give up on a silent broker, send heartbeats."""
-        link = self._link
+        if link.refused:
+            return
         if link.sock is None and not self._draining and now >= link.reconnect_at:
             link.connect(now)
         elif link.sock is not None and now >= link.expires_at:
+            held = sum(1 for job in self._held_jobs if job.link is link)
             if self._draining:
                 link.close()
-                logger.warning("broker silent while draining; %d replies will be lost", self._outstanding)
+                logger.warning("broker %s silent while draining; %d replies to it will be lost", link.endpoint, held)
             else:
                 answered_before = link.answered
                 delay = link.drop(now)
                 hint = ""
                 if self.config.curve is not None and not answered_before:
                     hint = " (it never answered: with CurveZMQ, check that this worker's public key is in the broker's allow directory)"
-                logger.warning("broker %s silent for %.1f s; reconnecting in %.2f s%s", self.config.broker, self.config.heartbeat.expiry_s, delay, hint)
+                lost = f"; {held} requests from it abandoned (the broker re-queues them)" if held else ""
+                logger.warning(
+                    "broker %s silent for %.1f s; reconnecting in %.2f s%s%s", link.endpoint, self.config.heartbeat.expiry_s, delay, lost, hint
+                )  # fmt: skip
         link.heartbeat_if_due(now)
 
-    def _read_broker(self) -> None:
-        link = self._link
+    def _read_broker(self, link: _BrokerLink) -> None:
         for _ in range(MAX_READS_PER_WAKE):
             if link.sock is None:
                 return
@@ -776,31 +827,31 @@ class Worker:
                 frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._on_message(frames)
+            self._on_message(link, frames)
 
-    def _on_message(self, frames: list[zmq.Frame]) -> None:
-        link, now = self._link, time.monotonic()
+    def _on_message(self, link: _BrokerLink, frames: list[zmq.Frame]) -> None:
+        now = time.monotonic()
         try:
             header = protocol.parse_command(frames[0].buffer)
         except BadRequest as exc:
             link.heard(now)
-            logger.warning("ignored a malformed message from the broker: %s", exc)
+            logger.warning("ignored a malformed message from broker %s: %s", link.endpoint, exc)
             return
         cmd = header["cmd"]
         if not link.answered and cmd != protocol.DISCONNECT:
             logger.info(
                 "registered with broker %s: serving %s, capacity %d",
-                self.config.broker, ", ".join(self.config.models), self.config.effective_capacity,
+                link.endpoint, ", ".join(self.config.models), self.config.effective_capacity,
             )  # fmt: skip
         link.heard(now, healthy=cmd != protocol.DISCONNECT)
         if cmd == protocol.REQUEST:
-            self._on_request(header, frames[1:], now)
+            self._on_request(link, header, frames[1:], now)
         elif cmd == protocol.DISCONNECT:
-            self._on_disconnect(header.get("reason"), now)
+            self._on_disconnect(link, header.get("reason"), now)
         elif cmd != protocol.HEARTBEAT:
-            logger.warning("ignored unknown command %r from the broker", cmd)
+            logger.warning("ignored unknown command %r from broker %s", cmd, link.endpoint)
 
-    def _on_request(self, header: dict[str, Any], body: list[zmq.Frame], now: float) -> None:
+    def _on_request(self, link: _BrokerLink, header: dict[str, Any], body: list[zmq.Frame], now: float) -> None:
         """Queue the job for the compute thread, or fail it here if it is malformed."""
         rid = header.get("rid")
         if rid is None:
@@ -809,15 +860,16 @@ class Worker:
         request_id = header.get("id") if isinstance(header.get("id"), str) else None
         try:
             job = parse_request(
-                header, body, models=self.config.models, now=now, generation=self._link.generation, max_image_bytes=self.config.max_message_bytes
+                header, body, models=self.config.models, now=now, generation=link.generation, max_image_bytes=self.config.max_message_bytes
             )
         except ServiceError as exc:
-            self._refuse(rid, request_id, exc.code, exc.message, now)
+            self._refuse(link, rid, request_id, exc.code, exc.message, now)
             return
         except Exception as exc:  # a bug in a parser fails this request, never the worker
             logger.exception("parsing request %r failed", request_id)
-            self._refuse(rid, request_id, "internal", f"the worker could not parse the request: {type(exc).__name__}", now)
+            self._refuse(link, rid, request_id, "internal", f"the worker could not parse the request: {type(exc).__name__}", now)
             return
+        job.link = link
         try:
             # Everything the header can tell is checked before decoding starts: a request that would be
             # refused anyway never costs a decode, and the decode's peak bytes are counted up front.
@@ -825,7 +877,7 @@ class Worker:
             check_reply_size(job, info.height, info.width, self.config.max_message_bytes)
             check_network_size(job, info.height, info.width)
         except ServiceError as exc:
-            self._refuse(rid, request_id, exc.code, exc.message, now)
+            self._refuse(link, rid, request_id, exc.code, exc.message, now)
             return
         job.held_bytes = held_bytes(job.image, info)
         if self._outstanding and self._held_bytes + job.held_bytes > self.config.max_held_bytes:
@@ -833,16 +885,17 @@ class Worker:
                 f"this worker holds {self._held_bytes} bytes of images and this one needs {job.held_bytes} "
                 f"(limit {self.config.max_held_bytes}); retry in a moment, send smaller images, or add workers"
             )
-            self._refuse(rid, request_id, "overloaded", message, now)
+            self._refuse(link, rid, request_id, "overloaded", message, now)
             return
         job.decoded = self._decode(job.image)
         self._outstanding += 1
         self._held_bytes += job.held_bytes
+        self._held_jobs.add(job)
         self._jobs.put(job)
 
-    def _refuse(self, rid: Any, request_id: str | None, code: str, message: str, received: float) -> None:
+    def _refuse(self, link: _BrokerLink, rid: Any, request_id: str | None, code: str, message: str, received: float) -> None:
         """Answer a request from the I/O loop, before it reached the compute side."""
-        self._link.send(error_frames(rid, request_id, code, message))
+        link.send(error_frames(rid, request_id, code, message))
         seconds = time.monotonic() - received
         self._traffic.reply(code, seconds * 1000)
         if self._metrics is not None:
@@ -869,29 +922,28 @@ class Worker:
         if self._metrics is not None:
             self._metrics.decoded(where)
 
-    def _on_disconnect(self, reason: Any, now: float) -> None:
-        link = self._link
+    def _on_disconnect(self, link: _BrokerLink, reason: Any, now: float) -> None:
         if reason == protocol.REASON_UNAUTHORIZED:
-            logger.error(
-                "broker %s refused this worker: wrong or missing key. Give the broker's key with --key-file or ZDEPTH_KEY.",
-                self.config.broker,
+            raise Unauthorized(
+                f"broker {link.endpoint} refused this worker: wrong or missing key. "
+                "Give the broker's key with --key-file or ZDEPTH_KEY (the key the broker was started with)"
             )
-            raise Unauthorized(f"broker {self.config.broker} refused this worker's key; use the key the broker was started with")
         if self._draining:
-            logger.debug("broker sent DISCONNECT %r while draining; ignored", reason)
+            logger.debug("broker %s sent DISCONNECT %r while draining; ignored", link.endpoint, reason)
             return
         delay = link.drop(now)
-        logger.warning("broker sent DISCONNECT %r; announcing again in %.2f s", reason, delay)
+        logger.warning("broker %s sent DISCONNECT %r; announcing again in %.2f s", link.endpoint, reason, delay)
 
     def _begin_drain(self) -> None:
+        """Tell every broker to send no more; the loop returns once all that is held is answered."""
         self._draining = True
         self._drain_grace_end = time.monotonic() + DRAIN_GRACE_S
-        if self._link.send([protocol.command(protocol.DISCONNECT, reason="draining")]):
-            logger.info("draining: finishing %d requests, the broker sends no more", self._outstanding)
+        told = [link.endpoint for link in self._links if link.send([protocol.command(protocol.DISCONNECT, reason="draining")])]
+        logger.info("draining: finishing %d requests; told %s to send no more", self._outstanding, ", ".join(told) or "no broker (none connected)")
 
     def _send_results(self) -> None:
-        """Send what the compute thread finished; results of a dropped connection are abandoned."""
-        link = self._link
+        """Send what the compute thread finished, each to the broker it came from; results for a
+        connection dropped since the request came are abandoned."""
         while True:
             try:
                 job, frames = self._results.get_nowait()
@@ -899,6 +951,8 @@ class Worker:
                 return
             self._outstanding -= 1
             self._held_bytes -= job.held_bytes
+            self._held_jobs.discard(job)
+            link = job.link
             if frames is not None and job.generation == link.generation:
                 link.send(frames)
                 seconds = time.monotonic() - job.received
@@ -1021,7 +1075,7 @@ class Worker:
 
     def _admit(self, job: Job) -> bool:
         """Whether the job goes on; an abandoned (old connection, abort) or late one is settled here."""
-        if self._abort or job.generation != self._link.generation:
+        if self._abort or job.generation != job.link.generation:
             job.decoded.cancel()
             self._emit(job, None)
             return False
