@@ -651,6 +651,83 @@ def test_unknown_worker_disconnect_makes_it_announce_again(broker, engine, start
     assert broker.replies(1)[1][0]["status"] == "ok"
 
 
+# ----------------------------------------------------------------------------- several brokers
+
+
+@pytest.fixture
+def two(ctx):
+    """Two fake brokers, for a worker that serves both."""
+    pair = FakeBroker(ctx), FakeBroker(ctx)
+    yield pair
+    for fake in pair:
+        fake.close()
+
+
+def quiet_for(broker: FakeBroker, seconds: float) -> list[dict]:
+    """Every message but heartbeats that ``broker`` gets within ``seconds``."""
+    seen, deadline = [], time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            seen.append(broker.recv(timeout=left)[1])
+        except AssertionError:
+            break
+    return seen
+
+
+def test_each_broker_gets_a_ready_with_the_full_capacity_and_its_own_replies(two, engine, start):
+    a, b = two
+    running = start(make_config(f"{a.endpoint},{b.endpoint}", capacity=5), engine)
+    id_a, ready_a, _ = a.expect(protocol.READY)
+    id_b, ready_b, _ = b.expect(protocol.READY)
+    assert ready_a["capacity"] == ready_b["capacity"] == 5 and ready_a["info"] == ready_b["info"]
+    a.request(id_a, 1)
+    b.request(id_b, 2, op=protocol.OP_METRIC, model="vits-hypersim")
+    a.request(id_a, 3)
+    assert sorted(a.replies(2)) == [1, 3]
+    (header, client, _), = b.replies(1).values()
+    assert header["rid"] == 2 and client["model"] == "vits-hypersim"
+    assert not [h for h in quiet_for(a, 0.3) if h["cmd"] == protocol.REPLY]  # nothing of b's came to a
+
+    running.worker.stop()  # the drain tells both
+    assert a.expect(protocol.DISCONNECT)[1]["reason"] == b.expect(protocol.DISCONNECT)[1]["reason"] == "draining"
+    running.join()
+    assert running.error is None
+
+
+def test_a_reply_is_dropped_only_for_the_link_that_reconnected(two, engine, start):
+    a, b = two
+    gated = GatedEngine(engine)
+    start(make_config(f"{a.endpoint},{b.endpoint}", max_batch=1), gated)
+    id_a, _, _ = a.expect(protocol.READY)
+    id_b, _, _ = b.expect(protocol.READY)
+    a.request(id_a, 1)
+    b.request(id_b, 2)
+    assert gated.started.wait(WAIT_S)
+    a.send(id_a, protocol.DISCONNECT, reason=protocol.REASON_UNKNOWN_WORKER)  # a forgot the worker: it announces again
+    fresh, _, _ = a.expect(protocol.READY)
+    assert fresh != id_a
+    gated.gate.set()
+    assert list(b.replies(1)) == [2]
+    assert not [h for h in quiet_for(a, 0.5) if h["cmd"] == protocol.REPLY]  # rid 1 belonged to the old connection
+    a.request(fresh, 3)
+    assert list(a.replies(1)) == [3]
+
+
+def test_a_broker_that_refuses_the_key_is_given_up_while_the_other_serves(two, engine, start, caplog):
+    a, b = two
+    with caplog.at_level(logging.ERROR, logger="zdepth.worker"):
+        running = start(make_config(f"{a.endpoint},{b.endpoint}"), engine)
+        id_a, _, _ = a.expect(protocol.READY)
+        id_b, _, _ = b.expect(protocol.READY)
+        a.send(id_a, protocol.DISCONNECT, reason=protocol.REASON_UNAUTHORIZED)
+        b.request(id_b, 1)
+        assert b.replies(1)[1][0]["status"] == "ok"
+        assert quiet_for(a, 0.5) == []  # never announced to it again
+    assert running.thread.is_alive() and running.error is None
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(a.endpoint in m and f"serving only {b.endpoint}" in m for m in errors), errors
+
+
 def test_unauthorized_disconnect_makes_run_raise(broker, engine, start):
     running = start(make_config(broker.endpoint, key="wrong"), engine)
     identity, header, _ = broker.expect(protocol.READY)
