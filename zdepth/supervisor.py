@@ -64,7 +64,7 @@ POLL_S = 0.1
 
 # Exit statuses of every zdepth command.
 EXIT_OK = 0
-EXIT_FAILURE = 1  # something failed that may work next time (a crash, a broker that refused the key, ...)
+EXIT_FAILURE = 1  # something failed that may work next time (a crash, a broker gone for good, ...)
 EXIT_CONFIG = 2  # a bad option or setting (also what click uses for usage errors): fix the command line
 EXIT_MISSING = 3  # a checkpoint (after any download attempt) or torch is missing: install or fetch it
 EXIT_ADDRESS = 4  # an address cannot be bound, usually a port in use: another broker or serve runs there
