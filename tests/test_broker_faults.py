@@ -17,10 +17,9 @@ import msgpack
 import pytest
 import zmq
 
-from peers import KEY, PeerWorker, dealer, health, recv_reply, send_request, start_broker, wait_until
+from peers import PeerWorker, dealer, health, recv_reply, send_request, start_broker, wait_until
 from zdepth.broker import Broker
 from zdepth.config import BrokerConfig
-from zdepth.protocol import VERSION
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,7 +50,7 @@ def test_two_of_three_workers_freeze_together_and_their_requests_go_to_the_third
     for i in range(4):
         send_request(client, f"r{i}", timeout_ms=20_000)
     wait_until(lambda: sum(len(w.received) for w in frozen) == 4, what="four requests at the frozen pair")
-    live = PeerWorker(ctx, broker.workers, name="live", capacity=8)
+    PeerWorker(ctx, broker.workers, name="live", capacity=8)
     workers_ready(ctx, broker, 3)
     for worker in frozen:
         worker.frozen = True  # a host with two GPUs suspended: both stop at once

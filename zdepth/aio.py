@@ -20,7 +20,6 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from ._requests import (
-    MONITOR_EVENTS,
     REOPEN,
     ClientBase,
     ClientState,
@@ -29,12 +28,10 @@ from ._requests import (
     Request,
     StreamState,
     brokers_health,
-    configure_socket,
     fetch_image,
     is_url,
 )
-from .auth import apply_peer_security
-from .client import Client, StreamItem, _close_socket
+from .client import Client, StreamItem, _close_socket, _open_dealer
 from .pointcloud import Intrinsics
 from .protocol import OP_RELATIVE
 from .results import DepthResult, PointCloudResult
@@ -102,16 +99,7 @@ class AsyncClient(ClientBase):
         assert self._receivers is not None and self._watchers is not None
         loop = asyncio.get_running_loop()
         link = self._pipeline.links[index]
-        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-        monitor = None
-        try:
-            configure_socket(sock)
-            apply_peer_security(sock, key=self._pipeline.key, curve=self.curve, plain=link.plain)
-            monitor = sock.get_monitor_socket(MONITOR_EVENTS)
-            sock.connect(link.address)
-        except BaseException:
-            _close_socket(sock, monitor)
-            raise
+        sock, monitor = _open_dealer(zmq.asyncio.Context.instance(), link, key=self._pipeline.key, curve=self.curve)
         self._sockets[index], self._monitors[index] = sock, monitor
         link.reset(time.monotonic())
         self._receivers[index] = loop.create_task(self._receive(sock, index))

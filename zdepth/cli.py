@@ -333,7 +333,7 @@ def _errors() -> Iterator[None]:
     (see zdepth.supervisor: ``serve`` restarts a child only after the last kind).
     """
     from .errors import WeightsNotFound
-    from .supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_MISSING
+    from .supervisor import EXIT_CONFIG, EXIT_FAILURE
 
     try:
         yield

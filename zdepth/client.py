@@ -150,16 +150,7 @@ class Client(ClientBase):
         """A DEALER to broker ``index`` with the client's options and security, watched by a monitor socket."""
         assert self._sockets is not None and self._monitors is not None and self._poller is not None
         link = self._pipeline.links[index]
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        monitor = None
-        try:
-            configure_socket(sock)
-            apply_peer_security(sock, key=self._pipeline.key, curve=self.curve, plain=link.plain)
-            monitor = sock.get_monitor_socket(MONITOR_EVENTS)
-            sock.connect(link.address)
-        except BaseException:
-            _close_socket(sock, monitor)
-            raise
+        sock, monitor = _open_dealer(zmq.Context.instance(), link, key=self._pipeline.key, curve=self.curve)
         self._sockets[index], self._monitors[index] = sock, monitor
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(monitor, zmq.POLLIN)
@@ -502,6 +493,21 @@ class Client(ClientBase):
         finally:
             state.abandon()
             reader.stop()
+
+
+def _open_dealer(context: zmq.Context, link: Any, *, key: str | None, curve: Any) -> tuple[zmq.Socket, zmq.Socket]:
+    """A DEALER to ``link``'s broker with the client's options and security, and the monitor that watches it."""
+    sock = context.socket(zmq.DEALER)
+    monitor = None
+    try:
+        configure_socket(sock)
+        apply_peer_security(sock, key=key, curve=curve, plain=link.plain)
+        monitor = sock.get_monitor_socket(MONITOR_EVENTS)
+        sock.connect(link.address)
+    except BaseException:
+        _close_socket(sock, monitor)
+        raise
+    return sock, monitor
 
 
 def _close_socket(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
