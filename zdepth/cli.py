@@ -87,8 +87,8 @@ def _value(choice: Any) -> Any:
     return choice.value if isinstance(choice, enum.Enum) else choice
 
 
-class _Command(typer.core.TyperCommand):
-    """A command whose flags show no value placeholder in --help (they take none)."""
+class _PlainFlags:
+    """Flags show no value placeholder in --help (they take none); mixed into the command and group classes."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -103,20 +103,12 @@ class _Command(typer.core.TyperCommand):
         return option
 
 
-class _Group(typer.core.TyperGroup):
+class _Command(_PlainFlags, typer.core.TyperCommand):
+    """A command whose flags show no value placeholder."""
+
+
+class _Group(_PlainFlags, typer.core.TyperGroup):
     """The top-level command, flags likewise."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
 
 
 app = typer.Typer(
