@@ -238,10 +238,9 @@ def counting_client_class():
 
         last_attempts = 0
 
-        def _send(self, exchange, target: int) -> bool:  # exchange: zdepth._requests.Exchange
-            sent = super()._send(exchange, target)
+        def _send(self, exchange) -> None:  # exchange: zdepth._requests.Exchange
+            super()._send(exchange)
             self.last_attempts = exchange.attempts
-            return sent
 
     return CountingClient
 

@@ -535,21 +535,6 @@ class ClientBase:
         if self._state is ClientState.CLOSED:
             raise RuntimeError(f"this client for {self.address} is closed; create a new one")
 
-    def _flush(self) -> None:
-        """Hand each attempt waiting to go out to the socket of the broker the pipeline routes it to, in order,
-        until that socket would block. Connection events are read first, so the pipeline knows which
-        connections are up and which connection a request goes out on. ``_read_monitors`` and ``_send``
-        are the drivers' (blocking in ``Client``, asyncio in ``AsyncClient``)."""
-        self._read_monitors()
-        blocked: set[int] = set()
-        for exchange in self._pipeline.unsent():
-            target = self._pipeline.route(exchange, time.monotonic())
-            if target is None or target in blocked:
-                continue
-            if not self._send(exchange, target):
-                blocked.add(target)
-                self._pipeline.send_blocked(time.monotonic(), target)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address!r}, state={self._state.value})"
 

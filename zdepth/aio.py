@@ -265,6 +265,20 @@ class AsyncClient(ClientBase):
         exchange.waiter = asyncio.get_running_loop().create_future()
         self._flush()
 
+    def _flush(self) -> None:
+        """Hand each attempt waiting to go out to the socket of the broker the pipeline routes it to, in order,
+        until that socket would block. Connection events are read first, so the pipeline knows which
+        connections are up and which connection a request goes out on."""
+        self._read_monitors()
+        blocked: set[int] = set()
+        for exchange in self._pipeline.unsent():
+            target = self._pipeline.route(exchange, time.monotonic())
+            if target is None or target in blocked:
+                continue
+            if not self._send(exchange, target):
+                blocked.add(target)
+                self._pipeline.send_blocked(time.monotonic(), target)
+
     def _send(self, exchange: Exchange, target: int) -> bool:
         """Send the current attempt to broker ``target``; False when its socket would block (no connection yet,
         or a full queue)."""

@@ -358,22 +358,37 @@ class Client(ClientBase):
         finally:
             self._pipeline.forget(exchange)
 
-    def _send(self, exchange: Exchange, target: int) -> bool:
-        """Send the current attempt to broker ``target``; False when its socket would block (no connection yet,
-        or a full queue)."""
+    def _flush(self) -> None:
+        """Hand each attempt waiting to go out to the socket of the broker the pipeline routes it to, in order,
+        until that socket would block. Connection events are read first, so the pipeline knows which
+        connections are up and which connection a request goes out on."""
+        self._read_monitors()
+        blocked: set[int] = set()
+        for exchange in self._pipeline.unsent():
+            target = self._pipeline.route(exchange, time.monotonic())
+            if target is None or target in blocked:
+                continue
+            self._send(exchange)
+            if exchange.unsent:
+                blocked.add(target)
+                self._pipeline.send_blocked(time.monotonic(), target)
+
+    def _send(self, exchange: Exchange) -> None:
+        """Send the exchange's current attempt to the broker the pipeline routes it to; it stays unsent when there
+        is none yet, or that socket would block (no connection yet, or a full queue)."""
         self._ensure_open()
         assert self._sockets is not None
-        sock = self._sockets[target]
-        if sock is None:
-            return False
         now = time.monotonic()
+        target = self._pipeline.route(exchange, now)
+        sock = None if target is None else self._sockets[target]
+        if sock is None:
+            return
         frames = self._pipeline.message(exchange, now)
         try:
             sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            return False
+            return
         self._pipeline.sent(exchange, now, target)
-        return True
 
     def _pump(self, reader: _FrameReader | None = None) -> None:
         """Wait for a reply, a connection event (or a new frame from ``reader``) until the next deadline; then
