@@ -47,7 +47,7 @@ def fixed_depth(height: int, width: int):
 
 def _reply_parts(shape: tuple[int, int], body: str):
     """The fixed reply: (descriptions for a raw-frame header, frames) or one msgpack-numpy body."""
-    from zdepth import codec
+    from zdepth.protocol import codec
 
     depth = fixed_depth(*shape)
     if body == "msgpack-numpy":
@@ -100,7 +100,7 @@ def _echo_dealer(endpoint: str, shape: tuple[int, int], key: str | None = None):
     """
     import zmq
 
-    from zdepth.auth import apply_peer_security
+    from zdepth.protocol.auth import apply_peer_security
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -299,7 +299,7 @@ class ProtocolWorker(threading.Thread):
         import msgpack
         import zmq
 
-        from zdepth.auth import apply_peer_security
+        from zdepth.protocol.auth import apply_peer_security
         from zdepth.protocol import VERSION, command, error_header
 
         sock = self.ctx.socket(zmq.DEALER)
@@ -497,7 +497,7 @@ def raw_dealer(ctx, endpoint: str, *, key: str | None, plain: bool = True, hwm: 
     """A client DEALER; with ``plain`` and a key it proves the key at the handshake (key None: a stranger)."""
     import zmq
 
-    from zdepth.auth import apply_peer_security
+    from zdepth.protocol.auth import apply_peer_security
 
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -53,7 +53,7 @@ def main() -> int:
     from depth_anything_v2 import build_model, load_checkpoint, preprocess_cv2, preprocess_tensor, resize_depth
     from depth_anything_v2.transforms import network_input_size
     from zdepth.engine import Engine
-    from zdepth.imageio import decode_image, device_decodable_jpeg
+    from zdepth.protocol.images import decode_image, device_decodable_jpeg
 
     torch.set_num_threads(1)  # on the CPU see _common.CPU_THREADS_NOTE; on CUDA the host does little
     if args.device == "auto":

@@ -55,8 +55,9 @@ def worker_main(conn, endpoints: list[str], key: str, compute_s: float, name: st
     import numpy as np
     import zmq
 
-    from zdepth import codec, protocol
-    from zdepth.auth import apply_peer_security
+    from zdepth import protocol
+    from zdepth.protocol import codec
+    from zdepth.protocol.auth import apply_peer_security
 
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

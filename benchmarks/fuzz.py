@@ -45,7 +45,7 @@ from typing import Any, Callable
 import _common
 from soak import broker_child, child_env, free_port, small_frame, wait_health, worker_child
 
-from zdepth.auth import apply_peer_security
+from zdepth.protocol.auth import apply_peer_security
 
 NAME = "fuzz"
 KEY = "fuzz-key"
@@ -73,7 +73,7 @@ class Fuzzer:
         import cv2
         import numpy as np
 
-        from zdepth.codec import image_descriptor, params_frame
+        from zdepth.protocol.codec import image_descriptor, params_frame
         from zdepth.protocol import VERSION
 
         self.rng = rng
@@ -692,7 +692,7 @@ def warm_worker(address: str, fuzzer: Fuzzer, *, rounds: int = 2) -> None:
     """Full batches of every op at both sizes used here, so the worker's allocations are made before RSS is measured."""
     import zmq
 
-    from zdepth.codec import image_descriptor, params_frame
+    from zdepth.protocol.codec import image_descriptor, params_frame
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -40,7 +40,7 @@ def main() -> int:
 
     from depth_anything_v2 import network_input_size, preprocess_tensor, resize_depth
     from zdepth.engine import Engine
-    from zdepth.imageio import decode_image, device_decodable_jpeg
+    from zdepth.protocol.images import decode_image, device_decodable_jpeg
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

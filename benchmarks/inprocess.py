@@ -66,7 +66,7 @@ def main() -> int:
 
     from depth_anything_v2 import build_model, load_checkpoint, network_input_size, preprocess_cv2, resize_depth
     from zdepth.engine import Engine
-    from zdepth.imageio import decode_image, device_decodable_jpeg
+    from zdepth.protocol.images import decode_image, device_decodable_jpeg
 
     if not args.threads and (args.quick or not args.device.startswith("cuda")):
         args.threads = 1  # see CPU_THREADS_NOTE

@@ -238,7 +238,7 @@ def counting_client_class():
 
         last_attempts = 0
 
-        def _send(self, exchange) -> None:  # exchange: zdepth._requests.Exchange
+        def _send(self, exchange) -> None:  # exchange: zdepth.client.pipeline.Exchange
             super()._send(exchange)
             self.last_attempts = exchange.attempts
 

@@ -58,8 +58,8 @@ class DealerClient:
     def __init__(self, ctx, endpoint: str, image: bytes, *, body: str = "raw", key: str | None = None) -> None:
         import zmq
 
-        from zdepth import codec
-        from zdepth.auth import apply_peer_security
+        from zdepth.protocol import codec
+        from zdepth.protocol.auth import apply_peer_security
 
         self._zmq = zmq
         self.sock = ctx.socket(zmq.DEALER)
@@ -73,7 +73,8 @@ class DealerClient:
         self.body = body
 
     def __call__(self) -> np.ndarray:
-        from zdepth import codec, protocol
+        from zdepth import protocol
+        from zdepth.protocol import codec
 
         request_id = format(next(self.ids), "x")
         head = protocol.request_header(id=request_id, key=KEY, op=protocol.OP_RELATIVE, model="vits", timeout_ms=10_000)
@@ -278,7 +279,8 @@ ALL_MODES = list(DESCRIPTIONS)
 
 def components(image: bytes, shape: tuple[int, int], iterations: int) -> list[dict[str, Any]]:
     """In-process cost of each serialisation step on either path, per request."""
-    from zdepth import codec, protocol
+    from zdepth import protocol
+    from zdepth.protocol import codec
 
     depth = _peers.fixed_depth(*shape)
     b64_depth = base64.b64encode(depth.tobytes()).decode("ascii")
@@ -317,7 +319,7 @@ def components(image: bytes, shape: tuple[int, int], iterations: int) -> list[di
 
 
 def _decode(image: bytes):
-    from zdepth.imageio import decode_image
+    from zdepth.protocol.images import decode_image
 
     return decode_image(image)
 

@@ -48,7 +48,7 @@ def main() -> int:
     import cv2
 
     from zdepth.client import Client
-    from zdepth.imageio import decode_image
+    from zdepth.protocol.images import decode_image
 
     report = _common.Report()
     machine = _common.machine_info(torch_info=False)

@@ -16,7 +16,7 @@ import sys
 import time
 
 from zdepth import ZdepthError
-from zdepth.aio import AsyncClient
+from zdepth.client.aio import AsyncClient
 
 
 def connect(server: str, **options) -> AsyncClient:

@@ -24,7 +24,7 @@ import msgpack
 import zmq
 
 from procs import REPO, child_env, free_port
-from zdepth.auth import apply_peer_security
+from zdepth.protocol.auth import apply_peer_security
 from zdepth.protocol import VERSION, command, request_header
 
 KEY = "fault-key"

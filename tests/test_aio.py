@@ -25,7 +25,7 @@ from zdepth import AsyncClient
 from zdepth.client import ClientState
 from zdepth.errors import DeadlineExceeded, Unauthorized, UnknownModel
 from zdepth.pointcloud import depth_to_points
-from zdepth.results import DepthResult, PointCloudResult
+from zdepth.client.results import DepthResult, PointCloudResult
 
 pytestmark = pytest.mark.timeout(30)
 

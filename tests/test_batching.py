@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from zdepth.batching import collect_batch
+from zdepth.engine.batching import collect_batch
 
 pytestmark = pytest.mark.timeout(10)
 

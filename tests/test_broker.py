@@ -13,7 +13,7 @@ import msgpack
 import pytest
 import zmq
 
-from zdepth.auth import apply_peer_security
+from zdepth.protocol.auth import apply_peer_security
 from zdepth.broker import Broker
 from zdepth.config import BrokerConfig, Heartbeat
 from zdepth.protocol import VERSION, command, request_header

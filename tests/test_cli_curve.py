@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from zdepth import Client, ConfigError
 from zdepth.cli import app
-from zdepth.curve import CurveClient
+from zdepth.protocol.curve import CurveClient
 from zdepth.errors import DeadlineExceeded, ZdepthError
 
 KEY = "cli-curve-shared-key-7f3a"

@@ -23,13 +23,14 @@ import pytest
 import zmq
 
 import zdepth
-from zdepth import codec, protocol
+from zdepth import protocol
+from zdepth.protocol import codec
 from zdepth.client import Client, ClientState
-from zdepth.curve import CurveClient, CurveServer, apply_server, generate
+from zdepth.protocol.curve import CurveClient, CurveServer, apply_server, generate
 from zdepth.errors import ERRORS_BY_CODE, BadRequest, ConfigError, DeadlineExceeded, InternalError, Overloaded, Unauthorized
-from zdepth.imageio import decode_image
+from zdepth.protocol.images import decode_image
 from zdepth.pointcloud import Intrinsics, depth_to_points
-from zdepth.results import DepthResult, PointCloudResult
+from zdepth.client.results import DepthResult, PointCloudResult
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -678,5 +679,5 @@ def test_from_profile_reads_the_profile_file(monkeypatch, tmp_path):
 
 def test_package_exports_and_imports_no_torch():
     assert {"Client", "AsyncClient", "DepthResult", "PointCloudResult"} <= set(zdepth.__all__)
-    code = "import zdepth, zdepth.client, zdepth.aio, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import zdepth, zdepth.client, zdepth.client.aio, sys; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1], timeout=60)

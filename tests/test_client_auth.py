@@ -1,7 +1,7 @@
 """The client at the ZeroMQ handshake: the key over PLAIN, CurveZMQ, and what a refusal or a mismatch says.
 
 The servers are ROUTERs on real loopback ports, secured as the broker secures
-its own (zdepth.auth), answering per protocol; one test runs a real broker.
+its own (zdepth.protocol.auth), answering per protocol; one test runs a real broker.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import zmq
 
 from procs import child_env, free_port, spawn, wait_for_health, zdepth_argv
 from test_client import answer, frame
-from zdepth import AsyncClient, Client, auth, protocol
-from zdepth.curve import CurveClient, CurveServer, generate
+from zdepth import AsyncClient, Client, protocol
+from zdepth.protocol import auth
+from zdepth.protocol.curve import CurveClient, CurveServer, generate
 from zdepth.errors import Unauthorized
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,7 +49,7 @@ class SecureServer:
 
     def _run(self) -> None:
         from test_client import Received
-        from zdepth import codec
+        from zdepth.protocol import codec
 
         while not self._stop.is_set():
             if not self._socket.poll(20):

@@ -22,7 +22,8 @@ import zmq
 from test_client import answer, error_reply, fake_depth, frame, pixels
 from test_client import Received
 from zdepth import AsyncClient, Client
-from zdepth import codec, protocol
+from zdepth import protocol
+from zdepth.protocol import codec
 from zdepth.errors import DeadlineExceeded
 
 pytestmark = pytest.mark.timeout(60)

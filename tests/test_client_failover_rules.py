@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import zmq
 
-from zdepth import codec, protocol
-from zdepth._requests import FIRST_CHOICE_GRACE_S, Pipeline, Request, finish_depth
+from zdepth import protocol
+from zdepth.protocol import codec
+from zdepth.client.pipeline import FIRST_CHOICE_GRACE_S, Pipeline, Request, finish_depth
 from zdepth.errors import BrokerUnreachable, DeadlineExceeded, Unauthorized
 
 A, B = "tcp://a:5555", "tcp://b:5555"
@@ -106,7 +107,7 @@ def test_a_request_that_expires_with_nothing_heard_from_its_broker_moves_on_and_
     out, _ = send(pipe, 0.0)
     pipe.receive(reply(out), 0.1, 0)
     out2, _ = send(pipe, 0.2)  # the broker freezes: nothing more from it
-    with caplog.at_level(logging.WARNING, logger="zdepth._requests"):
+    with caplog.at_level(logging.WARNING, logger="zdepth.client.pipeline"):
         assert pipe.expire(1.2) == []
     assert pipe.links[0].silent and "nothing heard from the broker at " + A in caplog.text
     assert flush(pipe, out2, 1.2) == 1  # the retry goes elsewhere
@@ -153,7 +154,7 @@ def test_a_broker_that_refuses_the_key_is_passed_over_unless_every_one_does(capl
     waiting = pipe.open(request(0.0), 0.0)
     pinned = pipe.open(request(0.0), 0.0, pin=0)
     pipe.link_event(0, DOWN, 0, 0.0)
-    with caplog.at_level(logging.WARNING, logger="zdepth._requests"):
+    with caplog.at_level(logging.WARNING, logger="zdepth.client.pipeline"):
         _, failed = pipe.link_event(0, REFUSED, 400, 0.1)
     assert failed == [pinned] and isinstance(pinned.error, Unauthorized)
     assert "using the other brokers" in caplog.text

@@ -18,7 +18,7 @@ from procs import free_port
 from test_client import answer, fake_depth, frame, serve  # noqa: F401  (serve is a fixture)
 from test_client import Received
 from zdepth import AsyncClient, Client, protocol
-from zdepth import codec
+from zdepth.protocol import codec
 from zdepth.errors import BrokerUnreachable, ConfigError, DeadlineExceeded
 
 pytestmark = pytest.mark.timeout(60)

@@ -16,9 +16,9 @@ import pytest
 
 from test_client import INTRINSICS, fake_depth, serve  # noqa: F401  (serve is a fixture)
 from zdepth import AsyncClient, Client
-from zdepth._requests import fetch_image
+from zdepth.client.pipeline import fetch_image
 from zdepth.errors import BadRequest
-from zdepth.imageio import decode_image
+from zdepth.protocol.images import decode_image
 from zdepth.pointcloud import depth_to_points
 
 pytestmark = pytest.mark.timeout(60)

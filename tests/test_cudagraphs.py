@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from zdepth.cudagraphs import GraphedForward, padded_batch
+from zdepth.engine.cudagraphs import GraphedForward, padded_batch
 
 
 def test_batches_pad_to_powers_of_two():

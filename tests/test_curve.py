@@ -10,10 +10,10 @@ import zmq
 
 from procs import Relay
 
-from zdepth.auth import apply_peer_security
+from zdepth.protocol.auth import apply_peer_security
 from zdepth.broker import Broker
 from zdepth.config import BrokerConfig, Heartbeat
-from zdepth.curve import CurveClient, CurveServer, apply_client, generate
+from zdepth.protocol.curve import CurveClient, CurveServer, apply_client, generate
 from zdepth.protocol import command, request_header
 
 pytestmark = pytest.mark.timeout(30)

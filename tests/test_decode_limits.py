@@ -25,7 +25,8 @@ import pytest
 
 from procs import start_live_server
 from test_worker import GatedEngine, broker, ctx, engine, make_config, start  # noqa: F401 - fixtures
-from zdepth import imageio, protocol
+from zdepth import protocol
+from zdepth.protocol import images as imageio
 from zdepth.config import WorkerConfig
 from zdepth.errors import BadRequest
 from zdepth.worker import max_pixels
@@ -58,7 +59,7 @@ MEASURE = textwrap.dedent(
     import ctypes, io, json, struct, sys, zlib
     import cv2, numpy as np
     from PIL import Image
-    from zdepth import imageio
+    from zdepth.protocol import images as imageio
     from zdepth.worker import held_bytes
 
     W, H = int(sys.argv[1]), int(sys.argv[2])

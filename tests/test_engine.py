@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-import zdepth.engine
+import zdepth.engine.inference
 from conftest import data_file
 from zdepth.engine import Engine
 from zdepth.errors import BadRequest, UnknownModel, WeightsNotFound
-from zdepth.imageio import EncodedJpeg, decode_image, device_decodable_jpeg, encode_jpeg, read_image
+from zdepth.protocol.images import EncodedJpeg, decode_image, device_decodable_jpeg, encode_jpeg, read_image
 
 SMALL = 28  # a fast input size: 60x80 frames become 28x42 network inputs
 RNG = np.random.default_rng(0)
@@ -138,8 +138,8 @@ def test_empty_batch(engine):
 
 def test_model_cache_is_per_model_not_per_size(weights_dir, monkeypatch):
     builds = []
-    real_build = zdepth.engine.build_model
-    monkeypatch.setattr(zdepth.engine, "build_model", lambda *a, **k: builds.append(a) or real_build(*a, **k))
+    real_build = zdepth.engine.inference.build_model
+    monkeypatch.setattr(zdepth.engine.inference, "build_model", lambda *a, **k: builds.append(a) or real_build(*a, **k))
     engine = Engine(weights_dir=weights_dir)
     assert engine.loaded == ()
     spec = engine.load("vits")
@@ -198,7 +198,7 @@ def device_decoding_engine(weights_dir):
     CUDA) inside the engine, then torch resize and normalise."""
     engine = Engine(weights_dir=weights_dir)
     engine._cv2_preprocess = False
-    engine._decode_jpeg = zdepth.engine._torchvision_jpeg_decoder()
+    engine._decode_jpeg = zdepth.engine.inference._torchvision_jpeg_decoder()
     assert engine.decodes_jpeg
     return engine
 
@@ -240,7 +240,7 @@ def test_a_decoder_that_keeps_failing_is_switched_off(device_decoding_engine):
     device_decoding_engine._decode_jpeg = broken
     data = encode_jpeg(frame(60, 80))
     (expected,) = device_decoding_engine.infer([decode_image(data)], "vits", input_size=SMALL)
-    for _ in range(zdepth.engine.DECODER_STRIKES):
+    for _ in range(zdepth.engine.inference.DECODER_STRIKES):
         assert device_decoding_engine.decodes_jpeg  # one odd JPEG, or a few, do not turn it off
         (depth,) = device_decoding_engine.infer([device_decodable_jpeg(data)], "vits", input_size=SMALL)
         np.testing.assert_array_equal(depth, expected)  # cv2 decoded it

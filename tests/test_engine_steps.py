@@ -18,7 +18,7 @@ import torch
 
 from zdepth.engine import Engine, Pending
 from zdepth.errors import BadRequest
-from zdepth.imageio import decode_image, device_decodable_jpeg, encode_jpeg
+from zdepth.protocol.images import decode_image, device_decodable_jpeg, encode_jpeg
 
 SMALL = 28
 RNG = np.random.default_rng(5)
@@ -81,10 +81,10 @@ def test_float16_is_cast_in_the_engine_after_min_and_max(engine):
 
 
 def test_jpegs_and_device_decoding_on_the_tensor_path(engine, monkeypatch):
-    import zdepth.engine
+    import zdepth.engine.inference
 
     monkeypatch.setattr(engine, "_cv2_preprocess", False)
-    monkeypatch.setattr(engine, "_decode_jpeg", zdepth.engine._torchvision_jpeg_decoder())
+    monkeypatch.setattr(engine, "_decode_jpeg", zdepth.engine.inference._torchvision_jpeg_decoder())
     image = RNG.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
     jpeg = device_decodable_jpeg(encode_jpeg(image, quality=95))
     (depth,) = engine.collect(engine.run([engine.prepare(jpeg, SMALL)], "vits"))

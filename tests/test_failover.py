@@ -27,9 +27,10 @@ import zmq
 
 from peers import KEY, BrokerProcess, dealer, start_broker, wait_until
 from procs import free_port
-from zdepth import AsyncClient, Client, codec, protocol
+from zdepth import AsyncClient, Client, protocol
+from zdepth.protocol import codec
 from zdepth.errors import BrokerUnreachable, ConfigError, DeadlineExceeded, ServiceError
-from zdepth.results import DepthResult
+from zdepth.client.results import DepthResult
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -34,10 +34,10 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from zdepth import imageio
-from zdepth.auth import apply_peer_security
+from zdepth.protocol import images as imageio
+from zdepth.protocol.auth import apply_peer_security
 from zdepth.broker import Broker
-from zdepth.codec import image_descriptor, params_frame
+from zdepth.protocol.codec import image_descriptor, params_frame
 from zdepth.config import BrokerConfig, Heartbeat, WorkerConfig
 from zdepth.errors import BadRequest
 from zdepth.protocol import VERSION, command, pack, request_header
@@ -218,7 +218,7 @@ def test_oversized_frame_drops_the_connection_and_the_broker_serves_on(stacks):
 
 
 def test_every_socket_limits_message_size_and_queues(stacks):
-    from zdepth._requests import configure_socket
+    from zdepth.client.pipeline import configure_socket
 
     stack = stacks(worker={})
     for sock in (stack.broker._clients, stack.broker._workers):

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import data_file
 from zdepth.errors import BadRequest
-from zdepth.imageio import (
+from zdepth.protocol.images import (
     EncodedJpeg,
     decode_image,
     device_decodable_jpeg,
@@ -176,7 +176,7 @@ def test_encode_jpeg_validates_quality():
 def test_no_torch_import():
     import subprocess
 
-    code = "import sys, zdepth.imageio, zdepth.pointcloud; assert 'torch' not in sys.modules"
+    code = "import sys, zdepth.protocol.images, zdepth.pointcloud; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 

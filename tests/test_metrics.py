@@ -313,7 +313,7 @@ def test_a_serving_worker_counts_requests_batches_and_decodes(ctx, tmp_path, wei
     import numpy as np
 
     from zdepth.config import Heartbeat, WorkerConfig
-    from zdepth.imageio import encode_jpeg
+    from zdepth.protocol.images import encode_jpeg
     from zdepth.worker import Worker
 
     broker = start_broker(tmp_path)

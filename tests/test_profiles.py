@@ -144,7 +144,7 @@ def test_client_from_profile_uses_address_key_and_model(profiles_file: Path) -> 
 
 
 def test_timeout_and_curve_fields_resolve_relative_to_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from zdepth.curve import CurveClient, generate
+    from zdepth.protocol.curve import CurveClient, generate
 
     generate(tmp_path / "certs", "laptop")
     generate(tmp_path / "certs", "broker")

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zdepth.codec import (
+from zdepth.protocol.codec import (
     ALLOWED_DTYPES,
     array_frames,
     decode_array,

@@ -45,10 +45,29 @@ def test_every_wire_error_code_has_its_exception():
         assert issubclass(cls, zdepth.ServiceError) and cls.code == code
 
 
-def test_client_and_broker_never_import_torch():
-    code = (
-        "import sys, zdepth, zdepth.client, zdepth.aio, zdepth.broker, zdepth.cli, zdepth.protocol, zdepth.codec;"
-        "bad = [m for m in ('torch', 'torchvision', 'depth_anything_v2', 'zdepth.engine') if m in sys.modules];"
-        "assert not bad, bad"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+def loaded_after(statement: str) -> set[str]:
+    """The modules a fresh interpreter holds after running one import statement."""
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+TORCH = {"torch", "torchvision", "depth_anything_v2"}
+
+
+def test_the_client_and_the_broker_load_no_torch_and_no_worker():
+    """The import graph points one way: client and broker use the wire, never the worker or the engine."""
+    for statement in ("import zdepth", "import zdepth.broker", "import zdepth.client", "from zdepth import Client, AsyncClient"):
+        loaded = loaded_after(statement)
+        assert not loaded & TORCH, (statement, loaded & TORCH)
+        assert not {m for m in loaded if m.split(".")[:2] in (["zdepth", "worker"], ["zdepth", "engine"], ["zdepth", "cli"], ["zdepth", "gateway"])}, statement
+    broker = loaded_after("import zdepth.broker")
+    assert "cv2" not in broker
+    assert not {m for m in broker if m.split(".")[:2] == ["zdepth", "client"]}
+    assert {m for m in loaded_after("import zdepth") if m.startswith("zdepth")} == {"zdepth"}
+
+
+def test_the_command_line_and_the_wire_load_no_torch():
+    loaded = loaded_after("import zdepth.cli, zdepth.protocol.codec, zdepth.engine.weights, zdepth.engine.batching")
+    assert not loaded & TORCH
+    assert "zdepth.engine.inference" not in loaded

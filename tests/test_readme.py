@@ -65,7 +65,7 @@ RUN = (
     Run("gateway", "Keeping old HTTP clients", "zdepth gateway --broker"),
     Run("pointcloud", "The `zdepth` command", "zdepth predict tests/data/demo01.jpg"),
     Run("curve", "Security", "zdepth keygen broker"),
-    Run("curve python", "Security", "from zdepth.curve import CurveClient"),
+    Run("curve python", "Security", "from zdepth.protocol.curve import CurveClient"),
     Run("metrics", "Monitoring", "zdepth broker --metrics-port"),
 )
 

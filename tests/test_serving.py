@@ -19,8 +19,8 @@ import zmq
 
 from procs import DATA, Proc, child_env, free_port, spawn, start_live_server, wait_for_health, zdepth_argv
 from zdepth import BadRequest, Client, DeadlineExceeded, Unauthorized, UnknownModel
-from zdepth.auth import apply_peer_security
-from zdepth.codec import image_descriptor, params_frame
+from zdepth.protocol.auth import apply_peer_security
+from zdepth.protocol.codec import image_descriptor, params_frame
 from zdepth.engine import Engine
 from zdepth.pointcloud import Intrinsics, depth_to_points
 from zdepth.protocol import VERSION, request_header

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from zdepth import weights
+from zdepth.engine import weights
 from zdepth.errors import UnknownModel, WeightsNotFound
-from zdepth.weights import MODELS, default_weights_dir, find_checkpoint, get_spec
+from zdepth.engine.weights import MODELS, default_weights_dir, find_checkpoint, get_spec
 
 
 def test_table():

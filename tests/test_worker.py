@@ -24,10 +24,12 @@ import pytest
 import zmq
 
 import zdepth
-from zdepth import auth, codec, protocol
+from zdepth import protocol
+from zdepth.protocol import auth
+from zdepth.protocol import codec
 from zdepth.config import Heartbeat, WorkerConfig
 from zdepth.errors import ConfigError, Unauthorized, WeightsNotFound
-from zdepth.imageio import encode_jpeg
+from zdepth.protocol.images import encode_jpeg
 from zdepth.supervisor import EXIT_CONFIG
 from zdepth.worker import Worker, backoff_delay, run_worker
 
@@ -346,7 +348,7 @@ def test_relative_depth_reply(broker, engine, start):
 
 
 def _decoded_jpeg() -> np.ndarray:
-    from zdepth.imageio import decode_image
+    from zdepth.protocol.images import decode_image
 
     return decode_image(JPEG)
 
@@ -423,12 +425,12 @@ def test_jpegs_go_to_an_engine_that_decodes_them_and_the_rest_to_the_pool(broker
     fail alone, with the same errors as from the pool."""
     import struct
 
-    import zdepth.engine
+    import zdepth.engine.inference
     from zdepth.engine import Engine
 
     real = Engine(device="cpu", weights_dir=weights_dir)
     real._cv2_preprocess = False
-    real._decode_jpeg = zdepth.engine._torchvision_jpeg_decoder()
+    real._decode_jpeg = zdepth.engine.inference._torchvision_jpeg_decoder()
     engine = KindRecordingEngine(real)
     start(make_config(broker.endpoint, max_batch=8, max_wait_ms=300), engine)
     identity, _, _ = broker.expect(protocol.READY)
@@ -762,7 +764,7 @@ def test_backoff_doubles_with_jitter_within_bounds():
 
 
 def test_announces_itself_over_curvezmq(ctx, engine, start, tmp_path):
-    from zdepth.curve import CurveClient, CurveServer, generate, start_authenticator
+    from zdepth.protocol.curve import CurveClient, CurveServer, generate, start_authenticator
 
     server_public, server_secret = generate(tmp_path / "server", "broker")
     _, worker_secret = generate(tmp_path / "allowed", "gpu-box")
@@ -846,7 +848,7 @@ def test_run_worker_exits_2_when_the_handshake_refuses_the_key(keyed, weights_di
 
 
 def test_a_certificate_outside_the_allow_list_is_final(ctx, engine, start, tmp_path):
-    from zdepth.curve import CurveClient, CurveServer, generate
+    from zdepth.protocol.curve import CurveClient, CurveServer, generate
 
     server_public, server_secret = generate(tmp_path / "server", "broker")
     (tmp_path / "allowed").mkdir()
@@ -864,7 +866,7 @@ def test_a_certificate_outside_the_allow_list_is_final(ctx, engine, start, tmp_p
 
 
 def test_a_missing_certificate_fails_before_loading(engine, tmp_path):
-    from zdepth.curve import CurveClient
+    from zdepth.protocol.curve import CurveClient
 
     curve = CurveClient(tmp_path / "nope.key_secret", tmp_path / "broker.key")
     with pytest.raises(ConfigError, match="certificate"):

@@ -56,8 +56,8 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from ._requests import MAX_URL_IMAGE_BYTES, _shown_url
-from .errors import (
+from zdepth.client.pipeline import MAX_URL_IMAGE_BYTES, _shown_url
+from zdepth.errors import (
     BadRequest,
     BrokerUnreachable,
     ConfigError,
@@ -526,10 +526,10 @@ def create_app(settings: GatewaySettings) -> Any:
     from fastapi.security import HTTPBearer
     from pydantic import BaseModel, Field, model_validator
 
-    from . import __version__
-    from .aio import AsyncClient
-    from ._requests import resolve_addresses
-    from .config import read_key
+    from zdepth import __version__
+    from zdepth.client.aio import AsyncClient
+    from zdepth.client.pipeline import resolve_addresses
+    from zdepth.config import read_key
 
     addresses, profile = resolve_addresses(settings.broker)  # one broker, several (a:5555,b:5555) or a profile
     # One key for both sides: the one the AsyncClient would use (given, else the profile's, else the environment's).
@@ -864,8 +864,8 @@ def gateway_command(
     ] = None,
 ) -> None:
     """Serve the old HTTP depth API (/pc, /metric_depth, /rel_depth, /health; Bearer key) in front of a broker."""
-    from .cli import _errors, _resolve_target, setup_logging
-    from .supervisor import EXIT_ADDRESS, EXIT_MISSING
+    from zdepth.cli import _errors, _resolve_target, setup_logging
+    from zdepth.supervisor import EXIT_ADDRESS, EXIT_MISSING
 
     setup_logging(log_level)
     level = (log_level or "info").lower()

@@ -36,12 +36,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .errors import ConfigError
-from .protocol import ERROR_CODES, OPS, STATUS_OK
+from zdepth import __version__
+from zdepth.errors import ConfigError
+from zdepth.protocol import ERROR_CODES, OPS, STATUS_OK
 
 if TYPE_CHECKING:  # only for annotations: importing them here would import the broker's core
-    from .broker.core import BrokerCore, HeldRequest
+    from zdepth.broker.core import BrokerCore, HeldRequest
 
 __all__ = ["BrokerMetrics", "MetricsBindError", "MetricsServer", "WorkerMetrics", "cuda_memory", "serve", "DEFAULT_HOST"]
 

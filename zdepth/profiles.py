@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import read_key
-from .errors import ConfigError
+from zdepth.config import read_key
+from zdepth.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .curve import CurveClient
+    from zdepth.protocol.curve import CurveClient
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -92,7 +92,7 @@ class Profile:
         """The CurveZMQ settings for a client of this server, or None for a broker without encryption."""
         if self.curve_secret is None or self.curve_server_key is None:
             return None
-        from .curve import CurveClient
+        from zdepth.protocol.curve import CurveClient
 
         return CurveClient(self.curve_secret, self.curve_server_key)
 

@@ -4,7 +4,7 @@
 two ROUTER sockets and feeds the core; ``stats`` makes the periodic summary.
 """
 
-from .core import BrokerCore, Outgoing
-from .loop import Broker, run_broker
+from zdepth.broker.core import BrokerCore, Outgoing
+from zdepth.broker.loop import Broker, run_broker
 
 __all__ = ["Broker", "BrokerCore", "Outgoing", "run_broker"]

@@ -33,10 +33,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .. import __version__
-from ..config import BrokerConfig
-from ..errors import BadRequest
-from ..protocol import (
+from zdepth import __version__
+from zdepth.config import BrokerConfig
+from zdepth.errors import BadRequest
+from zdepth.protocol import (
     DISCONNECT,
     HEARTBEAT,
     MODEL_OPS,
@@ -59,7 +59,7 @@ from ..protocol import (
     reply_header,
     validate_request_header,
 )
-from .stats import Stats
+from zdepth.broker.stats import Stats
 
 log = logging.getLogger("zdepth.broker")
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import zmq
 
-from ..auth import apply_broker_security, start_broker_auth
-from ..config import BrokerConfig
-from .core import CLIENT, BrokerCore, Outgoing
+from zdepth.protocol.auth import apply_broker_security, start_broker_auth
+from zdepth.config import BrokerConfig
+from zdepth.broker.core import CLIENT, BrokerCore, Outgoing
 
 log = logging.getLogger("zdepth.broker")
 
@@ -63,7 +63,7 @@ class Broker:
         self.worker_endpoint = ""
         self.metrics_host = metrics_host
         if config.metrics_port is not None:
-            from ..metrics import BrokerMetrics  # prometheus_client only when metrics are on
+            from zdepth.metrics import BrokerMetrics  # prometheus_client only when metrics are on
 
             try:
                 self._metrics = BrokerMetrics(self.core)
@@ -92,7 +92,7 @@ class Broker:
         elif self.config.curve is None:
             log.info("peers prove the key at the handshake (PLAIN); CurveZMQ is off, so keys and images cross the network in clear")
         if self._metrics is not None and self._metrics_server is None:
-            from ..metrics import serve
+            from zdepth.metrics import serve
 
             self._metrics_server = serve(self.config.metrics_port, self._metrics.registry, self.metrics_host)
         log.info("broker listening: clients %s, workers %s", self.client_endpoint, self.worker_endpoint)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 from typing import Protocol
 
-from ..protocol import STATUS_OK
+from zdepth.protocol import STATUS_OK
 
 MAX_SAMPLES = 4096  # latencies kept per period for the percentiles; later ones replace at random positions
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .imageio import read_image
-from .protocol import OP_METRIC, OP_RELATIVE, is_metric_model
+from zdepth.protocol.images import read_image
+from zdepth.protocol import OP_METRIC, OP_RELATIVE, is_metric_model
 
 __all__ = ["make_frames", "percentile_summary", "run_bench", "synthetic_frame"]
 
@@ -95,7 +95,7 @@ def run_bench(
 
     ``curve``: a ``zdepth.curve.CurveClient`` for a broker that runs CurveZMQ.
     """
-    from .client import Client
+    from zdepth.client.sync import Client
 
     metric = model is not None and is_metric_model(model)
     op = OP_METRIC if metric else OP_RELATIVE

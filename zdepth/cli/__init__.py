@@ -34,11 +34,11 @@ from typing import Annotated, Any
 
 import typer
 
-from . import __version__
-from .config import CLIENT_REPLY_HWM, MAX_CLIENT_BYTES, MAX_QUEUE_BYTES
-from .errors import ConfigError, ZdepthError
-from .signals import on_stop_signals
-from .supervisor import EXIT_ADDRESS, EXIT_INTERRUPTED, EXIT_MISSING, report_ready
+from zdepth import __version__
+from zdepth.config import CLIENT_REPLY_HWM, MAX_CLIENT_BYTES, MAX_QUEUE_BYTES
+from zdepth.errors import ConfigError, ZdepthError
+from zdepth.signals import on_stop_signals
+from zdepth.supervisor import EXIT_ADDRESS, EXIT_INTERRUPTED, EXIT_MISSING, report_ready
 
 __all__ = ["app", "default_curve_dir", "main", "resolve_server", "setup_logging"]
 
@@ -324,8 +324,8 @@ def _errors() -> Iterator[None]:
     2 for bad settings, 3 for a missing checkpoint or torch, 1 for other failures
     (see zdepth.supervisor: ``serve`` restarts a child only after the last kind).
     """
-    from .errors import WeightsNotFound
-    from .supervisor import EXIT_CONFIG, EXIT_FAILURE
+    from zdepth.errors import WeightsNotFound
+    from zdepth.supervisor import EXIT_CONFIG, EXIT_FAILURE
 
     try:
         yield
@@ -375,7 +375,7 @@ def _cli_words(message: str) -> str:
 
 def _resolve_key(key: str | None, key_file: Path | None, profile_key: str | None = None) -> str | None:
     """--key, else --key-file, else the profile's key, else ZDEPTH_KEY / ZDEPTH_KEY_FILE."""
-    from .config import read_key
+    from zdepth.config import read_key
 
     if key or key_file:
         return read_key(key, key_file)
@@ -384,7 +384,7 @@ def _resolve_key(key: str | None, key_file: Path | None, profile_key: str | None
 
 def _address(value: str, option: str, *, bind: bool = False) -> str:
     """An address option as a ZeroMQ endpoint; ConfigError (exit 2) naming the option and the accepted forms."""
-    from .profiles import normalize_address
+    from zdepth.profiles import normalize_address
 
     try:
         return normalize_address(value, bind=bind)
@@ -436,8 +436,8 @@ def _resolve_target(
     Each setting: the command line's, else the profile's, else the environment's (``ctx`` tells them apart),
     so that ``--server lab`` uses lab's key even where ZDEPTH_KEY holds another broker's.
     """
-    from .config import read_key
-    from .profiles import resolve_server as resolve
+    from zdepth.config import read_key
+    from zdepth.profiles import resolve_server as resolve
 
     try:
         address, profile = resolve(server if server is not None else DEFAULT_SERVER)
@@ -478,7 +478,7 @@ def _curve_pair(secret: Path | None, server_key: Path | None):
             "CurveZMQ needs both --curve-secret (this machine's NAME.key_secret) and --curve-server-key (the broker's public NAME.key); "
             f"got only {'--curve-secret' if secret is not None else '--curve-server-key'}"
         )
-    from .curve import CurveClient
+    from zdepth.protocol.curve import CurveClient
 
     curve = CurveClient(secret.expanduser(), server_key.expanduser())
     _check_certificates(curve)
@@ -489,7 +489,7 @@ def _check_certificates(curve: Any) -> None:
     """Read CurveZMQ certificates now (ConfigError naming the file), on a throwaway socket."""
     import zmq
 
-    from .curve import CurveServer, apply_client, apply_server
+    from zdepth.protocol.curve import CurveServer, apply_client, apply_server
 
     with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as probe:
         probe.linger = 0
@@ -505,7 +505,7 @@ def _curve_server(secret: Path | None, allow: Path | None):
         if allow is not None:
             raise ConfigError("--curve-allow needs --curve-secret (the broker's NAME.key_secret from `zdepth keygen`)")
         return None
-    from .curve import CurveServer
+    from zdepth.protocol.curve import CurveServer
 
     curve = CurveServer(secret.expanduser(), allow.expanduser() if allow is not None else None)
     _check_certificates(curve)
@@ -526,7 +526,7 @@ def _curve_server(secret: Path | None, allow: Path | None):
 
 def default_curve_dir() -> Path:
     """Where ``zdepth keygen`` writes by default: ``$XDG_CONFIG_HOME/zdepth/curve`` or ``~/.config/zdepth/curve``."""
-    from .profiles import config_dir
+    from zdepth.profiles import config_dir
 
     return config_dir() / "curve"
 
@@ -534,7 +534,7 @@ def default_curve_dir() -> Path:
 @contextlib.contextmanager
 def _curve_hint(curve: Any) -> Iterator[None]:
     """With CurveZMQ, a refused certificate looks exactly like no broker at all: say so."""
-    from .errors import BrokerUnreachable, DeadlineExceeded
+    from zdepth.errors import BrokerUnreachable, DeadlineExceeded
 
     try:
         yield
@@ -560,7 +560,7 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 def _check_models(models: list[str]) -> None:
-    from .weights import get_spec
+    from zdepth.engine.weights import get_spec
 
     for model in models:
         try:
@@ -694,10 +694,10 @@ def broker(
         workers = _address(workers, "--workers", bind=True)
     import zmq
 
-    from .broker import Broker
-    from .config import BrokerConfig
-    from .metrics import MetricsBindError
-    from .config import Heartbeat as HeartbeatConfig
+    from zdepth.broker import Broker
+    from zdepth.config import BrokerConfig
+    from zdepth.metrics import MetricsBindError
+    from zdepth.config import Heartbeat as HeartbeatConfig
 
     with _errors():
         curve = _curve_server(curve_secret, curve_allow)
@@ -821,9 +821,9 @@ def worker(
     device = _check_device(device)
     precision = _check_precision(precision)
     sizes = _parse_warmup(warmup)
-    from .config import Heartbeat as HeartbeatConfig
-    from .config import WorkerConfig
-    from .worker import run_worker
+    from zdepth.config import Heartbeat as HeartbeatConfig
+    from zdepth.config import WorkerConfig
+    from zdepth.worker import run_worker
 
     with _errors():
         given = _split(broker) or _split([os.environ.get("ZDEPTH_BROKERS", "")]) or ["tcp://localhost:5556"]
@@ -948,7 +948,7 @@ def serve(
     precision = _check_precision(precision)
     sizes = _parse_warmup(warmup)
     devices = [_check_device(d) for d in _split(device)]
-    from .supervisor import ChildSpec, Supervisor, connect_address, detect_devices
+    from zdepth.supervisor import ChildSpec, Supervisor, connect_address, detect_devices
 
     with _errors():
         clients = _address(clients, "--clients", bind=True)
@@ -1058,7 +1058,7 @@ def _require_torch() -> None:
 
 def _fetch_weights(models: list[str], weights_dir: Path | None, download: bool) -> None:
     """Every checkpoint present, fetched first with --download; WeightsNotFound (exit 3) names the file and where to get it."""
-    from .weights import find_checkpoint
+    from zdepth.engine.weights import find_checkpoint
 
     for model in models:
         find_checkpoint(model, weights_dir, download=download)
@@ -1076,7 +1076,7 @@ def _serve_curve(secret: Path | None, allow: Path | None, worker_secret: Path | 
         return None, None
     import zmq.auth
 
-    from .curve import CurveClient
+    from zdepth.protocol.curve import CurveClient
 
     secret = secret.expanduser().absolute()
     allow = allow.expanduser().absolute() if allow is not None else None
@@ -1140,7 +1140,7 @@ def keygen(
         public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
         if (public.exists() or secret.exists()) and not force:
             raise ConfigError(f"certificate {name} already exists in {folder}; pass --force to replace it (peers holding the old one lose access)")
-        from .curve import generate
+        from zdepth.protocol.curve import generate
 
         previous = os.umask(0o077)  # the secret is never readable by others, not even before its chmod
         try:
@@ -1243,7 +1243,7 @@ def predict(
     """
     setup_logging(log_level)
     _check_input_size(input_size)
-    from . import predict as runner
+    from zdepth.client import files as runner
 
     with _errors():
         fmts = runner.parse_formats(formats or ["npy,color"])
@@ -1260,7 +1260,7 @@ def predict(
             model = "vits"
         if model is not None:
             _check_models([model])
-        from .protocol import is_metric_model
+        from zdepth.protocol import is_metric_model
 
         metric = model is not None and is_metric_model(model)
         if max_depth is not None and not metric:
@@ -1297,7 +1297,7 @@ def predict(
 
 
 def _intrinsics(fx, fy, cx, cy, path: Path | None):
-    from .pointcloud import Intrinsics
+    from zdepth.pointcloud import Intrinsics
 
     given = [v is not None for v in (fx, fy, cx, cy)]
     if path is not None:
@@ -1316,7 +1316,7 @@ def _intrinsics(fx, fy, cx, cy, path: Path | None):
 
 def _probe(target: _Target, timeout: float, model: str | None) -> dict[str, Any]:
     """One health request that fails fast (5 s at most) when no broker answers; warns if ``model`` is not served."""
-    from .client import Client
+    from zdepth.client.sync import Client
 
     address = target.address
     with _curve_hint(target.curve), Client(address, key=target.key, timeout=min(timeout, 5.0), retries=0, curve=target.curve) as probe:
@@ -1331,7 +1331,7 @@ def _probe(target: _Target, timeout: float, model: str | None) -> dict[str, Any]
 
 def _client(target: _Target, timeout: float, model: str | None):
     """A client whose default model is ``model`` (None: the broker picks)."""
-    from .client import Client
+    from zdepth.client.sync import Client
 
     encoder, _, dataset = (model or "").partition("-")
     kwargs: dict[str, Any] = {"encoder": encoder or None}
@@ -1356,7 +1356,7 @@ def _progress(sources, every: int, *, enabled: bool):
         TimeRemainingColumn,
     )
 
-    from .predict import count_frames
+    from zdepth.client.files import count_frames
 
     counts = [count_frames(s, every) for s in sources]
     total = None if any(c is None for c in counts) else sum(counts)
@@ -1397,7 +1397,7 @@ def health(
 ) -> None:
     """Show the broker's workers: device, models, load, requests served and uptime."""
     setup_logging(log_level)
-    from .client import Client
+    from zdepth.client.sync import Client
 
     with _errors():
         target = _resolve_target(ctx, server, key=key, key_file=key_file, curve_secret=curve_secret, curve_server_key=curve_server_key, timeout=timeout)
@@ -1508,7 +1508,7 @@ def bench(
     setup_logging(log_level)
     _check_input_size(input_size)
     wire_format = _value(wire_format)
-    from .bench import make_frames, run_bench
+    from zdepth.client.bench import make_frames, run_bench
 
     with _errors():
         target = _resolve_target(
@@ -1563,6 +1563,6 @@ def format_bench(address: str, report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-from .gateway import gateway_command  # noqa: E402  (FastAPI is imported only when the command runs)
+from zdepth.gateway import gateway_command  # noqa: E402  (FastAPI is imported only when the command runs)
 
 command("gateway")(gateway_command)

@@ -18,8 +18,8 @@ import msgpack
 import msgpack_numpy
 import numpy as np
 
-from .errors import BadRequest
-from .protocol import OP_POINTCLOUD, OP_RELATIVE
+from zdepth.errors import BadRequest
+from zdepth.protocol import OP_POINTCLOUD, OP_RELATIVE
 
 # Plain numeric dtypes only: no objects, no structured (void) records, no strings.
 ALLOWED_DTYPES = frozenset(

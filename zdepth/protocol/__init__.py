@@ -33,7 +33,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import BadRequest
+from zdepth.errors import BadRequest
 
 VERSION = 1
 

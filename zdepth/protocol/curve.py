@@ -25,7 +25,7 @@ import zmq.auth
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
-from .errors import ConfigError
+from zdepth.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

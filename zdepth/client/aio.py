@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from ._requests import (
+from zdepth.client.pipeline import (
     REOPEN,
     ClientBase,
     ClientState,
@@ -31,10 +31,10 @@ from ._requests import (
     fetch_image,
     is_url,
 )
-from .client import Client, StreamItem, _close_socket, _open_dealer
-from .pointcloud import Intrinsics
-from .protocol import OP_RELATIVE
-from .results import DepthResult, PointCloudResult
+from zdepth.client.sync import Client, StreamItem, _close_socket, _open_dealer
+from zdepth.pointcloud import Intrinsics
+from zdepth.protocol import OP_RELATIVE
+from zdepth.client.results import DepthResult, PointCloudResult
 
 log = logging.getLogger(__name__)
 

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 
 from depth_anything_v2 import build_model, load_checkpoint, network_input_size, preprocess_cv2, preprocess_tensor, resize_depth
-from zdepth.cudagraphs import GraphedForward
+from zdepth.engine.cudagraphs import GraphedForward
 from zdepth.errors import BadRequest
-from zdepth.imageio import EncodedJpeg
-from zdepth.weights import ModelSpec, find_checkpoint, get_spec
+from zdepth.protocol.images import EncodedJpeg
+from zdepth.engine.weights import ModelSpec, find_checkpoint, get_spec
 
 __all__ = ["Engine", "Pending", "Prepared", "PRECISIONS", "MIN_INPUT_SIZE", "MAX_INPUT_SIZE"]
 

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Union
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ._requests import (
+from zdepth.client.pipeline import (
     DEFAULT_ADDRESS,
     MONITOR_EVENTS,
     REOPEN,
@@ -40,10 +40,10 @@ from ._requests import (
     brokers_health,
     configure_socket,
 )
-from .auth import apply_peer_security
-from .pointcloud import Intrinsics
-from .protocol import OP_RELATIVE
-from .results import DepthResult, PointCloudResult
+from zdepth.protocol.auth import apply_peer_security
+from zdepth.pointcloud import Intrinsics
+from zdepth.protocol import OP_RELATIVE
+from zdepth.client.results import DepthResult, PointCloudResult
 
 log = logging.getLogger(__name__)
 

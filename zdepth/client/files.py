@@ -40,11 +40,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ._requests import URL_SCHEMES, _shown_url, fetch_image, is_url
-from .errors import ConfigError, ZdepthError
-from .imageio import decode_image
-from .pointcloud import Intrinsics, depth_to_points, write_ply
-from .protocol import OP_METRIC, OP_RELATIVE, is_metric_model
+from zdepth.client.pipeline import URL_SCHEMES, _shown_url, fetch_image, is_url
+from zdepth.errors import ConfigError, ZdepthError
+from zdepth.protocol.images import decode_image
+from zdepth.pointcloud import Intrinsics, depth_to_points, write_ply
+from zdepth.protocol import OP_METRIC, OP_RELATIVE, is_metric_model
 
 __all__ = [
     "COLORMAPS",
@@ -414,7 +414,7 @@ def local_predictor(
 ) -> Predictor:
     """In this process, with the engine (imports torch now). Loads the model before returning, so a
     missing checkpoint fails once, up front, with the engine's message."""
-    from .engine import Engine
+    from zdepth.engine.inference import Engine
 
     if device is None or device == "auto":
         import torch

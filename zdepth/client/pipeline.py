@@ -29,10 +29,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import zmq
 
-from .codec import DEFAULT_MAX_IMAGE_BYTES, DEPTH_DTYPES, decode_arrays, image_descriptor, params_frame
-from .config import read_key
-from .curve import CurveClient
-from .errors import (
+from zdepth.protocol.codec import DEFAULT_MAX_IMAGE_BYTES, DEPTH_DTYPES, decode_arrays, image_descriptor, params_frame
+from zdepth.config import read_key
+from zdepth.protocol.curve import CurveClient
+from zdepth.errors import (
     BadRequest,
     BrokerUnreachable,
     ConfigError,
@@ -42,9 +42,9 @@ from .errors import (
     Unauthorized,
     error_from_code,
 )
-from .imageio import decode_image, encode_jpeg
-from .pointcloud import Intrinsics, depth_to_points
-from .protocol import (
+from zdepth.protocol.images import decode_image, encode_jpeg
+from zdepth.pointcloud import Intrinsics, depth_to_points
+from zdepth.protocol import (
     MAX_TIMEOUT_MS,
     OP_HEALTH,
     OP_METRIC,
@@ -55,7 +55,7 @@ from .protocol import (
     request_header,
     unpack_map,
 )
-from .results import DepthResult, PointCloudResult
+from zdepth.client.results import DepthResult, PointCloudResult
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +396,7 @@ def resolve_addresses(address: str | Sequence[str]) -> tuple[tuple[str, ...], An
     list names several brokers, each an address (a profile name there would
     leave open whose key and model apply). ConfigError, one line, otherwise.
     """
-    from .profiles import looks_like_address, normalize_address, resolve_server
+    from zdepth.profiles import looks_like_address, normalize_address, resolve_server
 
     if isinstance(address, str):
         parts = address.split(",")
@@ -507,7 +507,7 @@ class ClientBase:
     def _profile_kwargs(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
         """Constructor arguments from a saved server profile (zdepth.profiles): address, key, model,
         timeout and CurveZMQ certificates, each overridden by ``overrides``."""
-        from .profiles import load_profile  # lazy: profiles are optional for plain clients
+        from zdepth.profiles import load_profile  # lazy: profiles are optional for plain clients
 
         profile = load_profile(name)
         kwargs: dict[str, Any] = {"address": ",".join(getattr(profile, "addresses", None) or (profile.address,)), "key": profile.key}
@@ -662,7 +662,7 @@ class Link:
 
     def event(self, event: int, value: int, now: float) -> str | None:
         """Take one monitor event; returns REOPEN when the socket must be replaced (with ``plain`` now False)."""
-        from . import auth  # lazy: it imports the ZAP machinery, which plain clients rarely need
+        from zdepth.protocol import auth
 
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.up, self.down_since, self.ever_up, self.failure, self.silent = True, None, True, None, False

@@ -62,15 +62,18 @@ import zmq
 
 from zmq.utils.monitor import recv_monitor_message
 
-from . import __version__, auth, codec, imageio, protocol
-from .batching import collect_batch, padded_batches
-from .config import DEFAULT_MAX_BATCH, WorkerConfig
-from .curve import apply_client
-from .errors import BadRequest, ConfigError, InternalError, ServiceError, Unauthorized, UnknownModel, WeightsNotFound, ZdepthError
-from .metrics import MetricsBindError, WorkerMetrics, cuda_memory, serve as serve_metrics
-from .pointcloud import Intrinsics, depth_to_points
-from .signals import on_stop_signals
-from .supervisor import EXIT_ADDRESS, EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_MISSING, EXIT_OK
+from zdepth import __version__, protocol
+from zdepth.protocol import auth
+from zdepth.protocol import codec
+from zdepth.protocol import images as imageio
+from zdepth.engine.batching import collect_batch, padded_batches
+from zdepth.config import DEFAULT_MAX_BATCH, WorkerConfig
+from zdepth.protocol.curve import apply_client
+from zdepth.errors import BadRequest, ConfigError, InternalError, ServiceError, Unauthorized, UnknownModel, WeightsNotFound, ZdepthError
+from zdepth.metrics import MetricsBindError, WorkerMetrics, cuda_memory, serve as serve_metrics
+from zdepth.pointcloud import Intrinsics, depth_to_points
+from zdepth.signals import on_stop_signals
+from zdepth.supervisor import EXIT_ADDRESS, EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_MISSING, EXIT_OK
 
 __all__ = ["Worker", "backoff_delay", "exit_status", "run_worker"]
 
@@ -1234,7 +1237,7 @@ def _batch_key(item: Job | _Item | _Stop) -> Hashable:
 
 
 def _build_engine(config: WorkerConfig) -> Any:
-    from .engine import Engine  # torch is imported only when a worker really starts
+    from zdepth.engine.inference import Engine  # torch is imported only when a worker really starts
 
     try:
         return Engine(

@@ -22,7 +22,7 @@ import logging
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from .curve import CurveClient, CurveServer, apply_client, apply_server, start_authenticator
+from zdepth.protocol.curve import CurveClient, CurveServer, apply_client, apply_server, start_authenticator
 
 log = logging.getLogger(__name__)
 

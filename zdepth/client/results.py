@@ -78,7 +78,7 @@ class PointCloudResult:
 
     def save_ply(self, path) -> None:
         """Write a binary PLY file (with colours when present)."""
-        from .pointcloud import write_ply
+        from zdepth.pointcloud import write_ply
 
         write_ply(path, self.points, self.colors)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zdepth.batching import padded_batch
+from zdepth.engine.batching import padded_batch
 
 __all__ = ["GraphedForward", "padded_batch"]
 
