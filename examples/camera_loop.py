@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from zdepth import Client, ZdepthError
+from zdepth.models import split_model_id
 
 
 def connect(server: str, **options) -> Client:
@@ -121,7 +122,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each frame's depth")
     args = parser.parse_args()
 
-    encoder, _, dataset = args.model.partition("-")
+    encoder, dataset = split_model_id(args.model)
     metric = bool(dataset)
     op = "metric_depth" if metric else "relative_depth"
     options = {"encoder": encoder, "input_size": args.input_size}

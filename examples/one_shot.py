@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from zdepth import Client, ZdepthError
+from zdepth.models import split_model_id
 
 
 def connect(server: str, **options) -> Client:
@@ -45,7 +46,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args()
 
-    encoder, _, dataset = args.model.partition("-")
+    encoder, dataset = split_model_id(args.model)
     metric = bool(dataset)
     out = args.out or os.path.splitext(args.image)[0] + "_depth.png"
     try:

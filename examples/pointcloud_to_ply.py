@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from zdepth import Client, ZdepthError
+from zdepth.models import split_model_id
 from zdepth.pointcloud import Intrinsics
 
 
@@ -48,7 +49,7 @@ def main() -> int:
         intrinsics = Intrinsics(args.fx, args.fy, args.cx, args.cy)
     else:
         parser.error("give --fx --fy --cx --cy, or --intrinsics FILE")
-    encoder, _, dataset = args.model.partition("-")
+    encoder, dataset = split_model_id(args.model)
     if not dataset:
         parser.error(f"{args.model!r} is a relative model; a point cloud needs a metric one such as {encoder}-hypersim")
     out = args.out or os.path.splitext(args.image)[0] + ".ply"

@@ -36,6 +36,7 @@ import typer
 
 from zdepth import __version__
 from zdepth.config import CLIENT_REPLY_HWM, MAX_CLIENT_BYTES, MAX_QUEUE_BYTES
+from zdepth.models import DEFAULT_INPUT_SIZE, input_size_problem, split_model_id
 from zdepth.errors import ConfigError, ZdepthError
 from zdepth.signals import on_stop_signals
 from zdepth.supervisor import EXIT_ADDRESS, EXIT_INTERRUPTED, EXIT_MISSING, report_ready
@@ -585,8 +586,9 @@ def _check_precision(precision: Any) -> str | None:
 
 
 def _check_input_size(input_size: int | None) -> int | None:
-    if input_size is not None and (input_size % 14 or not 14 <= input_size <= 2058):
-        raise typer.BadParameter(f"{input_size} is not a multiple of 14 within 14..2058 (518 is the default, 364 faster)", param_hint="--input-size")
+    problem = None if input_size is None else input_size_problem(input_size)
+    if problem:
+        raise typer.BadParameter(problem, param_hint="--input-size")
     return input_size
 
 
@@ -1260,7 +1262,7 @@ def predict(
             model = "vits"
         if model is not None:
             _check_models([model])
-        from zdepth.protocol import is_metric_model
+        from zdepth.models import is_metric_model
 
         metric = model is not None and is_metric_model(model)
         if max_depth is not None and not metric:
@@ -1278,7 +1280,7 @@ def predict(
                     precision=precision,
                     weights_dir=str(weights_dir) if weights_dir else None,
                     download=download,
-                    input_size=input_size or 518,
+                    input_size=input_size or DEFAULT_INPUT_SIZE,
                     max_depth=max_depth,
                 )
             else:
@@ -1333,8 +1335,8 @@ def _client(target: _Target, timeout: float, model: str | None):
     """A client whose default model is ``model`` (None: the broker picks)."""
     from zdepth.client.sync import Client
 
-    encoder, _, dataset = (model or "").partition("-")
-    kwargs: dict[str, Any] = {"encoder": encoder or None}
+    encoder, dataset = split_model_id(model)
+    kwargs: dict[str, Any] = {"encoder": encoder}
     if dataset:
         kwargs["dataset"] = dataset
     return Client(target.address, key=target.key, timeout=timeout, curve=target.curve, **kwargs)

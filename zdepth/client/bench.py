@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from zdepth.protocol.images import read_image
-from zdepth.protocol import OP_METRIC, OP_RELATIVE, is_metric_model
+from zdepth.models import is_metric_model, split_model_id
+from zdepth.protocol import OP_METRIC, OP_RELATIVE
 
 __all__ = ["make_frames", "percentile_summary", "run_bench", "synthetic_frame"]
 
@@ -99,8 +100,8 @@ def run_bench(
 
     metric = model is not None and is_metric_model(model)
     op = OP_METRIC if metric else OP_RELATIVE
-    encoder, _, dataset = (model or "").partition("-")
-    client_kwargs: dict[str, Any] = {"encoder": encoder or None, "input_size": input_size, "wire_format": wire_format, "curve": curve}
+    encoder, dataset = split_model_id(model)
+    client_kwargs: dict[str, Any] = {"encoder": encoder, "input_size": input_size, "wire_format": wire_format, "curve": curve}
     if dataset:
         client_kwargs["dataset"] = dataset
     tally = _Tally()

@@ -44,7 +44,8 @@ from zdepth.client.pipeline import URL_SCHEMES, _shown_url, fetch_image, is_url
 from zdepth.errors import ConfigError, ZdepthError
 from zdepth.protocol.images import decode_image
 from zdepth.pointcloud import Intrinsics, depth_to_points, write_ply
-from zdepth.protocol import OP_METRIC, OP_RELATIVE, is_metric_model
+from zdepth.models import DEFAULT_INPUT_SIZE, is_metric_model, split_model_id
+from zdepth.protocol import OP_METRIC, OP_RELATIVE
 
 __all__ = [
     "COLORMAPS",
@@ -409,7 +410,7 @@ def local_predictor(
     precision: str | None = None,
     weights_dir: str | None = None,
     download: bool = False,
-    input_size: int = 518,
+    input_size: int = DEFAULT_INPUT_SIZE,
     max_depth: float | None = None,
 ) -> Predictor:
     """In this process, with the engine (imports torch now). Loads the model before returning, so a
@@ -449,7 +450,7 @@ def remote_predictor(
     if model is None:
         kwargs["encoder"] = None
     else:
-        encoder, _, dataset = model.partition("-")
+        encoder, dataset = split_model_id(model)
         kwargs["encoder"] = encoder
         if dataset:
             kwargs["dataset"] = dataset

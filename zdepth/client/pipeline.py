@@ -43,6 +43,7 @@ from zdepth.errors import (
     error_from_code,
 )
 from zdepth.protocol.images import decode_image, encode_jpeg
+from zdepth import models
 from zdepth.pointcloud import Intrinsics, depth_to_points
 from zdepth.protocol import (
     MAX_TIMEOUT_MS,
@@ -60,7 +61,6 @@ from zdepth.client.results import DepthResult, PointCloudResult
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "tcp://localhost:5555"
-DEFAULT_DATASET = "hypersim"
 WIRE_FORMATS = ("raw", "jpeg")
 JPEG_QUALITY = 90
 STREAM_OPS = (OP_RELATIVE, OP_METRIC, OP_POINTCLOUD)
@@ -143,15 +143,7 @@ def model_id(op: str, encoder: str | None, dataset: str | None) -> str | None:
         return None
     if op == OP_RELATIVE:
         return encoder
-    return f"{encoder}-{dataset or DEFAULT_DATASET}"
-
-
-def split_model_id(model: str | None) -> tuple[str | None, str | None]:
-    """``vitl-hypersim`` -> (``vitl``, ``hypersim``); ``vits`` -> (``vits``, None)."""
-    if not model:
-        return None, None
-    encoder, _, dataset = model.partition("-")
-    return encoder, dataset or None
+    return f"{encoder}-{dataset or models.DEFAULT_DATASET}"
 
 
 URL_SCHEMES = ("http", "https")
@@ -447,8 +439,8 @@ class _UnchosenStr(_Unchosen, str):
 
 
 DEFAULT_TIMEOUT = _UnchosenFloat(30.0)
-DEFAULT_ENCODER = _UnchosenStr("vits")
-_DEFAULT_DATASET = _UnchosenStr(DEFAULT_DATASET)
+DEFAULT_ENCODER = _UnchosenStr(models.DEFAULT_ENCODER)
+_DEFAULT_DATASET = _UnchosenStr(models.DEFAULT_DATASET)
 
 
 class ClientBase:
@@ -475,7 +467,7 @@ class ClientBase:
             curve = curve if curve is not None else profile.curve
             if profile.timeout is not None and isinstance(timeout, _Unchosen):
                 timeout = profile.timeout
-            profile_encoder, profile_dataset = split_model_id(profile.model)
+            profile_encoder, profile_dataset = models.split_model_id(profile.model)
             if profile_encoder is not None and isinstance(encoder, _Unchosen):
                 encoder = profile_encoder
                 if profile_dataset is not None and isinstance(dataset, _Unchosen):
@@ -511,7 +503,7 @@ class ClientBase:
 
         profile = load_profile(name)
         kwargs: dict[str, Any] = {"address": ",".join(getattr(profile, "addresses", None) or (profile.address,)), "key": profile.key}
-        encoder, dataset = split_model_id(profile.model)
+        encoder, dataset = models.split_model_id(profile.model)
         if encoder is not None:
             kwargs["encoder"] = encoder
             if dataset is not None:

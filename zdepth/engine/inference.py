@@ -43,16 +43,15 @@ import torch
 from depth_anything_v2 import build_model, load_checkpoint, network_input_size, preprocess_cv2, preprocess_tensor, resize_depth
 from zdepth.engine.cudagraphs import GraphedForward
 from zdepth.errors import BadRequest
+from zdepth.models import DEFAULT_INPUT_SIZE, input_size_problem
 from zdepth.protocol.images import EncodedJpeg
 from zdepth.engine.weights import ModelSpec, find_checkpoint, get_spec
 
-__all__ = ["Engine", "Pending", "Prepared", "PRECISIONS", "MIN_INPUT_SIZE", "MAX_INPUT_SIZE"]
+__all__ = ["Engine", "Pending", "Prepared", "PRECISIONS"]
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MIN_INPUT_SIZE = 14
-MAX_INPUT_SIZE = 2058  # 147 patches a side; 518 (the training size) is the default
 
 DECODER_STRIKES = 8  # batches in a row on which the device decoder failed every JPEG cv2 could read: then it is switched off
 MaxDepth = float | Sequence[float | None] | None
@@ -194,7 +193,7 @@ class Engine:
         images: Sequence[Image],
         model_id: str,
         *,
-        input_size: int = 518,
+        input_size: int = DEFAULT_INPUT_SIZE,
         max_depth: MaxDepth = None,
     ) -> list[np.ndarray]:
         """Depth for each HxWx3 uint8 BGR image (or ``EncodedJpeg``), as float32 HxW at the image's own size.
@@ -233,7 +232,7 @@ class Engine:
                 results.update(zip(indices, depths))
         return [results[i] for i in range(len(images))]
 
-    def prepare(self, image: Image, input_size: int = 518) -> Prepared:
+    def prepare(self, image: Image, input_size: int = DEFAULT_INPUT_SIZE) -> Prepared:
         """Step one for one image: decode (an EncodedJpeg), upload, resize and normalise it for ``run``.
 
         On the CPU this is the official cv2 preprocessing, so ``prepare`` +
@@ -362,7 +361,7 @@ class Engine:
                     out.lows[j], out.highs[j] = bounds[0, k], bounds[1, k]
         return out
 
-    def warmup(self, model_id: str, sizes: Iterable[tuple[int, int]] = ((480, 640),), *, input_size: int = 518, batch_size: int = 1) -> float:
+    def warmup(self, model_id: str, sizes: Iterable[tuple[int, int]] = ((480, 640),), *, input_size: int = DEFAULT_INPUT_SIZE, batch_size: int = 1) -> float:
         """Load ``model_id`` and run ``batch_size`` black images of each (height, width).
 
         Moves first-call costs (cuDNN autotuning, torch.compile) out of the
@@ -455,16 +454,9 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _check_input_size(input_size: object) -> None:
-    if (
-        not isinstance(input_size, numbers.Integral)
-        or isinstance(input_size, bool)
-        or not MIN_INPUT_SIZE <= input_size <= MAX_INPUT_SIZE
-        or input_size % 14
-    ):
-        raise BadRequest(
-            f"input_size must be a multiple of 14 within [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}] "
-            f"(518 is the default, 364 a faster choice), got {input_size!r}"
-        )
+    problem = input_size_problem(input_size)
+    if problem:
+        raise BadRequest(problem)
 
 
 def _torchvision_jpeg_decoder():

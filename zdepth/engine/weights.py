@@ -18,11 +18,11 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from zdepth.errors import UnknownModel, WeightsNotFound
+from zdepth.errors import WeightsNotFound
+from zdepth.models import MODELS, SIZE_NAMES, ModelSpec, checkpoint_url, get_spec
 
 __all__ = [
     "ModelSpec",
@@ -37,84 +37,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR_ENV = "ZDEPTH_WEIGHTS_DIR"
-HUB_URL = "https://huggingface.co"
 # Reaching the hub: one quick connection per attempt, one log line per failed attempt.
 CONNECT_ATTEMPTS = 3
 CONNECT_TIMEOUT_S = 5.0
 RETRY_DELAYS_S = (1.0, 2.0)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One servable checkpoint.
-
-    ``repo_id`` is None where no public release exists (vitg). ``size_bytes``
-    is checked after a download when known; None skips the check.
-    """
-
-    id: str
-    encoder: str
-    dataset: str | None
-    metric: bool
-    default_max_depth: float | None
-    filename: str
-    repo_id: str | None
-    license: str
-    size_bytes: int | None = None
-
-    @property
-    def url(self) -> str | None:
-        """Where a person can download the file by hand; None if unreleased."""
-        return checkpoint_url(self.repo_id, self.filename) if self.repo_id else None
-
-
-_SIZE_NAMES = {"vits": "Small", "vitb": "Base", "vitl": "Large", "vitg": "Giant"}
-_LICENSES = {"vits": "Apache-2.0", "vitb": "CC-BY-NC-4.0", "vitl": "CC-BY-NC-4.0", "vitg": "CC-BY-NC-4.0"}
-_METRIC_DATASETS = {"hypersim": ("Hypersim", 20.0), "vkitti": ("VKITTI", 80.0)}
-
-
-def _build_table() -> dict[str, ModelSpec]:
-    table: dict[str, ModelSpec] = {}
-    for enc, size in _SIZE_NAMES.items():
-        table[enc] = ModelSpec(
-            id=enc,
-            encoder=enc,
-            dataset=None,
-            metric=False,
-            default_max_depth=None,
-            filename=f"depth_anything_v2_{enc}.pth",
-            # The Giant model was announced but never released.
-            repo_id=None if enc == "vitg" else f"depth-anything/Depth-Anything-V2-{size}",
-            license=_LICENSES[enc],
-        )
-    for enc in ("vits", "vitb", "vitl"):
-        for dataset, (hub_name, max_depth) in _METRIC_DATASETS.items():
-            model_id = f"{enc}-{dataset}"
-            table[model_id] = ModelSpec(
-                id=model_id,
-                encoder=enc,
-                dataset=dataset,
-                metric=True,
-                default_max_depth=max_depth,
-                filename=f"depth_anything_v2_metric_{dataset}_{enc}.pth",
-                repo_id=f"depth-anything/Depth-Anything-V2-Metric-{hub_name}-{_SIZE_NAMES[enc]}",
-                license=_LICENSES[enc],
-            )
-    return table
-
-
-MODELS: dict[str, ModelSpec] = _build_table()
-
-
-def get_spec(model_id: str) -> ModelSpec:
-    """The spec for ``model_id``; UnknownModel lists the valid ids."""
-    try:
-        return MODELS[model_id]
-    except (KeyError, TypeError):
-        raise UnknownModel(
-            f"unknown model {model_id!r}; valid models: {', '.join(MODELS)}",
-            details={"model": str(model_id), "valid": list(MODELS)},
-        ) from None
 
 
 def default_weights_dir() -> Path:
@@ -125,11 +51,6 @@ def default_weights_dir() -> Path:
     cache = os.environ.get("XDG_CACHE_HOME")
     base = Path(cache).expanduser() if cache else Path.home() / ".cache"
     return base / "zdepth" / "weights"
-
-
-def checkpoint_url(repo_id: str, filename: str) -> str:
-    """The direct download URL of a file in a hub model repository."""
-    return f"{HUB_URL}/{repo_id}/resolve/main/{filename}"
 
 
 def find_checkpoint(model_id: str, weights_dir: str | os.PathLike[str] | None = None, *, download: bool = False) -> Path:
@@ -258,7 +179,7 @@ def _missing_message(spec: ModelSpec, directory: Path, hint: str = "") -> str:
     lines = [f"checkpoint for model {spec.id!r} not found: {directory / spec.filename}"]
     if spec.url is None:
         lines.append(
-            f"{spec.encoder} ({_SIZE_NAMES[spec.encoder]}) has no public release; "
+            f"{spec.encoder} ({SIZE_NAMES[spec.encoder]}) has no public release; "
             f"if you have the file, put it in {directory} as {spec.filename}"
         )
     else:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import hmac
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 from zdepth.errors import BadRequest
+from zdepth.models import MODEL_ID, is_metric_model
 
 VERSION = 1
 
@@ -41,8 +41,6 @@ MAX_HEADER_BYTES = 4096
 MAX_ID_CHARS = 64
 MAX_MODEL_CHARS = 64
 MAX_TIMEOUT_MS = 3_600_000
-# An encoder name, optionally a dash and a training set: vits, vitl-hypersim. Lower-case letters and digits.
-MODEL_ID = re.compile(r"[a-z0-9]+(-[a-z0-9]+)?")
 
 # Client ops.
 OP_RELATIVE = "relative_depth"
@@ -100,11 +98,6 @@ def keys_match(given: Any, expected: str | None) -> bool:
     if not isinstance(given, str):
         return False
     return hmac.compare_digest(given.encode(), expected.encode())
-
-
-def is_metric_model(model_id: str) -> bool:
-    """Metric model ids name their training set after a dash (``vitl-hypersim``); relative ids do not (``vitl``)."""
-    return "-" in model_id
 
 
 def op_accepts_model(op: str, model_id: str) -> bool:

@@ -19,6 +19,7 @@ import msgpack_numpy
 import numpy as np
 
 from zdepth.errors import BadRequest
+from zdepth.models import input_size_problem
 from zdepth.protocol import OP_POINTCLOUD, OP_RELATIVE
 
 # Plain numeric dtypes only: no objects, no structured (void) records, no strings.
@@ -29,8 +30,6 @@ MAX_DIMS = 4
 MAX_PARAMS_BYTES = 64 * 1024
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 DEPTH_DTYPES = {"float32": np.float32, "float16": np.float16}
-MIN_INPUT_SIZE = 14
-MAX_INPUT_SIZE = 2058
 
 
 def check_dtype(dtype: Any) -> np.dtype:
@@ -177,10 +176,9 @@ def parse_params(op: str, frame: bytes | memoryview) -> DepthParams:
         raise BadRequest("params field 'image' is missing; it describes the image frame")
     input_size = params.get("input_size")
     if input_size is not None:
-        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size % 14 or not MIN_INPUT_SIZE <= input_size <= MAX_INPUT_SIZE:
-            raise BadRequest(
-                f"'input_size' must be a multiple of 14 between {MIN_INPUT_SIZE} and {MAX_INPUT_SIZE}, got {input_size!r}"
-            )
+        problem = input_size_problem(input_size)
+        if problem:
+            raise BadRequest(problem)
     max_depth = _positive_number(params, "max_depth")
     if max_depth is not None and op == OP_RELATIVE:
         raise BadRequest("'max_depth' applies to metric models only; use metric_depth with a metric model")

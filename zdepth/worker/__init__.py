@@ -71,6 +71,7 @@ from zdepth.config import DEFAULT_MAX_BATCH, WorkerConfig
 from zdepth.protocol.curve import apply_client
 from zdepth.errors import BadRequest, ConfigError, InternalError, ServiceError, Unauthorized, UnknownModel, WeightsNotFound, ZdepthError
 from zdepth.metrics import MetricsBindError, WorkerMetrics, cuda_memory, serve as serve_metrics
+from zdepth.models import DEFAULT_INPUT_SIZE, MAX_INPUT_SIZE, is_metric_model
 from zdepth.pointcloud import Intrinsics, depth_to_points
 from zdepth.signals import on_stop_signals
 from zdepth.supervisor import EXIT_ADDRESS, EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_MISSING, EXIT_OK
@@ -79,8 +80,7 @@ __all__ = ["Worker", "backoff_delay", "exit_status", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_INPUT_SIZE = 518  # the engine's default network input size
-MAX_NETWORK_PIXELS = 4 * codec.MAX_INPUT_SIZE**2  # the largest input size at 4:1; beyond it a request is refused
+MAX_NETWORK_PIXELS = 4 * MAX_INPUT_SIZE**2  # the largest input size at 4:1; beyond it a request is refused
 FLUSH_LINGER_MS = 1000  # after a drain, how long close() may spend sending the last replies
 DRAIN_GRACE_S = 0.25  # after DISCONNECT, requests the broker sent before reading it may still arrive
 MAX_READS_PER_WAKE = 64  # broker messages read before replies get their turn again
@@ -1218,7 +1218,7 @@ class _Steps:
 
     def run(self, prepared: list[Any], jobs: list[Job]) -> Any:
         model, input_size = jobs[0].batch_key
-        max_depth = [job.params.max_depth for job in jobs] if protocol.is_metric_model(model) else None
+        max_depth = [job.params.max_depth for job in jobs] if is_metric_model(model) else None
         if self.staged:
             # float16 replies are cast on the device (half the bytes to copy back); a point cloud needs float32 depth.
             float16 = [job.params.depth_dtype == "float16" and job.op != protocol.OP_POINTCLOUD for job in jobs]
