@@ -31,7 +31,8 @@ from zdepth.config import Heartbeat, WorkerConfig
 from zdepth.errors import ConfigError, Unauthorized, WeightsNotFound
 from zdepth.protocol.images import encode_jpeg
 from zdepth.supervisor import EXIT_CONFIG
-from zdepth.worker import Worker, backoff_delay, run_worker
+from zdepth.backoff import backoff_delay
+from zdepth.worker import Worker, run_worker
 
 pytestmark = pytest.mark.timeout(60)
 

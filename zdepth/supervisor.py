@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zdepth.backoff import backoff_delay
+
 __all__ = [
     "EXIT_ADDRESS",
     "EXIT_CONFIG",
@@ -354,8 +356,8 @@ class Supervisor:
 
     def backoff(self, failures: int) -> float:
         """Seconds before a restart after ``failures`` crashes in a row: jittered, so children do not restart in step."""
-        ceiling = min(self.max_restart_delay_s, self.restart_delay_s * 2 ** (failures - 1))
-        return self._rand.uniform(ceiling / 2, ceiling)
+        # Half the first delay as the base: the first restart already draws from [delay / 2, delay].
+        return backoff_delay(failures, self.restart_delay_s / 2, self.max_restart_delay_s, rand=self._rand)
 
     def _stop_all(self) -> None:
         """By descending group: SIGTERM a group's children all at once, wait for them, SIGKILL whoever lingers."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import threading
 import time
 from typing import Any, Iterable, Iterator, Union
@@ -43,6 +42,7 @@ from zdepth.client.pipeline import (
 from zdepth.protocol.auth import apply_peer_security
 from zdepth.pointcloud import Intrinsics
 from zdepth.protocol import OP_RELATIVE
+from zdepth.wakeup import Wakeup
 from zdepth.client.results import DepthResult, PointCloudResult
 
 log = logging.getLogger(__name__)
@@ -398,12 +398,12 @@ class Client(ClientBase):
         assert sockets is not None and poller is not None
         wait_s = min(self._pipeline.next_deadline() - time.monotonic(), IDLE_POLL_S)
         if reader is not None:
-            poller.register(reader.wake_fd, zmq.POLLIN)
+            poller.register(reader.wakeup, zmq.POLLIN)
         try:
             events = dict(poller.poll(max(0, math.ceil(wait_s * 1000))))
         finally:
             if reader is not None:
-                poller.unregister(reader.wake_fd)
+                poller.unregister(reader.wakeup)
         for index, sock in enumerate(sockets):
             if sock is None or sock not in events:
                 continue
@@ -413,8 +413,8 @@ class Client(ClientBase):
                 except zmq.Again:
                     break
                 self._pipeline.receive(frames, time.monotonic(), index)
-        if reader is not None and reader.wake_fd in events:
-            reader.drain()
+        if reader is not None and reader.wakeup in events:
+            reader.wakeup.clear()
         self._pipeline.expire(time.monotonic())
         self._flush()
 
@@ -523,10 +523,7 @@ def _close_socket(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
 
 
 class _FrameReader(threading.Thread):
-    """Reads a frame source into a LatestSlot as fast as it yields, and wakes the stream loop.
-
-    The wake-up is a byte on a socket pair (poll-able by ZeroMQ on every platform).
-    """
+    """Reads a frame source into a LatestSlot as fast as it yields, and wakes the stream loop's poll."""
 
     def __init__(self, frames: Iterable[Any], slot: LatestSlot) -> None:
         super().__init__(name="zdepth-frame-reader", daemon=True)
@@ -534,10 +531,7 @@ class _FrameReader(threading.Thread):
         self._slot = slot
         self._lock = threading.Lock()
         self._stopped = False
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self.wake_fd = self._wake_r.fileno()
+        self.wakeup = Wakeup()
 
     def run(self) -> None:
         try:
@@ -555,22 +549,11 @@ class _FrameReader(threading.Thread):
     def _wake(self) -> None:
         with self._lock:
             if not self._stopped:
-                try:
-                    self._wake_w.send(b"x")
-                except BlockingIOError:  # the buffer is full: the loop is already due to wake
-                    pass
-
-    def drain(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
+                self.wakeup.set()
 
     def stop(self) -> None:
         """Stop reading at the next frame; never waits for the source (a camera read may block)."""
         with self._lock:
             if not self._stopped:
                 self._stopped = True
-                self._wake_w.close()
-                self._wake_r.close()
+                self.wakeup.close()

@@ -48,7 +48,6 @@ import logging
 import math
 import os
 import queue
-import random
 import socket
 import threading
 import time
@@ -71,12 +70,14 @@ from zdepth.config import DEFAULT_MAX_BATCH, WorkerConfig
 from zdepth.protocol.curve import apply_client
 from zdepth.errors import BadRequest, ConfigError, InternalError, ServiceError, Unauthorized, UnknownModel, WeightsNotFound, ZdepthError
 from zdepth.metrics import MetricsBindError, WorkerMetrics, cuda_memory, serve as serve_metrics
+from zdepth.backoff import backoff_delay
 from zdepth.models import DEFAULT_INPUT_SIZE, MAX_INPUT_SIZE, is_metric_model
 from zdepth.pointcloud import Intrinsics, depth_to_points
 from zdepth.signals import on_stop_signals
+from zdepth.wakeup import Wakeup
 from zdepth.supervisor import EXIT_ADDRESS, EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_MISSING, EXIT_OK
 
-__all__ = ["Worker", "backoff_delay", "exit_status", "run_worker"]
+__all__ = ["Worker", "exit_status", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -371,46 +372,7 @@ class Traffic:
         return line
 
 
-def backoff_delay(failures: int, low: float, high: float, *, rand: random.Random | None = None) -> float:
-    """Seconds to wait before reconnect number ``failures + 1``: doubling from ``low``, at most ``high``, jittered.
-
-    Jitter (a uniform draw from the upper half) keeps many workers from
-    reconnecting in lock step after a broker restart.
-    """
-    ceiling = min(high, low * 2 ** min(failures, 60))
-    return (rand or random).uniform(max(low, ceiling / 2), ceiling)
-
-
 # ----------------------------------------------------------------------------- plumbing
-
-
-class _Wakeup:
-    """A self-pipe: any thread, or a signal handler, can wake the I/O loop's poll."""
-
-    def __init__(self) -> None:
-        self._reader, self._writer = socket.socketpair()
-        self._reader.setblocking(False)
-        self._writer.setblocking(False)
-
-    def fileno(self) -> int:
-        return self._reader.fileno()
-
-    def set(self) -> None:
-        try:
-            self._writer.send(b"\0")
-        except OSError:  # full: a wake-up is already pending; closed: the loop is gone
-            pass
-
-    def clear(self) -> None:
-        try:
-            while self._reader.recv(4096):
-                pass
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self._reader.close()
-        self._writer.close()
 
 
 class _BrokerLink:
@@ -626,7 +588,7 @@ class Worker:
         self._results: queue.SimpleQueue[tuple[Job, list[Any] | None]] = queue.SimpleQueue()
         if config.curve is not None:
             _check_curve(config)
-        self._wakeup = _Wakeup()
+        self._wakeup = Wakeup()
         self._ctx = zmq.Context()
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="zdepth-decode")
         self._links: list[_BrokerLink] = []  # one per broker in config.brokers, made once the models are loaded
