@@ -187,10 +187,12 @@ def test_a_timeout_reply_to_a_superseded_attempt_does_not_fail_the_retry(delay_s
     def reply(rec: Received, nth: int) -> list[bytes]:
         return error_reply(rec, "timeout", "deadline passed in the queue") if nth == 1 else answer(rec)
 
-    server = delay_server(lambda rec, nth: 0.55 if nth == 1 else 0.2, reply)
+    # Attempt 1 expires at 1.0 s and its "timeout" comes at 1.05 s; the retry's answer at about 1.2 s,
+    # well inside the 2.0 s bound even when a busy machine wakes the client late.
+    server = delay_server(lambda rec, nth: 1.05 if nth == 1 else 0.2, reply)
 
     async def main():
-        async with AsyncClient(server.address, timeout=0.5, retries=1) as client:
+        async with AsyncClient(server.address, timeout=1.0, retries=1) as client:
             return await client.relative_depth(B)
 
     result = asyncio.run(main())
