@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import zdepth.engine.inference
+import zdepth.engine.jpeg
 from conftest import data_file
 from zdepth.engine import Engine
 from zdepth.errors import BadRequest, UnknownModel, WeightsNotFound
@@ -51,8 +52,7 @@ def test_golden_cpu_fp32(golden_engine, case):
 
 def test_tensor_path_matches_golden_on_cpu(golden_weights_dir):
     """The GPU pipeline (torch resize + normalise, batched upload) run on the CPU."""
-    engine = Engine(weights_dir=golden_weights_dir)
-    engine._cv2_preprocess = False
+    engine = Engine(weights_dir=golden_weights_dir, preprocess="torch")
     case = next(c for c in GOLDEN_CASES if c["input_size"] == 364 and c["model"] == "metric")
     (depth,) = engine.infer([read_image(golden(case["image"]))], "vits-hypersim", input_size=364, max_depth=20.0)
     assert rel_l2(depth, np.load(golden(case["output"]))) < 1e-4
@@ -62,20 +62,23 @@ def test_tensor_path_matches_golden_on_cpu(golden_weights_dir):
 MIXED_SIZES = [(60, 80), (80, 60), (61, 80), (60, 80), (35, 35)]
 
 
+@pytest.fixture(scope="module")
+def tensor_engine(weights_dir):
+    """The GPU's pipeline (torch resize + normalise, batched upload) run on the CPU."""
+    return Engine(weights_dir=weights_dir, preprocess="torch")
+
+
 @pytest.mark.parametrize("tensor_path", [False, True], ids=["cv2", "tensor"])
-def test_mixed_batch_equals_one_by_one(engine, tensor_path, monkeypatch):
-    monkeypatch.setattr(engine, "_cv2_preprocess", not tensor_path)
+def test_mixed_batch_equals_one_by_one(engine, tensor_engine, tensor_path):
+    engine = tensor_engine if tensor_path else engine
     images = [frame(h, w) for h, w in MIXED_SIZES]
     forwards = []
-    model = engine.model("vits-hypersim")
-
-    def counting_model(x, max_depth):
-        forwards.append(tuple(x.shape))
-        return model(x, max_depth)
-
-    monkeypatch.setitem(engine._forwards, "vits-hypersim", counting_model)
+    counting = engine.model("vits-hypersim").register_forward_pre_hook(lambda module, args: forwards.append(tuple(args[0].shape)))
     depths = [5.0, None, 7.0, 9.0, 11.0]
-    together = engine.infer(images, "vits-hypersim", input_size=SMALL, max_depth=depths)
+    try:
+        together = engine.infer(images, "vits-hypersim", input_size=SMALL, max_depth=depths)
+    finally:
+        counting.remove()
     assert sorted(forwards) == sorted([(3, 3, 28, 42), (1, 3, 42, 28), (1, 3, 28, 28)])
     for image, max_depth, depth in zip(images, depths, together):
         (alone,) = engine.infer([image], "vits-hypersim", input_size=SMALL, max_depth=max_depth)
@@ -196,9 +199,7 @@ def test_cpu_engine_decodes_encoded_jpegs_with_cv2(engine):
 def device_decoding_engine(weights_dir):
     """The CUDA pipeline run on the CPU: JPEGs decoded by torchvision's decoder (libjpeg-turbo here, nvjpeg on
     CUDA) inside the engine, then torch resize and normalise."""
-    engine = Engine(weights_dir=weights_dir)
-    engine._cv2_preprocess = False
-    engine._decode_jpeg = zdepth.engine.inference._torchvision_jpeg_decoder()
+    engine = Engine(weights_dir=weights_dir, preprocess="torch", jpeg_decoder="device")
     assert engine.decodes_jpeg
     return engine
 
@@ -214,7 +215,6 @@ def test_device_decoded_jpegs_match_cv2_decoded_arrays(device_decoding_engine):
     expected_inputs.insert(1, expected_inputs[1])
     max_depths = [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
     depths = device_decoding_engine.infer(inputs, "vits-hypersim", input_size=SMALL, max_depth=max_depths)
-    device_decoding_engine._decode_jpeg = None  # from here on, arrays only
     for depth, array, max_depth in zip(depths, expected_inputs, max_depths, strict=True):
         (expected,) = device_decoding_engine.infer([array], "vits-hypersim", input_size=SMALL, max_depth=max_depth)
         assert depth.shape == array.shape[:2]
@@ -233,14 +233,15 @@ def test_a_corrupt_jpeg_falls_back_to_cv2_and_fails_alone(device_decoding_engine
     assert device_decoding_engine.decodes_jpeg  # one bad file does not turn the decoder off
 
 
-def test_a_decoder_that_keeps_failing_is_switched_off(device_decoding_engine):
-    def broken(data, device):
+def test_a_decoder_that_keeps_failing_is_switched_off(weights_dir, monkeypatch):
+    def broken(data, **options):
         raise RuntimeError("nvjpeg is not available")
 
-    device_decoding_engine._decode_jpeg = broken
+    monkeypatch.setattr("torchvision.io.decode_jpeg", broken)  # what the engine's device decoder calls
+    device_decoding_engine = Engine(weights_dir=weights_dir, preprocess="torch", jpeg_decoder="device")
     data = encode_jpeg(frame(60, 80))
     (expected,) = device_decoding_engine.infer([decode_image(data)], "vits", input_size=SMALL)
-    for _ in range(zdepth.engine.inference.DECODER_STRIKES):
+    for _ in range(zdepth.engine.jpeg.DECODER_STRIKES):
         assert device_decoding_engine.decodes_jpeg  # one odd JPEG, or a few, do not turn it off
         (depth,) = device_decoding_engine.infer([device_decodable_jpeg(data)], "vits", input_size=SMALL)
         np.testing.assert_array_equal(depth, expected)  # cv2 decoded it
@@ -315,8 +316,7 @@ def test_cuda_fast_path_close_to_the_fp32_reference(golden_weights_dir, gpu_deco
     fast_engine = Engine(device="cuda", weights_dir=golden_weights_dir, cuda_graphs=True, gpu_decode=gpu_decode)
     inputs = [device_decodable_jpeg(data) for data in files]
     assert all(isinstance(item, EncodedJpeg) for item in inputs) and fast_engine.decodes_jpeg == gpu_decode
-    reference_engine = Engine(device="cuda", precision="fp32", weights_dir=golden_weights_dir)
-    reference_engine._cv2_preprocess = True
+    reference_engine = Engine(device="cuda", precision="fp32", weights_dir=golden_weights_dir, preprocess="cv2")
     for model_id in ("vits", "vits-hypersim"):
         fast = fast_engine.infer(inputs, model_id)
         for depth, data in zip(fast, files, strict=True):
@@ -339,4 +339,4 @@ def test_cuda_graphs_match_eager(weights_dir, model_id, max_depth):
         got = graphed.infer(images[:count], model_id, input_size=SMALL, max_depth=depths)
         for a, b in zip(got, expected, strict=True):
             assert rel_l2(a, b) < 2e-3
-    assert graphed._forwards[model_id].captured == 3  # batches 1, 4 and 8
+    assert graphed.captured_graphs(model_id) == 3  # batches 1, 4 and 8

@@ -34,9 +34,15 @@ def engine(weights_dir):
     return Engine(weights_dir=weights_dir)
 
 
+@pytest.fixture(scope="module")
+def tensor_engine(weights_dir):
+    """The GPU's pipeline (torch resize + normalise) run on the CPU, JPEGs decoded by cv2 first."""
+    return Engine(weights_dir=weights_dir, preprocess="torch")
+
+
 @pytest.mark.parametrize("tensor_path", [False, True], ids=["cv2", "tensor"])
-def test_the_three_steps_give_what_infer_gives(engine, tensor_path, monkeypatch):
-    monkeypatch.setattr(engine, "_cv2_preprocess", not tensor_path)
+def test_the_three_steps_give_what_infer_gives(engine, tensor_engine, tensor_path):
+    engine = tensor_engine if tensor_path else engine
     images = frames()
     max_depth = [5.0, None, 7.5, 2.0, None]
     expected = engine.infer(images, "vits-hypersim", input_size=SMALL, max_depth=max_depth)
@@ -80,17 +86,14 @@ def test_float16_is_cast_in_the_engine_after_min_and_max(engine):
     assert pending.ranges() == [(float(d.min()), float(d.max())) for d in expected]
 
 
-def test_jpegs_and_device_decoding_on_the_tensor_path(engine, monkeypatch):
-    import zdepth.engine.inference
-
-    monkeypatch.setattr(engine, "_cv2_preprocess", False)
-    monkeypatch.setattr(engine, "_decode_jpeg", zdepth.engine.inference._torchvision_jpeg_decoder())
+def test_jpegs_and_device_decoding_on_the_tensor_path(weights_dir, tensor_engine):
+    engine = Engine(weights_dir=weights_dir, preprocess="torch", jpeg_decoder="device")
     image = RNG.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
     jpeg = device_decodable_jpeg(encode_jpeg(image, quality=95))
     (depth,) = engine.collect(engine.run([engine.prepare(jpeg, SMALL)], "vits"))
     (want,) = engine.infer([jpeg], "vits", input_size=SMALL)
     np.testing.assert_allclose(depth, want, rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(engine, "_decode_jpeg", None)  # no device decoder: the JPEG is decoded by cv2 first
+    engine = tensor_engine  # no device decoder: the JPEG is decoded by cv2 first
     (depth,) = engine.collect(engine.run([engine.prepare(jpeg, SMALL)], "vits"))
     np.testing.assert_allclose(depth, engine.infer([decode_image(encode_jpeg(image, quality=95))], "vits", input_size=SMALL)[0], rtol=1e-5, atol=1e-6)
 

@@ -4,13 +4,14 @@
 depth map per image at that image's own size, in input order. Images whose
 network input sizes agree run in one forward pass.
 
-Two preprocessing paths, chosen by device:
+Two preprocessing paths, chosen by device unless ``preprocess`` says which:
 
-- CPU (fp32): ``preprocess_cv2`` per image, exactly the official pipeline, so
+- CPU (fp32), ``preprocess="cv2"``: ``preprocess_cv2`` per image, exactly the official pipeline, so
   outputs reproduce the official ``infer_image`` (shared/golden) to ~1e-5.
-- CUDA (fp16 by default): arrays go up once through pinned memory; with
-  ``gpu_decode``, JPEGs (``EncodedJpeg``) are decoded on the GPU by nvjpeg,
-  all of a batch in one call.
+- CUDA (fp16 by default), ``preprocess="torch"``: arrays go up once through
+  pinned memory; with ``jpeg_decoder="device"`` (``gpu_decode``), JPEGs
+  (``EncodedJpeg``) are decoded on the GPU by nvjpeg, all of a batch in one
+  call (``zdepth.engine.jpeg``).
   Colour order, resize and normalisation run on the GPU (``preprocess_tensor``),
   so do the forward (optionally replayed as a CUDA graph, ``cuda_graphs=True``)
   and the resize back; one host copy comes back per batch of equally sized
@@ -31,64 +32,32 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import numbers
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from depth_anything_v2 import build_model, load_checkpoint, network_input_size, preprocess_cv2, preprocess_tensor, resize_depth
+from zdepth.engine.arguments import MaxDepth, check_image, check_input_size, max_depths
 from zdepth.engine.cudagraphs import GraphedForward
+from zdepth.engine.jpeg import DECODER_STRIKES, DeviceJpegDecoder, torchvision_jpeg_decoder
+from zdepth.engine.steps import Pending, Prepared, to_host
 from zdepth.errors import BadRequest
-from zdepth.models import DEFAULT_INPUT_SIZE, input_size_problem
+from zdepth.models import DEFAULT_INPUT_SIZE
 from zdepth.protocol.images import EncodedJpeg
 from zdepth.engine.weights import ModelSpec, find_checkpoint, get_spec
 
-__all__ = ["Engine", "Pending", "Prepared", "PRECISIONS"]
+__all__ = ["Engine", "Pending", "Prepared", "PRECISIONS", "PREPROCESSING", "JPEG_DECODERS", "DECODER_STRIKES"]
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PREPROCESSING = ("cv2", "torch")  # the official per-image cv2 pipeline, or the batched torch one (on the device)
+JPEG_DECODERS = ("cv2", "device")  # cv2 on the CPU before the engine, or torchvision's decode_jpeg on the engine's device
 
-DECODER_STRIKES = 8  # batches in a row on which the device decoder failed every JPEG cv2 could read: then it is switched off
-MaxDepth = float | Sequence[float | None] | None
 Image = np.ndarray | EncodedJpeg
-
-
-@dataclass(eq=False)
-class Prepared:
-    """One image ready for ``Engine.run``: its network input on the engine's device, and its own size."""
-
-    tensor: torch.Tensor  # 1 x 3 x h x w, normalised
-    shape: tuple[int, int]  # the image's (H, W): the depth map comes back at this size
-    ready: torch.cuda.Event | None = None  # on CUDA: recorded on the upload stream once ``tensor`` is written
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """The network input's (h, w): images of one size share a forward pass."""
-        return tuple(self.tensor.shape[2:])
-
-
-@dataclass(eq=False)
-class Pending:
-    """A batch that ``Engine.run`` started: depth maps on the host, or on their way there, with
-    each map's (min, max) ignoring NaN, taken on the device from the float32 values."""
-
-    depths: list[torch.Tensor]  # per image, H x W on the host (pinned on CUDA): float32, or float16 where asked
-    lows: list[torch.Tensor]  # per image, a 0-d float32 tensor on the host (inf where all of the map is NaN)
-    highs: list[torch.Tensor]  # the same for the maximum (-inf where all of it is NaN)
-    done: torch.cuda.Event | None = None  # on CUDA: recorded after the last copy to the host
-
-    def ranges(self) -> list[tuple[float, float]]:
-        """(min, max) of each map, NaN for one that is all NaN; read after ``Engine.collect``."""
-        out = []
-        for low, high in zip(self.lows, self.highs):
-            low, high = float(low), float(high)
-            out.append((low, high) if low <= high else (math.nan, math.nan))
-        return out
 
 
 class Engine:
@@ -106,7 +75,15 @@ class Engine:
     480x640 frame, but nvjpeg upsamples 4:2:0 chroma differently from cv2
     (libjpeg-turbo), and the depth moves by up to ~2e-2 relative L2 (measured
     on an H200), past the 1e-2 the fast path is held to. Off by default.
+
+    ``preprocess`` ("cv2" or "torch") and ``jpeg_decoder`` ("cv2" or "device")
+    make those choices explicit, on any device (the CUDA pipeline can run on
+    the CPU, as tests do): by default "cv2" preprocessing on the CPU and
+    "torch" elsewhere, and the "device" decoder only with ``gpu_decode`` on
+    CUDA. Decoding on the device needs the torch preprocessing.
     """
+
+    staged = True  # offers prepare, run and collect: a worker runs them on three threads
 
     def __init__(
         self,
@@ -118,6 +95,8 @@ class Engine:
         compile: bool = False,
         cuda_graphs: bool = False,
         gpu_decode: bool = False,
+        preprocess: str | None = None,
+        jpeg_decoder: str | None = None,
     ) -> None:
         try:
             self.device = torch.device(device)
@@ -133,16 +112,27 @@ class Engine:
             raise ValueError(f"precision {precision!r} is not supported on the CPU; use precision='fp32'")
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device!r}; leave cuda_graphs off")
+        if preprocess is None:  # the official cv2 pipeline on the CPU; the batched torch pipeline elsewhere
+            preprocess = "cv2" if self.device.type == "cpu" else "torch"
+        if preprocess not in PREPROCESSING:
+            raise ValueError(f"unknown preprocess {preprocess!r}; choose one of {', '.join(PREPROCESSING)}")
+        if jpeg_decoder is None:
+            jpeg_decoder = "device" if gpu_decode and self.device.type == "cuda" else "cv2"
+        if jpeg_decoder not in JPEG_DECODERS:
+            raise ValueError(f"unknown jpeg_decoder {jpeg_decoder!r}; choose one of {', '.join(JPEG_DECODERS)}")
+        if jpeg_decoder == "device" and preprocess == "cv2":
+            raise ValueError("jpeg_decoder='device' needs preprocess='torch': cv2 preprocessing takes decoded arrays")
         self.precision = precision
         self.dtype = PRECISIONS[precision]
         self.weights_dir = weights_dir
         self.download = download
         self.compile = compile
         self.cuda_graphs = cuda_graphs
-        # The official cv2 pipeline on the CPU; the batched torch pipeline elsewhere.
-        self._cv2_preprocess = self.device.type == "cpu"
-        self._decode_jpeg = _torchvision_jpeg_decoder() if gpu_decode and self.device.type == "cuda" else None
-        self._decoder_strikes = 0
+        self.preprocess = preprocess
+        self.jpeg_decoder = jpeg_decoder
+        self._cv2_preprocess = preprocess == "cv2"
+        decode = torchvision_jpeg_decoder() if jpeg_decoder == "device" else None
+        self._jpeg = DeviceJpegDecoder(decode, self.device) if decode is not None else None
         self._models: dict[str, torch.nn.Module] = {}
         self._forwards: dict[str, torch.nn.Module | GraphedForward] = {}
         self._upload_stream: torch.cuda.Stream | None = None  # created on first use, on this engine's device
@@ -150,12 +140,17 @@ class Engine:
     @property
     def decodes_jpeg(self) -> bool:
         """Whether ``infer`` decodes ``EncodedJpeg`` inputs on the device; otherwise cv2 decodes them first."""
-        return self._decode_jpeg is not None
+        return self._jpeg is not None and self._jpeg.on
 
     @property
     def loaded(self) -> tuple[str, ...]:
         """Ids of the models held on the device, in load order."""
         return tuple(self._models)
+
+    def captured_graphs(self, model_id: str) -> int:
+        """How many CUDA graphs ``model_id``'s forward pass holds (0 without ``cuda_graphs``)."""
+        forward = self._forwards.get(get_spec(model_id).id)
+        return forward.captured if isinstance(forward, GraphedForward) else 0
 
     def load(self, model_id: str) -> ModelSpec:
         """Build, strictly load and place ``model_id`` once; later calls return at once.
@@ -205,11 +200,11 @@ class Engine:
         (larger is nearer). Bad arguments raise BadRequest.
         """
         spec = get_spec(model_id)
-        _check_input_size(input_size)
+        check_input_size(input_size)
         images = list(images)
         for index, image in enumerate(images):
-            _check_image(index, image)
-        scales = _max_depths(spec, max_depth, len(images))
+            check_image(index, image)
+        scales = max_depths(spec, max_depth, len(images))
         if not images:
             return []
         if not self.decodes_jpeg:
@@ -241,8 +236,8 @@ class Engine:
         forward pass on the compute stream does not wait for. Bad arguments
         raise BadRequest.
         """
-        _check_input_size(input_size)
-        _check_image(0, image)
+        check_input_size(input_size)
+        check_image(0, image)
         if isinstance(image, EncodedJpeg) and not self.decodes_jpeg:
             image = image.decode()
         shape = (image.shape[0], image.shape[1])
@@ -274,7 +269,7 @@ class Engine:
         """
         spec = get_spec(model_id)
         prepared = list(prepared)
-        scales = _max_depths(spec, max_depth, len(prepared))
+        scales = max_depths(spec, max_depth, len(prepared))
         halves = [False] * len(prepared) if float16 is None else [bool(h) for h in float16]
         if len(halves) != len(prepared):
             raise BadRequest(f"got {len(halves)} float16 flags for {len(prepared)} images")
@@ -353,8 +348,8 @@ class Engine:
             if half:
                 resized = resized.half()
             if cuda:
-                resized = _to_host(resized)
-                bounds = None if bounds is None else _to_host(bounds)
+                resized = to_host(resized)
+                bounds = None if bounds is None else to_host(bounds)
             for k, j in enumerate(members):
                 out.depths[j] = resized[k]
                 if bounds is not None:
@@ -414,106 +409,5 @@ class Engine:
         return [out[j] for j in range(len(batch))]
 
     def _decode_on_device(self, batch: list[Image]) -> list[np.ndarray | torch.Tensor]:
-        """``batch`` with each EncodedJpeg decoded on the device as CHW RGB uint8, all in one call.
-
-        A JPEG the device decoder refuses, or decodes to another size than its
-        header declares, is decoded by cv2 instead (which also gives a corrupt
-        file its proper BadRequest). If the decoder fails on every JPEG of
-        ``DECODER_STRIKES`` batches in a row that cv2 could read, it is taken
-        to be broken and switched off, with a warning.
-        """
-        jpegs = [j for j, image in enumerate(batch) if isinstance(image, EncodedJpeg)]
-        frames: list[np.ndarray | torch.Tensor] = list(batch)  # type: ignore[arg-type]
-        if not jpegs:
-            return frames
-        data = [torch.frombuffer(bytearray(batch[j].data), dtype=torch.uint8) for j in jpegs]
-        try:
-            decoded = self._decode_jpeg(data, self.device)
-        except RuntimeError:  # nvjpeg returns nothing when one image fails: find which, one by one
-            decoded = [_try_decode(self._decode_jpeg, item, self.device) for item in data]
-        failed = 0
-        for j, tensor in zip(jpegs, decoded):
-            jpeg = batch[j]
-            if tensor is not None and tuple(tensor.shape) == (3, jpeg.height, jpeg.width):
-                frames[j] = tensor
-            else:
-                frames[j] = jpeg.decode()  # raises BadRequest for a file cv2 cannot read either
-                failed += 1
-        self._decoder_strikes = self._decoder_strikes + 1 if failed == len(jpegs) else 0
-        if self._decoder_strikes >= DECODER_STRIKES:
-            logger.warning("the device JPEG decoder failed on %d batches in a row that cv2 decoded; decoding with cv2 from now on", self._decoder_strikes)
-            self._decode_jpeg = None
-        return frames
-
-
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A pinned host copy of a device tensor, queued on the current stream (``Engine.collect`` waits)."""
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    return host
-
-
-def _check_input_size(input_size: object) -> None:
-    problem = input_size_problem(input_size)
-    if problem:
-        raise BadRequest(problem)
-
-
-def _torchvision_jpeg_decoder():
-    """A function ``(list of uint8 CPU tensors, device) -> list of CHW RGB uint8`` on that device, or None.
-
-    torchvision's ``decode_jpeg`` (nvjpeg on CUDA) is deprecated from 0.29 on in
-    favour of TorchCodec; while it is there we use it, else cv2 decodes.
-    """
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:
-        logger.warning("torchvision has no decode_jpeg; JPEGs are decoded with cv2 on the CPU")
-        return None
-
-    def decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-
-    return decode
-
-
-def _try_decode(decode, data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    try:
-        return decode([data], device)[0]
-    except RuntimeError:
-        return None
-
-
-def _check_image(index: int, image: object) -> None:
-    if isinstance(image, EncodedJpeg):
-        return
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        described = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise BadRequest(f"image {index}: expected an HxWx3 uint8 BGR array (see zdepth.imageio.decode_image), got {described}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise BadRequest(f"image {index} is empty, shape {image.shape}")
-
-
-def _max_depths(spec: ModelSpec, max_depth: MaxDepth, count: int) -> list[float] | None:
-    """One max_depth per image for a metric model, None for a relative one."""
-    if isinstance(max_depth, (str, bytes)):
-        raise BadRequest(f"max_depth must be a number or a list of numbers, got {max_depth!r}")
-    single = max_depth is None or isinstance(max_depth, numbers.Real)
-    values: list[object] = [max_depth] * count if single else list(max_depth)  # type: ignore[arg-type]
-    if not spec.metric:
-        if (single and max_depth is not None) or any(value is not None for value in values):
-            raise BadRequest(
-                f"model {spec.id!r} is relative and has no max_depth; "
-                f"use a metric model (e.g. {spec.encoder}-hypersim) or leave max_depth out"
-            )
-        return None
-    if len(values) != count:
-        raise BadRequest(f"got {len(values)} max_depth values for {count} images; give one per image or a single one")
-    scales = []
-    for value in values:
-        if value is None:
-            value = spec.default_max_depth
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
-            raise BadRequest(f"max_depth must be a positive number of metres, got {value!r}")
-        scales.append(float(value))
-    return scales
+        """``batch`` with each EncodedJpeg decoded on the device as CHW RGB uint8 (see ``DeviceJpegDecoder``)."""
+        return self._jpeg.decode(batch) if self.decodes_jpeg else list(batch)
