@@ -287,7 +287,7 @@ class BrokerMachine(RuleBasedStateMachine):
     @invariant()
     def nothing_waits_while_a_live_worker_has_room(self):
         core = self.core
-        for model, queue in core.queues.items():
+        for model, queue in core.held.queues.items():
             if not queue:
                 continue
             for w in core.workers.values():
@@ -304,13 +304,13 @@ class BrokerMachine(RuleBasedStateMachine):
 
     @invariant()
     def what_is_held_stays_bounded(self):
-        core = self.core
-        assert core.queued + len(core.dispatched) <= CONFIG.max_queue
-        assert core.held_bytes <= CONFIG.max_queue_bytes + 122  # one request is always admitted into an empty broker
-        for client, held in core.client_bytes.items():
-            assert held <= max(CONFIG.max_client_bytes, 122)
-        assert core.held_bytes == sum(core.client_bytes.values())
-        assert core.queued == sum(len(q) for q in core.queues.values())
+        held = self.core.held
+        assert held.queued + len(held.dispatched) <= CONFIG.max_queue
+        assert held.total_bytes <= CONFIG.max_queue_bytes + 122  # one request is always admitted into an empty broker
+        for client, size in held.client_bytes.items():
+            assert size <= max(CONFIG.max_client_bytes, 122)
+        assert held.total_bytes == sum(held.client_bytes.values())
+        assert held.queued == sum(len(q) for q in held.queues.values())
 
 
 TestBrokerCore = BrokerMachine.TestCase

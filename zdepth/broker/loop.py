@@ -23,7 +23,8 @@ import zmq
 
 from zdepth.protocol.auth import apply_broker_security, start_broker_auth
 from zdepth.config import BrokerConfig
-from zdepth.broker.core import CLIENT, BrokerCore, Outgoing
+from zdepth.broker.core import BrokerCore
+from zdepth.broker.outbox import CLIENT, Outgoing
 
 log = logging.getLogger("zdepth.broker")
 
@@ -188,7 +189,7 @@ class Broker:
             try:
                 sock.send_multipart([message.identity, *message.frames], flags=zmq.NOBLOCK, copy=False)
                 if message.rid is not None and self._metrics is not None:
-                    self._metrics.dispatched(self.core.dispatched.get(message.rid))
+                    self._metrics.dispatched(self.core.held.dispatched.get(message.rid))
             except zmq.ZMQError as exc:
                 if message.to == CLIENT:
                     # Gone (EHOSTUNREACH) or not reading (its queue is at the high-water mark): its loss alone.

@@ -1,140 +1,30 @@
-"""Prometheus metrics of the broker and the workers, served over HTTP on an optional port.
+"""The broker's metrics: answers and dispatches counted on the loop thread, the core's state read per scrape.
 
-Off by default: nothing here is imported until ``--metrics-port`` (or
-``metrics_port`` in the config) asks for it, so the broker and the client do
-not need ``prometheus_client`` (the ``metrics`` extra) unless it is on.
-
-Each side owns its own ``CollectorRegistry`` (never the process-global one),
-so several brokers or workers in one process, as in tests, do not collide.
-
-- ``BrokerMetrics``: counters and histograms updated as requests are answered
-  and dispatched (the broker's ``Stats`` and its socket loop call it), plus a
-  collector that reports the core's state (queues, bytes held, workers by
-  state) as it is at scrape time. The core belongs to the broker's loop
-  thread, so the collector asks the loop for a snapshot and waits for it
-  (one pass of the loop, 50 ms at most when idle); a loop that does not answer within
-  ``SNAPSHOT_WAIT_S`` shows as a growing ``zdepth_broker_state_age_seconds``.
-- ``WorkerMetrics``: methods the worker calls from any of its threads
-  (``request_done``, ``inference``, ``decoded``) and callbacks read at scrape
-  time (``read_held``, ``read_device_memory``; ``cuda_memory`` makes the
-  latter for a CUDA device).
-- ``serve(port, registry, host)``: the HTTP exporter; close what it returns.
-
-Label values are bounded, so no peer can grow the broker's memory with new
-series: a status that is not one of the protocol's is ``other``, a model that
-no worker ever announced is ``other``, and requests the broker refuses on
-arrival have both op and model empty.
+The core belongs to the broker's loop thread, so the collector asks the loop
+for a snapshot and waits for it (one pass of the loop, 50 ms at most when
+idle); a loop that does not answer within ``SNAPSHOT_WAIT_S`` shows as a
+growing ``zdepth_broker_state_age_seconds``. A model no worker ever announced
+is labelled ``other``; requests refused on arrival have op and model empty.
 """
 
 from __future__ import annotations
 
 import bisect
-import errno as errno_codes
-import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from zdepth import __version__
-from zdepth.errors import ConfigError
-from zdepth.protocol import ERROR_CODES, OPS, STATUS_OK
+from zdepth.metrics.common import LATENCY_BUCKETS, OTHER, log, op_label, prometheus, status_label
+from zdepth.protocol import STATUS_OK
 
 if TYPE_CHECKING:  # only for annotations: importing them here would import the broker's core
-    from zdepth.broker.core import BrokerCore, HeldRequest
+    from zdepth.broker.core import BrokerCore
+    from zdepth.broker.queues import HeldRequest
 
-__all__ = ["BrokerMetrics", "MetricsBindError", "MetricsServer", "WorkerMetrics", "cuda_memory", "serve", "DEFAULT_HOST"]
-
-log = logging.getLogger("zdepth.metrics")
-
-DEFAULT_HOST = "0.0.0.0"
-# Seconds; a request through the broker takes about a millisecond on loopback, a large model's batch
-# tens of milliseconds, and a request that waits for a busy GPU up to its deadline (30 s by default).
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the worker pads batches to powers of two
 SNAPSHOT_WAIT_S = 1.0  # how long a scrape waits for the broker's loop before reporting its last state
 WORKER_STATES = ("ready", "silent", "unhealthy", "draining")
-DECODERS = ("cpu", "device", "raw")  # where a worker turned an image into pixels; raw: it came as pixels
-OTHER = "other"
-
-_STATUSES = frozenset((STATUS_OK, *ERROR_CODES))
-
-
-def _prometheus():
-    """The client library, or a ConfigError that says how to install it."""
-    try:
-        import prometheus_client
-    except ModuleNotFoundError as exc:
-        if exc.name != "prometheus_client":
-            raise
-        raise ConfigError("metrics need prometheus_client, which is not installed: pip install 'zdepth[metrics]'") from None
-    return prometheus_client
-
-
-def _status(status: Any) -> str:
-    return status if status in _STATUSES else OTHER
-
-
-def _op(op: Any) -> str:
-    return op if op in OPS else ""
-
-
-# ----------------------------------------------------------------------------- the exporter
-
-
-class MetricsBindError(OSError):
-    """The metrics port cannot be bound (the CLI exits 4 for it, as for a ZeroMQ endpoint in use)."""
-
-
-class MetricsServer:
-    """The HTTP exporter of one registry, on its own daemon thread; ``close()`` stops it and frees the port."""
-
-    def __init__(self, server: Any, thread: threading.Thread, host: str) -> None:
-        self._server, self._thread = server, thread
-        self.host = host
-        self.port: int = server.server_address[1]
-
-    @property
-    def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("localhost" if self.host == "::" else self.host)
-        return f"http://{host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(5)
-            self._server = None
-
-    def __enter__(self) -> "MetricsServer":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def serve(port: int, registry: Any, host: str = DEFAULT_HOST) -> MetricsServer:
-    """Serve ``registry`` at ``http://host:port/metrics`` (port 0: any free port, see ``.port``).
-
-    A port that cannot be bound raises MetricsBindError (an OSError) naming
-    it; a port out of range raises ConfigError.
-    """
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"metrics port must be an integer in 0..65535, got {port!r}")
-    prometheus_client = _prometheus()
-    try:
-        server, thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
-    except OSError as exc:
-        hint = " (is another broker or worker serving metrics there? choose another --metrics-port)" if exc.errno == errno_codes.EADDRINUSE else ""
-        error = MetricsBindError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}{hint}")
-        error.errno = exc.errno
-        raise error from None
-    served = MetricsServer(server, thread, host)
-    log.info("metrics at http://%s:%d/metrics", host, served.port)
-    return served
-
-
-# ----------------------------------------------------------------------------- broker
 
 
 class _Histogram:
@@ -179,7 +69,7 @@ class BrokerMetrics:
     """
 
     def __init__(self, core: BrokerCore, *, registry: Any = None) -> None:
-        prometheus_client = _prometheus()
+        prometheus_client = prometheus()
         self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
         self._core = core
         prometheus_client.Info("zdepth_broker", "The broker's version.", registry=self.registry).info({"version": __version__})
@@ -203,7 +93,7 @@ class BrokerMetrics:
     def _model(self, model: str | None) -> str:
         if model is None:
             return ""
-        return model if model in self._core.model_last_seen else OTHER
+        return model if model in self._core.workers.model_last_seen else OTHER
 
     def answered(self, op: str, model: str | None, status: str, latency_s: float | None) -> None:
         """One reply left for a client (``latency_s`` None: answered at once, not timed)."""
@@ -215,7 +105,7 @@ class BrokerMetrics:
             series.round_trip.observe(latency_s)
 
     def _answer_series(self, op: str, model: str | None, status: str) -> _Answers:
-        labels = (_op(op), self._model(model), _status(status))
+        labels = (op_label(op), self._model(model), status_label(status))
         series = self._answers.get(labels)
         if series is None:
             round_trip = None
@@ -273,15 +163,15 @@ class BrokerMetrics:
 def _read_state(core: BrokerCore, now: float, label: Callable[[str], str]) -> dict[str, Any]:
     """Everything the state collector reports, read at one instant on the loop thread; ``label`` names a model."""
     health = core.health(now)
-    models = set(core.model_last_seen)
+    models = set(core.workers.model_last_seen)
     queued: dict[str, list[int]] = {}
-    for model, queue in core.queues.items():
+    for model, queue in core.held.queues.items():
         if queue:
             counts = queued.setdefault(label(model), [0, 0])
             counts[0] += len(queue)
             counts[1] += sum(r.size for r in queue)
     in_flight: dict[str, int] = {}
-    for request in core.dispatched.values():
+    for request in core.held.dispatched.values():
         model = label(request.model)
         in_flight[model] = in_flight.get(model, 0) + 1
     by_model: dict[str, dict[str, int]] = {m: dict.fromkeys(WORKER_STATES, 0) for m in models}
@@ -294,7 +184,7 @@ def _read_state(core: BrokerCore, now: float, label: Callable[[str], str]) -> di
         "stopping": core.stopping,
         "queued": {m: queued.get(m, [0, 0]) for m in models | set(queued)},
         "in_flight": {m: in_flight.get(m, 0) for m in models | set(in_flight)},
-        "held_bytes": core.held_bytes,
+        "held_bytes": core.held.total_bytes,
         "queue_limit": core.config.max_queue,
         "queue_limit_bytes": core.config.max_queue_bytes,
         "workers": workers,
@@ -396,124 +286,3 @@ def _histogram(name: str, documentation: str, labels: list[str], series: list[tu
             buckets.append((bound, cumulative))
         family.add_metric(list(values), buckets, total)
     return family
-
-
-# ----------------------------------------------------------------------------- worker
-
-
-class WorkerMetrics:
-    """A worker's metrics; every method may be called from any of the worker's threads.
-
-    ``models`` are the models the worker serves (other values are labelled
-    ``other``); ``name`` and ``device`` label ``zdepth_worker_info``.
-    """
-
-    def __init__(self, models: Iterable[str], *, name: str, device: str, registry: Any = None) -> None:
-        prometheus_client = _prometheus()
-        self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
-        self._models = frozenset(models)
-        self.device = device
-        self._requests = prometheus_client.Counter(
-            "zdepth_worker_requests", "Requests the worker answered, by op, model and status (ok or the error code).", ["op", "model", "status"], registry=self.registry
-        )
-        self._latency = prometheus_client.Histogram(
-            "zdepth_worker_request_seconds", "From a request's arrival at the worker to its reply, by model.", ["model"], buckets=LATENCY_BUCKETS, registry=self.registry
-        )
-        self._inference = prometheus_client.Histogram(
-            "zdepth_worker_inference_seconds", "One batch's forward pass, from its start to its depth maps on the host, by model.", ["model"], buckets=LATENCY_BUCKETS, registry=self.registry
-        )
-        self._batch = prometheus_client.Histogram(
-            "zdepth_worker_batch_size", "Requests per forward pass, by model.", ["model"], buckets=BATCH_BUCKETS, registry=self.registry
-        )
-        self._decoded = prometheus_client.Counter(
-            "zdepth_worker_images_decoded", "Images turned into pixels: on the CPU (cv2), on the device (nvjpeg), or sent raw.", ["where"], registry=self.registry
-        )
-        for where in DECODERS:
-            self._decoded.labels(where)  # every series present from the start, so rates work at once
-        prometheus_client.Info("zdepth_worker", "The worker's version, name and device.", registry=self.registry).info(
-            {"version": __version__, "name": name, "device": device}
-        )
-        prometheus_client.ProcessCollector(registry=self.registry)
-        self._read_held: Callable[[], tuple[int, int]] | None = None
-        self._read_memory: Callable[[], Mapping[str, int]] | None = None
-        self.registry.register(_WorkerStateCollector(self))
-
-    def _model(self, model: Any) -> str:
-        if not model:
-            return ""
-        return model if model in self._models else OTHER
-
-    def request_done(self, op: str | None, model: str | None, status: str, seconds: float | None = None) -> None:
-        """A reply was sent; ``seconds`` from the request's arrival, when known. op and model may be None
-        for a request refused before they were read (they are then labelled empty)."""
-        model = self._model(model)
-        self._requests.labels(_op(op), model, _status(status)).inc()
-        if seconds is not None:
-            self._latency.labels(model).observe(seconds)
-
-    def inference(self, seconds: float, batch_size: int, model: str) -> None:
-        """One forward pass of ``batch_size`` requests took ``seconds``."""
-        model = self._model(model)
-        self._inference.labels(model).observe(seconds)
-        self._batch.labels(model).observe(batch_size)
-
-    def decoded(self, where: str) -> None:
-        """One image went to a decoder: ``cpu``, ``device`` or ``raw`` (pixels as sent)."""
-        if where not in DECODERS:
-            raise ValueError(f"where must be one of {', '.join(DECODERS)}, got {where!r}")
-        self._decoded.labels(where).inc()
-
-    def read_held(self, read: Callable[[], tuple[int, int]]) -> None:
-        """At scrape time, ``read()`` gives (requests held, image bytes held) by the worker."""
-        self._read_held = read
-
-    def read_device_memory(self, read: Callable[[], Mapping[str, int]]) -> None:
-        """At scrape time, ``read()`` gives device memory in bytes by kind (``cuda_memory`` makes one for CUDA)."""
-        self._read_memory = read
-
-
-class _WorkerStateCollector:
-    def __init__(self, metrics: WorkerMetrics) -> None:
-        self._metrics = metrics
-
-    def describe(self) -> list[Any]:
-        return []
-
-    def collect(self) -> Iterable[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
-        metrics = self._metrics
-        if metrics._read_held is not None:
-            requests, size = metrics._read_held()
-            yield GaugeMetricFamily("zdepth_worker_held_requests", "Requests the worker holds: decoding, waiting for a batch, or in one.", value=requests)
-            yield GaugeMetricFamily("zdepth_worker_held_bytes", "Image bytes the worker holds, counting the peak cost of decoding them.", value=size)
-        if metrics._read_memory is not None:
-            try:
-                memory = metrics._read_memory()
-            except Exception:  # a failing device query must not fail the whole scrape
-                log.warning("reading device memory failed", exc_info=True)
-                return
-            family = GaugeMetricFamily("zdepth_worker_device_memory_bytes", "Device memory: allocated by tensors, reserved by the allocator, total.", labels=["device", "kind"])
-            for kind, value in sorted(memory.items()):
-                family.add_metric([metrics.device, kind], value)
-            yield family
-
-
-def cuda_memory(device: str) -> Callable[[], dict[str, int]]:
-    """A reader of ``device``'s memory for ``WorkerMetrics.read_device_memory``: the caching
-    allocator's allocated and reserved bytes (no CUDA call, safe from the exporter's thread) and
-    the device's total."""
-    import torch  # the worker has it loaded already; the broker never calls this
-
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    total = torch.cuda.get_device_properties(index).total_memory
-
-    def read() -> dict[str, int]:
-        return {
-            "allocated": torch.cuda.memory_allocated(index),
-            "reserved": torch.cuda.memory_reserved(index),
-            "total": total,
-        }
-
-    return read
