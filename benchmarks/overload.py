@@ -94,7 +94,10 @@ class Caller(threading.Thread):
             sock.close(0)
 
 
-def run_overload(source: Path, *, plain: bool, callers: int = 20, seconds: float = 25.0, timeout: float = 1.0, compute_ms: float = 50.0, capacity: int = 2, batch: int = 1, image_bytes: int = 1024, logs: Path | None = None) -> dict[str, Any]:
+def run_overload(
+    source: Path, *, plain: bool, callers: int = 20, seconds: float = 25.0, timeout: float = 1.0,
+    compute_ms: float = 50.0, capacity: int = 2, batch: int = 1, image_bytes: int = 1024, logs: Path | None = None,
+) -> dict[str, Any]:
     """One run against the broker of ``source``; returns the counts and figures of the report."""
     import zmq
 

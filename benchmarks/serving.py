@@ -299,14 +299,17 @@ def main() -> int:
                 partial = {"benchmark": NAME, "partial": True, "machine": machine, "weights": weights_source, "config": dict(vars(args)), "runs": runs}
                 _common.write_json(NAME, partial, args.json, quiet=True)
                 lat = result["latency"]
-                print(f"  {encoder} {input_name:8s} streams={streams} max_wait={max_wait_ms:g}{' graphs' if graphs else ''}: {result['fps']:.1f} fps, p50 {lat.get('p50', float('nan')):.2f} ms, p99 {lat.get('p99', float('nan')):.2f} ms ({result['frames']} frames, {result['errors']} errors)", flush=True)
+                setting = f"{encoder} {input_name:8s} streams={streams} max_wait={max_wait_ms:g}{' graphs' if graphs else ''}"
+                figures = f"{result['fps']:.1f} fps, p50 {lat.get('p50', float('nan')):.2f} ms, p99 {lat.get('p99', float('nan')):.2f} ms"
+                print(f"  {setting}: {figures} ({result['frames']} frames, {result['errors']} errors)", flush=True)
         finally:
             for process in reversed(processes):
                 _common.stop_process(process)
 
     rows = []
     for run in runs:
-        base = next((r for r in runs if r["encoder"] == run["encoder"] and r["streams"] == run["streams"] and r["input"] == "jpeg" and r["max_wait_ms"] == args.max_wait_ms and not r["cuda_graphs"]), None)
+        same = (r for r in runs if r["encoder"] == run["encoder"] and r["streams"] == run["streams"])
+        base = next((r for r in same if r["input"] == "jpeg" and r["max_wait_ms"] == args.max_wait_ms and not r["cuda_graphs"]), None)
         lat, srv = run["latency"], run["server_mean"]
         rows.append({
             "model": run["encoder"],

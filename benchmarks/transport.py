@@ -480,7 +480,10 @@ def main() -> int:
         "benchmark": NAME,
         "machine": machine,
         "report": report.parts,
-        "config": {"shape": list(shape), "jpeg_bytes": len(image), "iterations": args.iterations, "http_iterations": args.http_iterations, "warmup": args.warmup, "rounds": args.rounds, "quick": args.quick},
+        "config": {
+            "shape": list(shape), "jpeg_bytes": len(image), "iterations": args.iterations, "http_iterations": args.http_iterations,
+            "warmup": args.warmup, "rounds": args.rounds, "quick": args.quick,
+        },
         "modes": {m: {"description": DESCRIPTIONS[m], **stats[m]} for m in modes},
         "worker_ms": worker_ms,
         "targets": targets,

@@ -1,5 +1,5 @@
-"""Fixtures for every test: generated checkpoints (random weights, official key names and shapes)
-and the one way to find test data (``data_file``).
+"""Fixtures for every test: generated checkpoints (random weights, official key names and shapes),
+the one way to find test data (``data_file``), and an independent PLY reader (``read_ply``).
 
 Tests never download weights: a test that needs a checkpoint uses ``weights_dir``;
 ``golden_weights_dir`` holds the seeded weights of tests/data/golden under the names
@@ -31,6 +31,22 @@ def data_file(*parts: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"test data file missing: {path} (tests/data is part of the repository)")
     return path
+
+
+def read_ply(path: str | os.PathLike[str]):
+    """(points (N, 3) float32, colors (N, 3) uint8 RGB or None) of a PLY file, read by plyfile: a reader
+    zdepth did not write, so ``write_ply`` is checked against another implementation of the format."""
+    import numpy as np
+    from plyfile import PlyData
+
+    vertex = PlyData.read(str(path))["vertex"].data
+    points = np.stack([vertex[axis] for axis in "xyz"], axis=1).astype(np.float32)
+    names = set(vertex.dtype.names)
+    colors = None
+    if {"red", "green", "blue"} <= names:
+        colors = np.stack([vertex[c] for c in ("red", "green", "blue")], axis=1).astype(np.uint8)
+    return points, colors
+
 
 # One vits state dict serves all three ids: relative and metric share every key.
 GENERATED_FILES = (

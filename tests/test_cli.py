@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from zdepth.cli import app, format_health, resolve_server
 from zdepth.config import BrokerConfig, WorkerConfig
-from zdepth.pointcloud import read_ply
+from conftest import read_ply  # plyfile, not zdepth: an independent reader
 
 COMMANDS = ("broker", "worker", "serve", "predict", "health", "bench", "keygen")
 FX, FY, CX, CY = 80.0, 82.0, 47.5, 31.5
@@ -546,7 +546,7 @@ def test_predict_in_process_writes_every_format(runner: CliRunner, images: Path,
     np.testing.assert_allclose(vertices["y"], (v.ravel() - CY) * z / FY, rtol=1e-5, atol=1e-6)
     bgr = cv2.imread(str(images / "street.jpg"))
     np.testing.assert_array_equal(np.stack([vertices["red"], vertices["green"], vertices["blue"]], 1), bgr[..., ::-1].reshape(-1, 3))
-    points, _ = read_ply(out / "street.ply")  # and zdepth's own reader agrees
+    points, _ = read_ply(out / "street.ply")  # and plyfile, an independent reader, agrees
     np.testing.assert_array_equal(points[:, 2], vertices["z"])
 
 

@@ -141,7 +141,7 @@ def test_queue_gauges_and_workers_by_state(ctx, tmp_path):
     try:
         full = PeerWorker(ctx, broker.workers, name="full", models=("vits",), capacity=1, reply_after=None)
         frozen = PeerWorker(ctx, broker.workers, name="frozen", models=("vitb",), capacity=2)
-        stuck = PeerWorker(ctx, broker.workers, name="stuck", models=("vits-hypersim",), capacity=1, reply_after=None)
+        PeerWorker(ctx, broker.workers, name="stuck", models=("vits-hypersim",), capacity=1, reply_after=None)
         draining = dealer(ctx, broker.workers)
         draining.send_multipart([command("ready", key=KEY, models=["vitl"], capacity=2, info={"name": "draining"})])
         workers_in_state(ctx, broker, "ready", 4)

@@ -20,7 +20,7 @@ import numpy as np
 
 from zdepth.errors import BadRequest, ConfigError
 
-__all__ = ["Intrinsics", "depth_to_points", "write_ply", "read_ply"]
+__all__ = ["Intrinsics", "depth_to_points", "write_ply"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,18 +144,11 @@ def depth_to_points(
     return points.reshape(-1, 3), rgb
 
 
-_PLY_TYPES = {
-    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1",
-    "short": "i2", "int16": "i2", "ushort": "u2", "uint16": "u2",
-    "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
-    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
-}  # fmt: skip
-
-
 def write_ply(path: str | os.PathLike[str], points: np.ndarray, colors: np.ndarray | None = None) -> None:
     """Write a binary little-endian PLY: float x, y, z and, if given, uchar red, green, blue.
 
-    ``points``: (N, 3), cast to float32. ``colors``: (N, 3) uint8 RGB.
+    ``points``: (N, 3), cast to float32. ``colors``: (N, 3) uint8 RGB. zdepth
+    has no reader: viewers and libraries (Open3D, MeshLab, plyfile) read these.
     """
     points = np.asarray(points)
     if points.ndim != 2 or points.shape[1] != 3:
@@ -178,36 +171,3 @@ def write_ply(path: str | os.PathLike[str], points: np.ndarray, colors: np.ndarr
     with open(path, "wb") as f:
         f.write(("\n".join(header) + "\n").encode("ascii"))
         f.write(vertices.tobytes())
-
-
-def read_ply(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read the vertices of a binary little-endian PLY (as ``write_ply`` writes).
-
-    Returns points (N, 3) float32 and colors (N, 3) uint8 RGB or None.
-    """
-    data = Path(path).read_bytes()
-    end = data.find(b"end_header\n")
-    if not data.startswith(b"ply\n") or end < 0:
-        raise ValueError(f"{path}: not a PLY file")
-    lines = data[:end].decode("ascii").splitlines()
-    if "format binary_little_endian 1.0" not in lines:
-        raise ValueError(f"{path}: only binary_little_endian PLY files are supported")
-    elements = [line.split() for line in lines if line.startswith("element ")]
-    if not elements or elements[0][1] != "vertex":
-        raise ValueError(f"{path}: the first element must be 'vertex'")
-    count, fields, element = int(elements[0][2]), [], None
-    for line in lines:
-        words = line.split()
-        if words[:1] == ["element"]:
-            element = words[1]
-        elif words[:1] == ["property"] and element == "vertex":
-            if words[1] == "list" or words[1] not in _PLY_TYPES:
-                raise ValueError(f"{path}: unsupported vertex property {line!r}")
-            fields.append((words[2], "<" + _PLY_TYPES[words[1]]))
-    vertices = np.frombuffer(data, dtype=fields, count=count, offset=end + len(b"end_header\n"))
-    points = np.stack([vertices[axis] for axis in "xyz"], axis=1).astype(np.float32)
-    names = {name for name, _ in fields}
-    colors = None
-    if {"red", "green", "blue"} <= names:
-        colors = np.stack([vertices[c] for c in ("red", "green", "blue")], axis=1).astype(np.uint8)
-    return points, colors

@@ -185,7 +185,8 @@ class BrokerCore:
             self.out.error(client, header.id, "bad_request", f"op {header.op!r} needs 2 body frames (params, image), got {len(body)}", now, now, peer=peer)
             return
         if (client, header.id) in self.held.pending_ids:
-            self.out.error(client, header.id, "bad_request", f"request id {header.id!r} is already in flight on this connection; ids must be unique among a client's pending requests", now, now, peer=peer)
+            message = f"request id {header.id!r} is already in flight on this connection; ids must be unique among a client's pending requests"
+            self.out.error(client, header.id, "bad_request", message, now, now, peer=peer)
             return
         model = header.model or self.workers.default_model(header.op)
         if model is None or not self.workers.may_be_served(model, now):
