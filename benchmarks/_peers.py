@@ -157,6 +157,7 @@ class FixedEngine:
 
     device = "cpu"
     precision = "stub"
+    cuda_graphs = decodes_jpeg = staged = False  # what zdepth.worker.engine.Engine asks of every engine
 
     def __init__(self, shape: tuple[int, int]) -> None:
         self.depth = fixed_depth(*shape)

@@ -40,6 +40,8 @@ def main() -> int:
 
     from depth_anything_v2 import network_input_size, preprocess_tensor, resize_depth
     from zdepth.engine import Engine
+    from zdepth.engine.cudagraphs import GraphedForward
+    from zdepth.engine.jpeg import torchvision_jpeg_decoder
     from zdepth.protocol.images import decode_image, device_decodable_jpeg
 
     if args.device == "auto":
@@ -145,11 +147,11 @@ def main() -> int:
                 "resize back + copy to host": lambda: resize_depth(out.float(), frame.shape[:2]).cpu(),
             }
             if engine.decodes_jpeg:
-                decode = engine._decode_jpeg
+                decode = torchvision_jpeg_decoder()  # what the engine decodes with
                 stages = {"nvjpeg decode (batch 1)": lambda: decode([data], device), **stages}
                 stages["nvjpeg decode (batch 8), per image"] = lambda: decode([data] * 8, device)
             if cuda:
-                graphed = engines["CUDA graphs"]._forwards[encoder]
+                graphed = GraphedForward(engines["CUDA graphs"].model(encoder))
                 stages["forward, CUDA graph replay"] = lambda: graphed(x, None)
             for stage, fn in stages.items():
                 stats = timed(fn)

@@ -40,6 +40,7 @@ class SleepEngine:
 
     device = "stub"
     precision = "stub"
+    cuda_graphs = decodes_jpeg = staged = False  # what zdepth.worker.engine.Engine asks of every engine
 
     def __init__(self, forward_s: float, per_image_s: float) -> None:
         self.forward_s, self.per_image_s = forward_s, per_image_s

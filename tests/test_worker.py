@@ -149,6 +149,8 @@ def engine(weights_dir):
 class GatedEngine:
     """The real engine, but each forward pass waits for the test to open the gate."""
 
+    staged = False  # whole batches through infer, where the gate is
+
     def __init__(self, engine, *, fail_on_shape: tuple[int, int] | None = None) -> None:
         self.engine = engine
         self.gate = threading.Event()
@@ -240,6 +242,7 @@ class RecordingEngine:
     """Records what the worker asks of its engine; answers zeros. For call order only."""
 
     device, precision = "cpu", "fp32"
+    cuda_graphs = decodes_jpeg = staged = False
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -412,6 +415,8 @@ class KindRecordingEngine:
         self.engine = engine
         self.kinds: list[str] = []
 
+    staged = False  # whole batches through infer, which records them
+
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
@@ -426,12 +431,9 @@ def test_jpegs_go_to_an_engine_that_decodes_them_and_the_rest_to_the_pool(broker
     fail alone, with the same errors as from the pool."""
     import struct
 
-    import zdepth.engine.inference
     from zdepth.engine import Engine
 
-    real = Engine(device="cpu", weights_dir=weights_dir)
-    real._cv2_preprocess = False
-    real._decode_jpeg = zdepth.engine.inference._torchvision_jpeg_decoder()
+    real = Engine(device="cpu", weights_dir=weights_dir, preprocess="torch", jpeg_decoder="device")
     engine = KindRecordingEngine(real)
     start(make_config(broker.endpoint, max_batch=8, max_wait_ms=300), engine)
     identity, _, _ = broker.expect(protocol.READY)
@@ -447,7 +449,6 @@ def test_jpegs_go_to_an_engine_that_decodes_them_and_the_rest_to_the_pool(broker
     replies = broker.replies(5)
     # One batch of 1-4 (5 failed on its header), then 1-4 one by one after 4 failed the batch.
     assert engine.kinds == ["EncodedJpeg", "ndarray", "ndarray", "EncodedJpeg"] * 2
-    real._decode_jpeg = None
     for rid, image in ((1, _decoded_jpeg()), (2, _decoded_jpeg()), (3, IMAGE)):
         command, header, arrays = replies[rid]
         assert command["status"] == "ok", header

@@ -4,9 +4,9 @@ and the padded batch sizes that CUDA graphs are captured for.
 A pure function over a plain ``queue.Queue`` (no ZeroMQ, no torch), so it is
 tested on its own. The worker's compute thread calls it in a loop::
 
-    pending: list[Job] = []
+    pending: list[Task] = []
     while True:
-        batch = collect_batch(jobs, max_batch=8, max_wait_s=0.002, key=lambda j: j.batch_key, pending=pending)
+        batch = collect_batch(tasks, max_batch=8, max_wait_s=0.002, key=lambda t: t.batch_key, pending=pending)
         ...
 
 Requests can share a batch only when their ``key`` is equal (for the worker:
