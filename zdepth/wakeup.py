@@ -7,18 +7,40 @@ socket pair ends a wait at once, on every platform, without a second ZeroMQ sock
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
+
+import zmq
 
 
 class Wakeup:
-    """Register it with a ``zmq.Poller`` (it has ``fileno``); ``set`` from anywhere, ``clear`` in the polling thread."""
+    """``set`` from anywhere; the polling thread ``register``s it and asks ``woken(events)`` after each poll.
+
+    A poll reports a plain descriptor by its number, not by the object registered for it, so the
+    check goes through ``woken``: a wake-up that is never cleared keeps every later poll returning
+    at once, and the loop spins.
+    """
 
     def __init__(self) -> None:
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
+        self._fd = self._reader.fileno()  # kept: unregister works after close
 
     def fileno(self) -> int:
-        return self._reader.fileno()
+        return self._fd
+
+    def register(self, poller: zmq.Poller) -> None:
+        poller.register(self._fd, zmq.POLLIN)
+
+    def unregister(self, poller: zmq.Poller) -> None:
+        poller.unregister(self._fd)
+
+    def woken(self, events: Mapping[object, int]) -> bool:
+        """Whether a poll's ``dict(events)`` include this wake-up; clears it when they do."""
+        if self._fd not in events:
+            return False
+        self.clear()
+        return True
 
     def set(self) -> None:
         try:
