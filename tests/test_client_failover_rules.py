@@ -17,7 +17,10 @@ import zmq
 
 from zdepth import protocol
 from zdepth.protocol import codec
-from zdepth.client.pipeline import FIRST_CHOICE_GRACE_S, Pipeline, Request, finish_depth
+from zdepth.client.calls import Call
+from zdepth.client.links import FIRST_CHOICE_GRACE_S
+from zdepth.client.pipeline import Pipeline
+from zdepth.client.replies import finish_depth
 from zdepth.errors import BrokerUnreachable, DeadlineExceeded, Unauthorized
 
 A, B = "tcp://a:5555", "tcp://b:5555"
@@ -33,8 +36,8 @@ def pipeline(*, timeout: float = 1.0, retries: int = 1, now: float = 0.0) -> Pip
     return pipe
 
 
-def request(now: float) -> Request:
-    return Request(op=protocol.OP_RELATIVE, model="vits", body=(b"params", b"image"), finish=finish_depth, created=now)
+def request(now: float) -> Call:
+    return Call(op=protocol.OP_RELATIVE, model="vits", body=(b"params", b"image"), finish=finish_depth, created=now)
 
 
 def send(pipe: Pipeline, now: float):

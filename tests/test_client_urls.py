@@ -16,7 +16,7 @@ import pytest
 
 from test_client import INTRINSICS, fake_depth, serve  # noqa: F401  (serve is a fixture)
 from zdepth import AsyncClient, Client
-from zdepth.client.pipeline import fetch_image
+from zdepth.client.urls import fetch_image
 from zdepth.errors import BadRequest
 from zdepth.protocol.images import decode_image
 from zdepth.pointcloud import depth_to_points

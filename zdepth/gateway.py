@@ -56,7 +56,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from zdepth.client.pipeline import MAX_URL_IMAGE_BYTES, _shown_url
+from zdepth.client.urls import MAX_URL_IMAGE_BYTES, _shown_url
 from zdepth.errors import (
     BadRequest,
     BrokerUnreachable,
@@ -528,7 +528,7 @@ def create_app(settings: GatewaySettings) -> Any:
 
     from zdepth import __version__
     from zdepth.client.aio import AsyncClient
-    from zdepth.client.pipeline import resolve_addresses
+    from zdepth.client.options import resolve_addresses
     from zdepth.config import read_key
 
     addresses, profile = resolve_addresses(settings.broker)  # one broker, several (a:5555,b:5555) or a profile

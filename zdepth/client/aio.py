@@ -1,17 +1,18 @@
 """The asyncio client: ``async with AsyncClient("tcp://gpu-box:5555") as c: await c.metric_depth(frame)``.
 
 The same API as ``zdepth.client.Client``, as coroutines, with the same
-timeouts, retries and errors (request building and reply decoding are shared
-in ``zdepth._requests``), several brokers and failover included. One socket
-per broker carries every call: any number of tasks may await calls on one
-AsyncClient at once, and a background task per socket matches replies to them
-by request id. Use it from one event loop. Imports no torch.
+timeouts, retries and errors (building calls, the pipeline and decoding
+replies are shared: ``zdepth.client.base``), several brokers and failover
+included. One socket per broker carries every call: any number of tasks may
+await calls on one AsyncClient at once, and a background task per socket
+matches replies to them by attempt id. Use it from one event loop. Imports no torch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any, AsyncIterable, AsyncIterator, Iterable, Sequence
 
@@ -19,19 +20,16 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from zdepth.client.pipeline import (
-    REOPEN,
-    ClientBase,
-    ClientState,
-    Exchange,
-    LatestSlot,
-    Request,
-    StreamState,
-    brokers_health,
-    fetch_image,
-    is_url,
-)
-from zdepth.client.sync import Client, StreamItem, _close_socket, _open_dealer
+from zdepth.client.base import READY_POLL_S, ClientBase
+from zdepth.client.calls import Call
+from zdepth.client.exchanges import Exchange, LatestSlot, StreamState
+from zdepth.client.links import REOPEN
+from zdepth.client.options import ClientState
+from zdepth.client.replies import brokers_health
+from zdepth.client.sockets import close_socket, open_dealer
+from zdepth.client.sync import Client, StreamItem
+from zdepth.client.urls import fetch_image, is_url
+from zdepth.errors import DeadlineExceeded
 from zdepth.pointcloud import Intrinsics
 from zdepth.protocol import OP_RELATIVE
 from zdepth.client.results import DepthResult, PointCloudResult
@@ -58,6 +56,8 @@ class AsyncClient(ClientBase):
     _monitors: list[zmq.asyncio.Socket | None] | None = None
     _receivers: list[asyncio.Task | None] | None = None
     _watchers: list[asyncio.Task | None] | None = None
+    _timer: asyncio.TimerHandle | None = None  # wakes the loop at the pipeline's next deadline (see _arm)
+    _timer_at = math.inf
 
     @classmethod
     def from_profile(cls, name: str, **overrides: Any) -> AsyncClient:
@@ -85,12 +85,8 @@ class AsyncClient(ClientBase):
                 raise
             self._state = ClientState.OPENED
 
-    def _begin(self) -> None:
-        """Before a new request: usable, connected, and a broker that refused the handshake tried afresh
-        (ZeroMQ does not retry after a refusal; the pipeline says when)."""
+    def _ensure_open(self) -> None:
         self._open()
-        for index in self._pipeline.refused(time.monotonic()):
-            self._reopen(index)
 
     def _open_socket(self, index: int) -> None:
         """A DEALER to broker ``index`` with the client's options and security, a task reading its replies and
@@ -99,18 +95,11 @@ class AsyncClient(ClientBase):
         assert self._receivers is not None and self._watchers is not None
         loop = asyncio.get_running_loop()
         link = self._pipeline.links[index]
-        sock, monitor = _open_dealer(zmq.asyncio.Context.instance(), link, key=self._pipeline.key, curve=self.curve)
+        sock, monitor = open_dealer(zmq.asyncio.Context.instance(), link, key=self._pipeline.key, curve=self.curve)
         self._sockets[index], self._monitors[index] = sock, monitor
         link.reset(time.monotonic())
         self._receivers[index] = loop.create_task(self._receive(sock, index))
         self._watchers[index] = loop.create_task(self._watch(monitor))
-
-    def _reopen(self, index: int) -> None:
-        """Replace broker ``index``'s socket (with the security its link now asks for); what was pending on it
-        goes out again."""
-        self._drop_socket(index)
-        self._open_socket(index)
-        self._pipeline.requeue(index)
 
     async def aclose(self) -> None:
         """Drop the sockets and anything unsent; calls still waiting fail. Idempotent."""
@@ -135,7 +124,7 @@ class AsyncClient(ClientBase):
     async def relative_depth(self, image: Any, *, encoder: str | None = None, input_size: int | None = None) -> DepthResult:
         started = time.monotonic()
         image = await self._fetched(image)
-        return await self._call(self._relative_request(image, encoder=encoder, input_size=input_size, created=started))
+        return await self._call(self._build_relative(image, encoder=encoder, input_size=input_size, created=started))
 
     async def metric_depth(
         self,
@@ -149,7 +138,7 @@ class AsyncClient(ClientBase):
         started = time.monotonic()
         image = await self._fetched(image)
         return await self._call(
-            self._metric_request(
+            self._build_metric(
                 image, encoder=encoder, dataset=dataset, max_depth=max_depth, input_size=input_size, created=started
             )
         )
@@ -165,7 +154,7 @@ class AsyncClient(ClientBase):
         started = time.monotonic()
         image = await self._fetched(image)
         return await self._call(
-            self._metric_request(image, encoder=encoder, dataset=dataset, max_depth=1.0, input_size=input_size, created=started)
+            self._build_metric(image, encoder=encoder, dataset=dataset, max_depth=1.0, input_size=input_size, created=started)
         )
 
     async def pointcloud(
@@ -183,7 +172,7 @@ class AsyncClient(ClientBase):
         started = time.monotonic()
         image = await self._fetched(image)
         return await self._call(
-            self._pointcloud_request(
+            self._build_pointcloud(
                 image,
                 intrinsics,
                 colors=colors,
@@ -197,13 +186,13 @@ class AsyncClient(ClientBase):
         )
 
     async def health(self) -> dict[str, Any]:
-        return await self._call(self._health_request())
+        return await self._call(self._build_health())
 
     async def health_all(self) -> dict[str, Any]:
         self._begin()
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        exchanges = [self._pipeline.open(self._health_request(), now, pin=index) for index in range(len(self.addresses))]
+        exchanges = [self._pipeline.open(self._build_health(), now, pin=index) for index in range(len(self.addresses))]
         for exchange in exchanges:
             exchange.waiter = loop.create_future()
         try:
@@ -215,6 +204,23 @@ class AsyncClient(ClientBase):
         finally:
             for exchange in exchanges:
                 self._pipeline.forget(exchange)
+
+    async def wait_ready(self, timeout: float | None = None, *, model: str | None = None, workers: int = 1) -> dict[str, Any]:
+        until = self._ready_bound(timeout)
+        started = time.monotonic()
+        last: Any = None
+        while True:
+            try:
+                last = await self._call(self._build_health(), until=until)
+            except DeadlineExceeded as exc:
+                last = exc
+            else:
+                if self._ready(last, model, workers):
+                    return last
+            left = until - time.monotonic()
+            if left <= 0:
+                raise self._not_ready(last, time.monotonic() - started, model, workers)
+            await asyncio.sleep(min(READY_POLL_S, left))
 
     def stream(
         self,
@@ -241,9 +247,10 @@ class AsyncClient(ClientBase):
 
     # ------------------------------------------------------------------ driving the socket
 
-    async def _call(self, request: Request) -> Any:
+    async def _call(self, call: Call, *, until: float = math.inf) -> Any:
+        """Open the call in the pipeline, send it, and wait for its outcome (``until``: an earlier bound)."""
         self._begin()
-        exchange = self._pipeline.open(request, time.monotonic())
+        exchange = self._pipeline.open(call, time.monotonic(), until=until)
         exchange.waiter = asyncio.get_running_loop().create_future()
         try:
             self._flush()
@@ -265,36 +272,18 @@ class AsyncClient(ClientBase):
         exchange.waiter = asyncio.get_running_loop().create_future()
         self._flush()
 
-    def _flush(self) -> None:
-        """Hand each attempt waiting to go out to the socket of the broker the pipeline routes it to, in order,
-        until that socket would block. Connection events are read first, so the pipeline knows which
-        connections are up and which connection a request goes out on."""
-        self._read_monitors()
-        blocked: set[int] = set()
-        for exchange in self._pipeline.unsent():
-            target = self._pipeline.route(exchange, time.monotonic())
-            if target is None or target in blocked:
-                continue
-            if not self._send(exchange, target):
-                blocked.add(target)
-                self._pipeline.send_blocked(time.monotonic(), target)
-
-    def _send(self, exchange: Exchange, target: int) -> bool:
-        """Send the current attempt to broker ``target``; False when its socket would block (no connection yet,
-        or a full queue)."""
-        self._open()
+    def _put(self, target: int, frames: list[Any]) -> bool:
+        """The shared ``_flush``'s socket send: broker ``target``'s socket, never blocking."""
         assert self._sockets is not None
         sock = self._sockets[target]
-        assert sock is not None
-        now = time.monotonic()
-        frames = self._pipeline.message(exchange, now)
+        if sock is None:
+            return False
         # With NOBLOCK the future is already settled: sending never awaits.
         sent = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         if sent.exception() is not None:
             if not isinstance(sent.exception(), zmq.Again):
                 raise sent.exception()  # type: ignore[misc]
             return False
-        self._pipeline.sent(exchange, now, target)
         return True
 
     async def _wait(self, waitables: Sequence[asyncio.Future], until: float) -> None:
@@ -326,6 +315,7 @@ class AsyncClient(ClientBase):
                 await monitor.poll(None, zmq.POLLIN)
                 if self._monitors is not None and monitor in self._monitors:
                     self._flush()  # reads the events first
+                    self._arm()  # a send it found blocked is tried again soon, though no call waits for that
         except asyncio.CancelledError:
             raise
         except zmq.ZMQError as exc:  # the socket was closed under us
@@ -353,10 +343,37 @@ class AsyncClient(ClientBase):
                     self._reopen(index)
 
     def _tick(self) -> None:
+        """Settle expired deadlines, wake their callers, and send what waits."""
         for exchange in self._pipeline.expire(time.monotonic()):
             _wake(exchange)
         if self._sockets is not None and not self.closed:
             self._flush()
+            self._arm()
+
+    def _arm(self) -> None:
+        """Have the loop tick at the pipeline's next deadline, whoever waits.
+
+        A call waits until the next deadline it saw before it began waiting;
+        a flush made meanwhile by another task (the monitor task, when a
+        connection comes up) can set an earlier one: a send that would block
+        on a connection just up, to try again in ``SEND_RETRY_S``, or a
+        first-choice grace period. Without this timer such a send waited for
+        the call's own deadline, which expired the attempt unsent.
+        """
+        when = self._pipeline.next_deadline()
+        if when >= self._timer_at:
+            return  # an earlier (or the same) tick is due anyway, and it arms the next
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, when - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        self._tick()
+
+    def _close_socket_at(self, index: int) -> None:
+        self._drop_socket(index)
 
     def _drop_socket(self, index: int) -> None:
         """Close broker ``index``'s socket and monitor (linger 0): unsent requests and late replies to it are gone."""
@@ -372,9 +389,12 @@ class AsyncClient(ClientBase):
         sock, monitor = self._sockets[index], self._monitors[index]
         self._sockets[index] = self._monitors[index] = None
         if sock is not None:
-            _close_socket(sock, monitor)
+            close_socket(sock, monitor)
 
     def _drop_sockets(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, math.inf
         if self._sockets is not None:
             for index in range(len(self._sockets)):
                 self._drop_socket(index)
@@ -434,7 +454,7 @@ class AsyncClient(ClientBase):
 
 
 # The calls mirror Client's, so they share its docstrings.
-for _name in ("relative_depth", "metric_depth", "legacy_relative_depth", "pointcloud", "health", "health_all"):
+for _name in ("relative_depth", "metric_depth", "legacy_relative_depth", "pointcloud", "health", "health_all", "wait_ready"):
     getattr(AsyncClient, _name).__doc__ = getattr(Client, _name).__doc__
 del _name
 

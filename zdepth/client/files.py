@@ -40,7 +40,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from zdepth.client.pipeline import URL_SCHEMES, _shown_url, fetch_image, is_url
+from zdepth.client.urls import URL_SCHEMES, _shown_url, fetch_image, is_url
 from zdepth.errors import ConfigError, ZdepthError
 from zdepth.protocol.images import decode_image
 from zdepth.pointcloud import Intrinsics, depth_to_points, write_ply

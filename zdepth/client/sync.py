@@ -10,9 +10,10 @@ keeps several frames in flight on the one socket for camera loops, and yields
 results in frame order.
 
 A Client is for one thread at a time (ZeroMQ sockets are not thread-safe):
-give each thread its own. For asyncio, use ``zdepth.aio.AsyncClient``, the
-same API as coroutines. Request building and reply decoding live in
-``zdepth._requests``, shared by both. Imports no torch.
+give each thread its own. For asyncio, use ``zdepth.client.aio.AsyncClient``,
+the same API as coroutines. Building calls, the pipeline and decoding replies
+are shared by both (``zdepth.client.base`` and the modules it uses); this
+module only waits on the sockets. Imports no torch.
 """
 
 from __future__ import annotations
@@ -26,20 +27,14 @@ from typing import Any, Iterable, Iterator, Union
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from zdepth.client.pipeline import (
-    DEFAULT_ADDRESS,
-    MONITOR_EVENTS,
-    REOPEN,
-    ClientBase,
-    ClientState,
-    Exchange,
-    LatestSlot,
-    Request,
-    StreamState,
-    brokers_health,
-    configure_socket,
-)
-from zdepth.protocol.auth import apply_peer_security
+from zdepth.client.base import READY_POLL_S, ClientBase
+from zdepth.client.calls import Call
+from zdepth.client.exchanges import LatestSlot, StreamState
+from zdepth.client.links import REOPEN
+from zdepth.client.options import DEFAULT_ADDRESS, ClientState
+from zdepth.client.replies import brokers_health
+from zdepth.client.sockets import close_socket, open_dealer
+from zdepth.errors import DeadlineExceeded
 from zdepth.pointcloud import Intrinsics
 from zdepth.protocol import OP_RELATIVE
 from zdepth.wakeup import Wakeup
@@ -150,7 +145,7 @@ class Client(ClientBase):
         """A DEALER to broker ``index`` with the client's options and security, watched by a monitor socket."""
         assert self._sockets is not None and self._monitors is not None and self._poller is not None
         link = self._pipeline.links[index]
-        sock, monitor = _open_dealer(zmq.Context.instance(), link, key=self._pipeline.key, curve=self.curve)
+        sock, monitor = open_dealer(zmq.Context.instance(), link, key=self._pipeline.key, curve=self.curve)
         self._sockets[index], self._monitors[index] = sock, monitor
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(monitor, zmq.POLLIN)
@@ -167,7 +162,7 @@ class Client(ClientBase):
                 self._poller.unregister(polled)
             except KeyError:
                 pass
-        _close_socket(sock, monitor)
+        close_socket(sock, monitor)
 
     def _close_sockets(self) -> None:
         if self._sockets is not None:
@@ -197,7 +192,7 @@ class Client(ClientBase):
         The depth map is disparity-like (larger is nearer) and has no unit.
         ``input_size``: network input side, a multiple of 14 (518 if None).
         """
-        return self._call(self._relative_request(image, encoder=encoder, input_size=input_size))
+        return self._call(self._build_relative(image, encoder=encoder, input_size=input_size))
 
     def metric_depth(
         self,
@@ -214,7 +209,7 @@ class Client(ClientBase):
         for vkitti when None).
         """
         return self._call(
-            self._metric_request(image, encoder=encoder, dataset=dataset, max_depth=max_depth, input_size=input_size)
+            self._build_metric(image, encoder=encoder, dataset=dataset, max_depth=max_depth, input_size=input_size)
         )
 
     def legacy_relative_depth(
@@ -232,7 +227,7 @@ class Client(ClientBase):
         code ported from the HTTP client that relied on those numbers.
         """
         return self._call(
-            self._metric_request(image, encoder=encoder, dataset=dataset, max_depth=1.0, input_size=input_size)
+            self._build_metric(image, encoder=encoder, dataset=dataset, max_depth=1.0, input_size=input_size)
         )
 
     def pointcloud(
@@ -258,7 +253,7 @@ class Client(ClientBase):
         the image.
         """
         return self._call(
-            self._pointcloud_request(
+            self._build_pointcloud(
                 image,
                 intrinsics,
                 colors=colors,
@@ -273,7 +268,7 @@ class Client(ClientBase):
     def health(self) -> dict[str, Any]:
         """The broker's health map (workers, models, queue); answered by the broker itself (with several
         brokers, by the one in use: see ``health_all``)."""
-        return self._call(self._health_request())
+        return self._call(self._build_health())
 
     def health_all(self) -> dict[str, Any]:
         """Every broker's health, asked of each at once: ``{"brokers": [{"address": ..., "health": {...}}, ...]}``,
@@ -282,7 +277,7 @@ class Client(ClientBase):
         fails over: each broker answers for itself, within the client's time bound."""
         self._begin()
         now = time.monotonic()
-        exchanges = [self._pipeline.open(self._health_request(), now, pin=index) for index in range(len(self.addresses))]
+        exchanges = [self._pipeline.open(self._build_health(), now, pin=index) for index in range(len(self.addresses))]
         try:
             self._flush()
             while not all(exchange.done for exchange in exchanges):
@@ -291,6 +286,36 @@ class Client(ClientBase):
         finally:
             for exchange in exchanges:
                 self._pipeline.forget(exchange)
+
+    def wait_ready(self, timeout: float | None = None, *, model: str | None = None, workers: int = 1) -> dict[str, Any]:
+        """Wait until the broker (the one in use) answers ``health`` with ``workers`` worker(s) ready for ``model``;
+        returns that health map. For scripts, tests and benchmarks that start a broker and workers and must
+        not send before they are up.
+
+        ``model``: a model id (``"vits"``, ``"vits-hypersim"``) the workers must
+        serve; None: any. ``workers=0`` waits only for the broker to answer.
+        ``timeout``: seconds in all (None: the client's ``timeout``). A broker
+        that answers without enough ready workers is asked again every 0.1 s; one
+        that does not answer is waited for. When the time is up, raises
+        ``BrokerUnreachable`` (no connection), or ``DeadlineExceeded`` (no
+        answer, or not enough workers ready), saying which; other errors (a
+        refused key) raise at once.
+        """
+        until = self._ready_bound(timeout)
+        started = time.monotonic()
+        last: Any = None
+        while True:
+            try:
+                last = self._call(self._build_health(), until=until)
+            except DeadlineExceeded as exc:
+                last = exc
+            else:
+                if self._ready(last, model, workers):
+                    return last
+            left = until - time.monotonic()
+            if left <= 0:
+                raise self._not_ready(last, time.monotonic() - started, model, workers)
+            time.sleep(min(READY_POLL_S, left))
 
     def stream(
         self,
@@ -339,17 +364,10 @@ class Client(ClientBase):
         if self._sockets is None:
             self.open()
 
-    def _begin(self) -> None:
-        """Before a new request: usable, connected, and a broker that refused the handshake tried afresh
-        (ZeroMQ does not retry after a refusal; the pipeline says when)."""
-        self._check_usable()
-        self._ensure_open()
-        for index in self._pipeline.refused(time.monotonic()):
-            self._reopen(index)
-
-    def _call(self, request: Request) -> Any:
+    def _call(self, call: Call, *, until: float = math.inf) -> Any:
+        """Open the call in the pipeline, send it, and wait for its outcome (``until``: an earlier bound)."""
         self._begin()
-        exchange = self._pipeline.open(request, time.monotonic())
+        exchange = self._pipeline.open(call, time.monotonic(), until=until)
         try:
             self._flush()
             while not exchange.done:
@@ -358,37 +376,17 @@ class Client(ClientBase):
         finally:
             self._pipeline.forget(exchange)
 
-    def _flush(self) -> None:
-        """Hand each attempt waiting to go out to the socket of the broker the pipeline routes it to, in order,
-        until that socket would block. Connection events are read first, so the pipeline knows which
-        connections are up and which connection a request goes out on."""
-        self._read_monitors()
-        blocked: set[int] = set()
-        for exchange in self._pipeline.unsent():
-            target = self._pipeline.route(exchange, time.monotonic())
-            if target is None or target in blocked:
-                continue
-            self._send(exchange)
-            if exchange.unsent:
-                blocked.add(target)
-                self._pipeline.send_blocked(time.monotonic(), target)
-
-    def _send(self, exchange: Exchange) -> None:
-        """Send the exchange's current attempt to the broker the pipeline routes it to; it stays unsent when there
-        is none yet, or that socket would block (no connection yet, or a full queue)."""
-        self._ensure_open()
+    def _put(self, target: int, frames: list[Any]) -> bool:
+        """The shared ``_flush``'s socket send: broker ``target``'s socket, never blocking."""
         assert self._sockets is not None
-        now = time.monotonic()
-        target = self._pipeline.route(exchange, now)
-        sock = None if target is None else self._sockets[target]
+        sock = self._sockets[target]
         if sock is None:
-            return
-        frames = self._pipeline.message(exchange, now)
+            return False
         try:
             sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            return
-        self._pipeline.sent(exchange, now, target)
+            return False
+        return True
 
     def _pump(self, reader: _FrameReader | None = None) -> None:
         """Wait for a reply, a connection event (or a new frame from ``reader``) until the next deadline; then
@@ -398,12 +396,12 @@ class Client(ClientBase):
         assert sockets is not None and poller is not None
         wait_s = min(self._pipeline.next_deadline() - time.monotonic(), IDLE_POLL_S)
         if reader is not None:
-            poller.register(reader.wakeup, zmq.POLLIN)
+            reader.wakeup.register(poller)
         try:
             events = dict(poller.poll(max(0, math.ceil(wait_s * 1000))))
         finally:
             if reader is not None:
-                poller.unregister(reader.wakeup)
+                reader.wakeup.unregister(poller)
         for index, sock in enumerate(sockets):
             if sock is None or sock not in events:
                 continue
@@ -413,8 +411,8 @@ class Client(ClientBase):
                 except zmq.Again:
                     break
                 self._pipeline.receive(frames, time.monotonic(), index)
-        if reader is not None and reader.wakeup in events:
-            reader.wakeup.clear()
+        if reader is not None:
+            reader.wakeup.woken(events)
         self._pipeline.expire(time.monotonic())
         self._flush()
 
@@ -432,13 +430,6 @@ class Client(ClientBase):
                 action, _ = self._pipeline.link_event(index, message["event"], message["value"], time.monotonic())
                 if action == REOPEN:
                     self._reopen(index)
-
-    def _reopen(self, index: int) -> None:
-        """Replace broker ``index``'s socket (with the security its link now asks for) and resend what was
-        pending on it."""
-        self._close_socket_at(index)
-        self._open_socket(index)
-        self._pipeline.requeue(index)
 
     # ------------------------------------------------------------------ streams
 
@@ -493,33 +484,6 @@ class Client(ClientBase):
         finally:
             state.abandon()
             reader.stop()
-
-
-def _open_dealer(context: zmq.Context, link: Any, *, key: str | None, curve: Any) -> tuple[zmq.Socket, zmq.Socket]:
-    """A DEALER to ``link``'s broker with the client's options and security, and the monitor that watches it."""
-    sock = context.socket(zmq.DEALER)
-    monitor = None
-    try:
-        configure_socket(sock)
-        apply_peer_security(sock, key=key, curve=curve, plain=link.plain)
-        monitor = sock.get_monitor_socket(MONITOR_EVENTS)
-        sock.connect(link.address)
-    except BaseException:
-        _close_socket(sock, monitor)
-        raise
-    return sock, monitor
-
-
-def _close_socket(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
-    """Close a client socket and its monitor. The monitor goes first: its inproc address is derived from the
-    socket's descriptor, which the next socket may get."""
-    if monitor is not None:
-        try:
-            sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        monitor.close(linger=0)
-    sock.close(linger=0)
 
 
 class _FrameReader(threading.Thread):
