@@ -60,10 +60,9 @@ from zdepth.signals import on_stop_signals
 from zdepth.supervisor import EXIT_ADDRESS, EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_MISSING, EXIT_OK
 from zdepth.worker.admission import held_bytes, max_pixels
 from zdepth.worker.cpu import CPU_MAX_BATCH, CpuPlan, cpu_plan
-from zdepth.worker.engine import Engine, StagedEngine
 from zdepth.worker.serve import Worker
 
-__all__ = ["CPU_MAX_BATCH", "CpuPlan", "Engine", "StagedEngine", "Worker", "cpu_plan", "exit_status", "held_bytes", "max_pixels", "run_worker"]
+__all__ = ["CPU_MAX_BATCH", "CpuPlan", "Worker", "cpu_plan", "exit_status", "held_bytes", "max_pixels", "run_worker"]
 
 logger = logging.getLogger("zdepth.worker")
 
