@@ -3,7 +3,7 @@
 Each scenario starts a fresh broker process from a source tree (``--source``,
 default this checkout: its directory is the broker's PYTHONPATH), with
 protocol-speaking workers and raw client sockets in this process
-(``_peers.ProtocolWorker``, ``_peers.raw_dealer``), and prints what happened
+(``testing.FakeWorker``, ``testing.dealer``), and prints what happened
 as numbers rather than pass or fail:
 
 - ``freeze``: two of three workers, holding four requests, freeze together
@@ -51,6 +51,7 @@ from typing import Any, Callable
 import _common
 import _peers
 import overload
+from zdepth import testing
 
 NAME = "broker_faults"
 KEY = "faults-key"
@@ -66,27 +67,27 @@ class Scene:
         self.source, self.plain = source, plain
         self.broker = _peers.start_source_broker(source, logs, key=KEY, **broker_fields)
         self.ctx = zmq.Context()
-        self.workers: list[_peers.ProtocolWorker] = []
+        self.workers: list[testing.FakeWorker] = []
         self.socks = []
 
-    def worker(self, name: str, **options: Any) -> _peers.ProtocolWorker:
-        worker = _peers.ProtocolWorker(self.ctx, self.broker.workers, key=KEY, plain=self.plain, name=name, **options)
+    def worker(self, name: str, **options: Any) -> testing.FakeWorker:
+        worker = testing.FakeWorker(self.ctx, self.broker.workers, key=KEY, plain=self.plain, name=name, **options)
         self.workers.append(worker)
         return worker
 
     def ready(self, count: int) -> None:
-        _peers.wait_workers_ready(self.ctx, self.broker.clients, count, key=KEY, plain=self.plain)
+        testing.wait_workers_ready(self.ctx, self.broker.clients, count, key=KEY, plain=self.plain)
 
     def client(self, *, key: str | None = KEY, plain: bool | None = None, **options: Any):
-        sock = _peers.raw_dealer(self.ctx, self.broker.clients, key=key, plain=self.plain if plain is None else plain, **options)
+        sock = testing.dealer(self.ctx, self.broker.clients, key=key, plain=self.plain if plain is None else plain, **options)
         self.socks.append(sock)
         return sock
 
     def send(self, sock, request_id: str, **options: Any) -> None:
-        _peers.send_request(sock, request_id, key=KEY, **options)
+        testing.send_request(sock, request_id, key=KEY, **options)
 
     def health(self) -> dict[str, Any] | None:
-        return _peers.broker_health(self.ctx, self.broker.clients, key=KEY, plain=self.plain)
+        return testing.broker_health(self.ctx, self.broker.clients, key=KEY, plain=self.plain)
 
     def __enter__(self) -> "Scene":
         return self
@@ -115,7 +116,7 @@ def replies(sock, count: int, timeout: float) -> dict[str, dict[str, Any]]:
     got: dict[str, dict[str, Any]] = {}
     end = time.monotonic() + timeout
     while len(got) < count and (left := end - time.monotonic()) > 0:
-        reply = _peers.recv_reply(sock, left)
+        reply = testing.recv_reply(sock, left)
         if reply is not None:
             got[str(reply[0].get("id"))] = reply[0]
     return got
@@ -225,7 +226,7 @@ def lazy_reader(source: Path, plain: bool, logs: Path) -> list[tuple[str, Any]]:
         scene.ready(1)
         time.sleep(0.3)
         before = scene.broker.rss_mb()
-        lazy = _peers.raw_dealer(scene.ctx, scene.broker.clients, key=KEY, plain=plain)
+        lazy = testing.dealer(scene.ctx, scene.broker.clients, key=KEY, plain=plain)
         lazy.setsockopt(zmq.RCVHWM, 1)
         lazy.setsockopt(zmq.RCVBUF, 64 * 1024)
         for i in range(600):
@@ -270,7 +271,7 @@ def stranger(source: Path, plain: bool, logs: Path) -> list[tuple[str, Any]]:
         while time.monotonic() < end:
             peak = max(peak, scene.broker.rss_mb() or 0)
             time.sleep(0.02)
-        answer = _peers.recv_reply(sock, 0.2)
+        answer = testing.recv_reply(sock, 0.2)
         client = scene.client()
         scene.send(client, "still-serving")
         got = replies(client, 1, 10)
@@ -367,7 +368,7 @@ def hopeless(source: Path, plain: bool, logs: Path) -> list[tuple[str, Any]]:
         answered = None
         end = time.monotonic() + 6
         while len(got) < 2 and time.monotonic() < end:
-            reply = _peers.recv_reply(client, max(0.0, end - time.monotonic()))
+            reply = testing.recv_reply(client, max(0.0, end - time.monotonic()))
             if reply is not None:
                 got[reply[0].get("id")] = reply[0]
                 if reply[0].get("id") == "hopeless":

@@ -3,7 +3,7 @@
 ``--callers`` threads (20) each send requests back to back over their own
 DEALER, each with a deadline (``--timeout``, 1 s): a caller waits for the
 reply until its deadline, then gives up and sends the next one. One worker
-process speaking the protocol (``_peers.ProtocolWorker``) takes
+process speaking the protocol (``testing.FakeWorker``) takes
 ``--compute-ms`` (50 ms) per batch of up to ``--batch`` requests (1), holds
 up to ``--capacity`` (2) and, like the real worker, does not compute a request
 whose deadline passed while it waited. Offered load is far above what the
@@ -46,6 +46,7 @@ from typing import Any
 
 import _common
 import _peers
+from zdepth import testing
 
 NAME = "overload"
 KEY = "overload-key"
@@ -63,7 +64,7 @@ class Caller(threading.Thread):
         self.latencies_ms: list[float] = []
 
     def run(self) -> None:
-        sock = _peers.raw_dealer(self.ctx, self.endpoint, key=self.key, plain=self.plain)
+        sock = testing.dealer(self.ctx, self.endpoint, key=self.key, plain=self.plain)
         n = 0
         try:
             while not self.stop_event.is_set():
@@ -71,10 +72,10 @@ class Caller(threading.Thread):
                 request_id = f"c{self.index}-{n}"
                 started = time.monotonic()
                 deadline = started + self.timeout
-                _peers.send_request(sock, request_id, key=self.key, timeout_ms=self.timeout * 1000, body=self.body)
+                testing.send_request(sock, request_id, key=self.key, timeout_ms=self.timeout * 1000, body=self.body)
                 while True:
                     left = deadline - time.monotonic()
-                    got = _peers.recv_reply(sock, max(left, 0.0)) if left > 0 else None
+                    got = testing.recv_reply(sock, max(left, 0.0)) if left > 0 else None
                     if got is None:
                         self.outcomes["gave up"] += 1
                         break
@@ -88,7 +89,7 @@ class Caller(threading.Thread):
                     self.outcomes[status] += 1
                     break
             # The last request got its answer or was given up; late answers still on the wire are counted.
-            while (got := _peers.recv_reply(sock, 0.2)) is not None:
+            while (got := testing.recv_reply(sock, 0.2)) is not None:
                 self.outcomes["late"] += 1
         finally:
             sock.close(0)
@@ -108,7 +109,7 @@ def run_overload(
     try:
         options = {"name": "slow", "capacity": capacity, "batch": batch, "compute_s": compute_ms / 1000}
         worker = _peers.start_protocol_worker(broker.workers, KEY, plain, options)
-        _peers.wait_workers_ready(ctx, broker.clients, 1, key=KEY, plain=plain)
+        testing.wait_workers_ready(ctx, broker.clients, 1, key=KEY, plain=plain)
         stop = threading.Event()
         threads = [Caller(i, ctx, broker.clients, key=KEY, plain=plain, timeout=timeout, image_bytes=image_bytes, stop=stop) for i in range(callers)]
         started = time.monotonic()
