@@ -81,6 +81,7 @@ class StubEngine:
     """Depth = the grey image; ``gate`` (when given) holds every batch until set; counts calls."""
 
     device, precision = "cpu", "fp32"
+    cuda_graphs = decodes_jpeg = staged = False  # a plain engine: infer only, host decoding
 
     def __init__(self, gate: threading.Event | None = None) -> None:
         self.gate = gate
