@@ -48,9 +48,13 @@ def default_weights_dir() -> Path:
     env = os.environ.get(WEIGHTS_DIR_ENV)
     if env:
         return Path(env).expanduser()
+    return cache_home() / "weights"
+
+
+def cache_home() -> Path:
+    """zdepth's folder for what it keeps between runs: ``$XDG_CACHE_HOME/zdepth``, else ``~/.cache/zdepth``."""
     cache = os.environ.get("XDG_CACHE_HOME")
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache"
-    return base / "zdepth" / "weights"
+    return (Path(cache).expanduser() if cache else Path.home() / ".cache") / "zdepth"
 
 
 def find_checkpoint(model_id: str, weights_dir: str | os.PathLike[str] | None = None, *, download: bool = False) -> Path:
