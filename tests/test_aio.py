@@ -132,6 +132,19 @@ def test_no_reply_raises_deadline_exceeded_in_bounded_time(serve):
     assert len(server.requests) == 2
 
 
+def test_wait_ready(serve):
+    server = serve()  # answers health with one worker serving vits
+
+    async def main():
+        async with AsyncClient(server.address) as client:
+            health = await client.wait_ready(timeout=10, model="vits")
+            with pytest.raises(DeadlineExceeded, match="ready for vitl"):
+                await client.wait_ready(timeout=0.2, model="vitl")
+        return health
+
+    assert run(main())["models"] == ["vits"]
+
+
 def test_pointcloud_client_side_and_on_server(serve):
     server = serve()
     image = frame(3)

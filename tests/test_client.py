@@ -27,7 +27,7 @@ from zdepth import protocol
 from zdepth.protocol import codec
 from zdepth.client import Client, ClientState
 from zdepth.protocol.curve import CurveClient, CurveServer, apply_server, generate
-from zdepth.errors import ERRORS_BY_CODE, BadRequest, ConfigError, DeadlineExceeded, InternalError, Overloaded, Unauthorized
+from zdepth.errors import ERRORS_BY_CODE, BadRequest, BrokerUnreachable, ConfigError, DeadlineExceeded, InternalError, Overloaded, Unauthorized
 from zdepth.protocol.images import decode_image
 from zdepth.pointcloud import Intrinsics, depth_to_points
 from zdepth.client.results import DepthResult, PointCloudResult
@@ -283,6 +283,34 @@ def test_health_is_a_bare_header(serve):
     assert health == {"status": "ok", "workers": 1, "models": ["vits"]}
     rec = server.requests[0]
     assert rec.header["op"] == "health" and "model" not in rec.header and len(rec.frames) == 1
+
+
+def test_wait_ready_returns_the_health_once_a_worker_serves_the_model(serve):
+    answers = iter([{"status": "ok", "workers": [], "models": []}] * 2)
+    ready = {"status": "ok", "models": ["vits"], "workers": [{"models": ["vits"], "state": "ready"}, {"models": ["vits"], "state": "draining"}]}
+
+    def handler(server, rec):
+        return [(rec, [protocol.reply_header(rec.id, health=next(answers, ready))])]
+
+    server = serve(handler)
+    with Client(server.address) as client:
+        assert client.wait_ready(timeout=10, model="vits") == ready
+        with pytest.raises(DeadlineExceeded, match=r"no 2 worker\(s\) ready for vits at .* the broker answers, with 1 ready"):
+            client.wait_ready(timeout=0.3, model="vits", workers=2)
+        with pytest.raises(DeadlineExceeded, match="ready for vitl-hypersim"):
+            client.wait_ready(timeout=0.2, model="vitl-hypersim")
+    assert len(server.requests) >= 4  # asked again until the worker showed up, and while it waited in vain
+
+
+def test_wait_ready_without_a_broker_raises_broker_unreachable():
+    from procs import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with Client(address, timeout=5) as client:
+        with pytest.raises(BrokerUnreachable, match=f"no 1 worker\\(s\\) ready for any model: cannot reach the broker at {address}"):
+            client.wait_ready(timeout=0.5)
+    assert time.monotonic() - started < 3.0
 
 
 def test_legacy_relative_depth_is_metric_with_max_depth_one(serve):

@@ -165,16 +165,9 @@ def brokers(tmp_path):
         broker.stop(signal.SIGKILL)
 
 
-def health_via(broker: BrokerProcess) -> dict[str, Any] | None:
-    with Client(broker.clients, key=KEY, timeout=2, retries=0) as client:
-        try:
-            return client.health()
-        except ServiceError:
-            return None
-
-
 def wait_for_workers(broker: BrokerProcess, count: int) -> None:
-    wait_until(lambda: len((health_via(broker) or {}).get("workers") or []) >= count, timeout=20, what=f"{count} workers at {broker.clients}")
+    with Client(broker.clients, key=KEY, timeout=2, retries=0) as client:
+        client.wait_ready(timeout=20, workers=count)
 
 
 def restart(start, broker: BrokerProcess) -> BrokerProcess:

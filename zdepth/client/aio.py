@@ -208,18 +208,19 @@ class AsyncClient(ClientBase):
     async def wait_ready(self, timeout: float | None = None, *, model: str | None = None, workers: int = 1) -> dict[str, Any]:
         until = self._ready_bound(timeout)
         started = time.monotonic()
-        last: Any = None
+        answered: dict[str, Any] | None = None
+        failed: DeadlineExceeded | None = None
         while True:
             try:
-                last = await self._call(self._build_health(), until=until)
+                answered = await self._call(self._build_health(), until=until)
             except DeadlineExceeded as exc:
-                last = exc
+                failed = exc
             else:
-                if self._ready(last, model, workers):
-                    return last
+                if self._ready(answered, model, workers):
+                    return answered
             left = until - time.monotonic()
             if left <= 0:
-                raise self._not_ready(last, time.monotonic() - started, model, workers)
+                raise self._not_ready(answered if answered is not None else failed, time.monotonic() - started, model, workers)
             await asyncio.sleep(min(READY_POLL_S, left))
 
     def stream(

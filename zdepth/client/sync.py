@@ -303,18 +303,19 @@ class Client(ClientBase):
         """
         until = self._ready_bound(timeout)
         started = time.monotonic()
-        last: Any = None
+        answered: dict[str, Any] | None = None
+        failed: DeadlineExceeded | None = None
         while True:
             try:
-                last = self._call(self._build_health(), until=until)
+                answered = self._call(self._build_health(), until=until)
             except DeadlineExceeded as exc:
-                last = exc
+                failed = exc
             else:
-                if self._ready(last, model, workers):
-                    return last
+                if self._ready(answered, model, workers):
+                    return answered
             left = until - time.monotonic()
             if left <= 0:
-                raise self._not_ready(last, time.monotonic() - started, model, workers)
+                raise self._not_ready(answered if answered is not None else failed, time.monotonic() - started, model, workers)
             time.sleep(min(READY_POLL_S, left))
 
     def stream(

@@ -41,8 +41,9 @@ def shown_url(url: str) -> str:
 _shown_url = shown_url  # the name zdepth.client.files and older code import
 
 
-def url_host(url: str, shown: str) -> tuple[Any, str, int | None]:
-    """(urlsplit parts, host, port) of ``url``; BadRequest, naming ``shown``, when it does not parse or names no host."""
+def url_host(url: str, shown: str, *, schemes: tuple[str, ...] | None = None) -> tuple[Any, str, int | None]:
+    """(urlsplit parts, host, port) of ``url``; BadRequest, naming ``shown``, when it does not parse, its scheme is
+    not one of ``schemes`` (when given: ``url`` is a redirect's target), or it names no host."""
     import urllib.parse
 
     try:
@@ -50,6 +51,8 @@ def url_host(url: str, shown: str) -> tuple[Any, str, int | None]:
         host, port = parts.hostname, parts.port
     except ValueError as exc:
         raise BadRequest(f"cannot fetch {shown}: {exc}", details={"url": shown}) from None
+    if schemes is not None and parts.scheme.lower() not in schemes:
+        raise BadRequest(f"cannot fetch {shown}: it leads to {shown_url(url)}, which is not http or https", details={"url": shown})
     if not host:
         raise BadRequest(f"cannot fetch {shown}: the URL names no host", details={"url": shown})
     return parts, host, port
