@@ -390,12 +390,10 @@ def prepare_weights(directory: str | os.PathLike | None, encoders: Iterable[str]
 
 
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    import socket
+    """A TCP port on loopback that nothing listens on now (zdepth.testing's, imported when first needed)."""
+    from zdepth.testing import free_port
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()
 
 
 def spawn_context() -> multiprocessing.context.BaseContext:

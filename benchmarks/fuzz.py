@@ -44,7 +44,6 @@ from typing import Any, Callable
 
 import _common
 from soak import broker_child, child_env, free_port, small_frame, wait_health, worker_child
-
 from zdepth.protocol.auth import apply_peer_security
 
 NAME = "fuzz"
@@ -73,8 +72,8 @@ class Fuzzer:
         import cv2
         import numpy as np
 
-        from zdepth.protocol.codec import image_descriptor, params_frame
         from zdepth.protocol import VERSION
+        from zdepth.protocol.codec import image_descriptor, params_frame
 
         self.rng = rng
         self.version = VERSION

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import _common
+from zdepth.testing import free_port, rss_mb
 
 NAME = "soak"
 KEY = "soak-key"
@@ -62,9 +63,6 @@ ROOT = _common.ROOT
 
 
 # ----------------------------------------------------------------------------- processes (shared with fuzz.py)
-
-
-free_port = _common.free_port
 
 
 def child_env(weights_dir: Path | str | None, key: str | None) -> dict[str, str]:
@@ -79,17 +77,6 @@ def child_env(weights_dir: Path | str | None, key: str | None) -> dict[str, str]
     if key is not None:
         env["ZDEPTH_KEY"] = key
     return env
-
-
-def rss_mb(pid: int) -> float | None:
-    """Resident set size from /proc/<pid>/status (VmRSS), in MB; None once the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 @dataclass

@@ -41,9 +41,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 import _common
 import _peers
-import numpy as np
 
 NAME = "transport"
 KEY = "bench-key"

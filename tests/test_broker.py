@@ -13,7 +13,7 @@ import msgpack
 import pytest
 import zmq
 
-from zdepth.protocol.auth import apply_peer_security
+from zdepth import testing
 from zdepth.broker import Broker
 from zdepth.config import BrokerConfig, Heartbeat
 from zdepth.protocol import VERSION, command, request_header
@@ -50,11 +50,7 @@ def broker(ctx):
 
 def dealer(ctx, endpoint, *, key=KEY):
     """A raw DEALER that proves ``key`` at the handshake, as every zdepth peer of a keyed broker does."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    apply_peer_security(sock, key=key, curve=None)
-    sock.connect(endpoint)
-    return sock
+    return testing.dealer(ctx, endpoint, key=key)
 
 
 def recv(sock, timeout=3.0):
@@ -68,7 +64,8 @@ def nothing(sock, wait=0.3):
 
 
 class PeerWorker:
-    """A worker reduced to the protocol: READY, heartbeats on demand, replies by hand."""
+    """A worker reduced to the protocol and driven by the test itself: READY, heartbeats on demand, replies
+    by hand (``zdepth.testing.FakeWorker`` is the one that runs on its own thread)."""
 
     def __init__(self, ctx, endpoint, models=("vits",), capacity=4, key=KEY):
         self.sock = dealer(ctx, endpoint, key=key)

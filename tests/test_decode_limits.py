@@ -26,9 +26,9 @@ import pytest
 from procs import start_live_server
 from test_worker import GatedEngine, broker, ctx, engine, make_config, start  # noqa: F401 - fixtures
 from zdepth import protocol
-from zdepth.protocol import images as imageio
 from zdepth.config import WorkerConfig
 from zdepth.errors import BadRequest
+from zdepth.protocol import images as imageio
 from zdepth.worker import max_pixels
 
 pytestmark = pytest.mark.timeout(120)

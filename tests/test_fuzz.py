@@ -34,13 +34,13 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from zdepth.protocol import images as imageio
-from zdepth.protocol.auth import apply_peer_security
 from zdepth.broker import Broker
-from zdepth.protocol.codec import image_descriptor, params_frame
 from zdepth.config import BrokerConfig, Heartbeat, WorkerConfig
 from zdepth.errors import BadRequest
 from zdepth.protocol import VERSION, command, pack, request_header
+from zdepth.protocol import images as imageio
+from zdepth.protocol.auth import apply_peer_security
+from zdepth.protocol.codec import image_descriptor, params_frame
 from zdepth.worker import Worker
 
 pytestmark = pytest.mark.timeout(60)

@@ -14,6 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from zdepth.errors import BadRequest
+from zdepth.protocol import (
+    MODEL_OPS,
+    OPS,
+    VERSION,
+    parse_command,
+    parse_request_header,
+    peek_request_id,
+    request_header,
+)
 from zdepth.protocol.codec import (
     ALLOWED_DTYPES,
     array_frames,
@@ -24,16 +34,6 @@ from zdepth.protocol.codec import (
     params_frame,
     parse_params,
     unpack_body,
-)
-from zdepth.errors import BadRequest
-from zdepth.protocol import (
-    MODEL_OPS,
-    OPS,
-    VERSION,
-    parse_command,
-    parse_request_header,
-    peek_request_id,
-    request_header,
 )
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import zmq
 
-from procs import DATA, Proc, child_env, free_port, spawn, start_live_server, wait_for_health, zdepth_argv
+from conftest import data_file
+from procs import Proc, child_env, free_port, spawn, start_live_server, wait_for_health, zdepth_argv
 from zdepth import BadRequest, Client, DeadlineExceeded, Unauthorized, UnknownModel
-from zdepth.protocol.auth import apply_peer_security
-from zdepth.protocol.codec import image_descriptor, params_frame
 from zdepth.engine import Engine
 from zdepth.pointcloud import Intrinsics, depth_to_points
 from zdepth.protocol import VERSION, request_header
+from zdepth.protocol.auth import apply_peer_security
+from zdepth.protocol.codec import image_descriptor, params_frame
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -33,7 +34,7 @@ SIZE = 28  # network input size: tiny, so the CPU keeps up
 
 @pytest.fixture(scope="module")
 def image():
-    return cv2.resize(cv2.imread(str(DATA / "demo04.jpg")), (80, 52), interpolation=cv2.INTER_AREA)
+    return cv2.resize(cv2.imread(str(data_file("demo04.jpg"))), (80, 52), interpolation=cv2.INTER_AREA)
 
 
 @pytest.fixture(scope="module")

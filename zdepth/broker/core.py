@@ -37,6 +37,10 @@ import logging
 from typing import Any, Iterable
 
 from zdepth import __version__
+from zdepth.broker.outbox import CLIENT, WORKER, Outbox, Outgoing
+from zdepth.broker.queues import HeldRequest, Holdings
+from zdepth.broker.stats import Stats
+from zdepth.broker.workers import UNHEALTHY_AFTER, WorkerRegistry, WorkerState, read_ready
 from zdepth.config import BrokerConfig
 from zdepth.errors import BadRequest
 from zdepth.protocol import (
@@ -61,10 +65,6 @@ from zdepth.protocol import (
     reply_header,
     validate_request_header,
 )
-from zdepth.broker.outbox import CLIENT, WORKER, Outbox, Outgoing
-from zdepth.broker.queues import HeldRequest, Holdings
-from zdepth.broker.stats import Stats
-from zdepth.broker.workers import UNHEALTHY_AFTER, WorkerRegistry, WorkerState, read_ready
 
 __all__ = ["CLIENT", "IN_FLIGHT_GRACE_S", "MAX_ATTEMPTS", "MAX_DISPATCHES", "WORKER", "BrokerCore", "HeldRequest", "Outgoing"]
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import zmq
 
-from zdepth.protocol.auth import apply_broker_security, start_broker_auth
-from zdepth.config import BrokerConfig
 from zdepth.broker.core import BrokerCore
 from zdepth.broker.outbox import CLIENT, Outgoing
+from zdepth.config import BrokerConfig
+from zdepth.protocol.auth import apply_broker_security, start_broker_auth
 
 log = logging.getLogger("zdepth.broker")
 
