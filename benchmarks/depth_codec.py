@@ -129,7 +129,7 @@ def main() -> None:
     report = _common.Report()
     report.table(rows, list(rows[0]), title=f"480x640 float16 depth over {args.link_mbit:.0f} Mbit/s, one core per side")
     report.note(verdict)
-    _common.write_json(NAME, {"machine": machine, "weights": weights_source, "args": vars(args), "rows": rows, "verdict": verdict, "report": report.parts}, args.json)
+    _common.write_json(NAME, {"benchmark": NAME, "machine": machine, "weights": weights_source, "args": vars(args), "rows": rows, "verdict": verdict, "report": report.parts}, args.json)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@
 #      vits/vitb/vitl, without and with CUDA graphs; raw vs JPEG wire format (vits)
 #   5. in process: forward pass and end to end (also from JPEG, also with CUDA graphs), vits/vitb/vitl
 #      at 518, batch 1 and 8, vs the reference
-#   6. pytest -m "gpu and slow" (torch.compile) with whatever time is left
+#   6. time to ready with torch.compile, cold and warm kernel cache (vits)
+#   7. pytest -m "gpu and slow" (torch.compile) with whatever time is left
 # Results: benchmarks/RESULTS.md (its gpu section), and the JSON files and logs in benchmarks/results/gpu/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -155,6 +156,7 @@ step accuracy 60 "passed" "$PY" benchmarks/accuracy.py $QUICK --device "$DEVICE"
 step tests-gpu 90 "passed|failed|error|no tests ran|skipped" env -u ZDEPTH_WEIGHTS_DIR "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --timeout 80 tests
 step serving 170 "wrote" "$PY" benchmarks/serving.py $QUICK --device "$DEVICE" --encoders "$ENCODERS" --streams 1,8 --duration 3 --warmup 3 --compare-cuda-graphs --weights-dir "$WEIGHTS" --json "$OUTDIR/serving.json"
 step inprocess 100 "wrote" "$PY" benchmarks/inprocess.py $QUICK --device "$DEVICE" --encoders "$ENCODERS" --forward --jpeg --cuda-graphs --batches 1,8 --seconds 0.5 --min-iterations 5 --weights-dir "$WEIGHTS" --json "$OUTDIR/inprocess.json"
+step compile-ready 150 "wrote" "$PY" benchmarks/compile_ready.py $QUICK --device "$DEVICE" --encoder vits --weights-dir "$WEIGHTS" --json "$OUTDIR/compile_ready.json"
 step tests-gpu-slow 120 "passed|failed|error|no tests ran|skipped" env -u ZDEPTH_WEIGHTS_DIR "$PY" -m pytest -m "gpu and slow" -q -p no:cacheprovider --timeout 110 tests
 
 # Steps table and RESULTS.md.
@@ -169,7 +171,7 @@ EOF
 RESULTS=benchmarks/RESULTS.md
 [ -n "$QUICK" ] && RESULTS=$OUTDIR/RESULTS.md
 "$PY" benchmarks/report.py --section gpu --title "GPU results (benchmarks/gpu_run.sh, $(elapsed) s in all)" \
-    --steps "$OUTDIR/steps.json" --output "$RESULTS" "$OUTDIR"/{accuracy,inprocess,serving}.json
+    --steps "$OUTDIR/steps.json" --output "$RESULTS" "$OUTDIR"/{accuracy,inprocess,serving,compile_ready}.json
 echo "== done in $(elapsed) s"
 column -t -s $'\t' "$STEPS" 2>/dev/null || cat "$STEPS"
 echo "results: $RESULTS, $OUTDIR/"

@@ -273,7 +273,7 @@ def main() -> None:
                               {"path": "zdepth.Client through broker + worker", "threads": threads, "p50 ms": single["p50"], "p90 ms": single["p90"]}],
                  ["path", "threads", "p50 ms", "p90 ms"], title="One stream: the round trip against the engine alone")
     report.table(target_rows, ["target", "measured", "met"], title="Targets")
-    _common.write_json(NAME, {"machine": machine, "weights": weights_source, "args": vars(args), "threads": threads, "runs": runs, "merged": merged,
+    _common.write_json(NAME, {"benchmark": NAME, "machine": machine, "weights": weights_source, "args": vars(args), "threads": threads, "runs": runs, "merged": merged,
                               "rows": rows, "targets": target_rows, "report": report.parts}, args.json)
 
 
