@@ -9,7 +9,7 @@ and a worker runs it, as a ``Job``. The reply comes back to the exchange and
 
 Sans-IO modules (``calls``, ``urls``, ``replies``, ``links``, ``exchanges``,
 ``pipeline``, ``options``, ``base``) decide; ``sockets``, ``sync`` and ``aio``
-do the socket I/O. Imports only the wire (``zdepth.protocol``), never torch or the worker.
+do the socket I/O, and ``streams`` reads the frames of ``stream``. Imports only the wire (``zdepth.protocol``), never torch or the worker.
 """
 
 from zdepth.client.aio import AsyncClient

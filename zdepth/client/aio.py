@@ -22,7 +22,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from zdepth.client.base import READY_POLL_S, ClientBase
 from zdepth.client.calls import Call
-from zdepth.client.exchanges import Exchange, LatestSlot, StreamState
+from zdepth.client.exchanges import Exchange
+from zdepth.client.streams import END, LatestSlot, StreamState, aiter_frames, read_latest
 from zdepth.client.links import REOPEN
 from zdepth.client.options import ClientState
 from zdepth.client.replies import brokers_health
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 __all__ = ["AsyncClient"]
 
 IDLE_WAIT_S = 1.0
-_END = object()
 
 
 class AsyncClient(ClientBase):
@@ -244,7 +244,7 @@ class AsyncClient(ClientBase):
         """
         build = self._stream_builder(op, max_in_flight, kwargs)
         state = StreamState(self._pipeline, build, max_in_flight, return_exceptions)
-        return self._stream(_aiter_frames(frames), state, latest_only)
+        return self._stream(aiter_frames(frames), state, latest_only)
 
     # ------------------------------------------------------------------ driving the socket
 
@@ -408,7 +408,7 @@ class AsyncClient(ClientBase):
         slot = reader = arrived = None
         if latest_only:
             slot, arrived = LatestSlot(), asyncio.Event()
-            reader = asyncio.get_running_loop().create_task(_read_latest(frames, slot, arrived))
+            reader = asyncio.get_running_loop().create_task(read_latest(frames, slot, arrived))
         index = 0
         exhausted = False
         try:
@@ -425,8 +425,8 @@ class AsyncClient(ClientBase):
                     exhausted = slot.exhausted
                 else:
                     while state.room() and not exhausted:
-                        frame = await anext(frames, _END)
-                        if frame is _END:
+                        frame = await anext(frames, END)
+                        if frame is END:
                             exhausted = True
                         else:
                             self._check_usable()
@@ -463,36 +463,3 @@ del _name
 def _wake(exchange: Exchange) -> None:
     if exchange.waiter is not None and not exchange.waiter.done():
         exchange.waiter.set_result(None)
-
-
-async def _aiter_frames(frames: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
-    """Frames as an async iterator; a blocking iterable (not a list or tuple) is read in a worker thread."""
-    if isinstance(frames, AsyncIterable):
-        async for frame in frames:
-            yield frame
-    elif isinstance(frames, (list, tuple)):
-        for frame in frames:
-            yield frame
-    else:
-        iterator = iter(frames)
-        while (frame := await asyncio.to_thread(next, iterator, _END)) is not _END:
-            yield frame
-
-
-async def _read_latest(frames: AsyncIterator[Any], slot: LatestSlot, arrived: asyncio.Event) -> None:
-    """Drain ``frames`` into the slot (latest wins), signalling each arrival."""
-    index = 0
-    try:
-        async for frame in frames:
-            slot.put(index, frame)
-            index += 1
-            arrived.set()
-            await asyncio.sleep(0)  # let the stream take it between frames of a fast source
-    except asyncio.CancelledError:
-        slot.close()
-        raise
-    except BaseException as exc:
-        slot.close(exc)
-    else:
-        slot.close()
-    arrived.set()

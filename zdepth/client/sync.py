@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from typing import Any, Iterable, Iterator, Union
 
@@ -29,7 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zdepth.client.base import READY_POLL_S, ClientBase
 from zdepth.client.calls import Call
-from zdepth.client.exchanges import LatestSlot, StreamState
+from zdepth.client.streams import FrameReader, LatestSlot, StreamState
 from zdepth.client.links import REOPEN
 from zdepth.client.options import DEFAULT_ADDRESS, ClientState
 from zdepth.client.replies import brokers_health
@@ -37,7 +36,6 @@ from zdepth.client.sockets import close_socket, open_dealer
 from zdepth.errors import DeadlineExceeded
 from zdepth.pointcloud import Intrinsics
 from zdepth.protocol import OP_RELATIVE
-from zdepth.wakeup import Wakeup
 from zdepth.client.results import DepthResult, PointCloudResult
 
 log = logging.getLogger(__name__)
@@ -389,7 +387,7 @@ class Client(ClientBase):
             return False
         return True
 
-    def _pump(self, reader: _FrameReader | None = None) -> None:
+    def _pump(self, reader: FrameReader | None = None) -> None:
         """Wait for a reply, a connection event (or a new frame from ``reader``) until the next deadline; then
         settle replies, events and expired deadlines, and send what waits."""
         self._ensure_open()
@@ -461,7 +459,7 @@ class Client(ClientBase):
         self._check_usable()
         self._ensure_open()
         slot = LatestSlot()
-        reader = _FrameReader(frames, slot)
+        reader = FrameReader(frames, slot)
         reader.start()
         try:
             while True:
@@ -485,40 +483,3 @@ class Client(ClientBase):
         finally:
             state.abandon()
             reader.stop()
-
-
-class _FrameReader(threading.Thread):
-    """Reads a frame source into a LatestSlot as fast as it yields, and wakes the stream loop's poll."""
-
-    def __init__(self, frames: Iterable[Any], slot: LatestSlot) -> None:
-        super().__init__(name="zdepth-frame-reader", daemon=True)
-        self._frames = frames
-        self._slot = slot
-        self._lock = threading.Lock()
-        self._stopped = False
-        self.wakeup = Wakeup()
-
-    def run(self) -> None:
-        try:
-            for index, frame in enumerate(self._frames):
-                if self._stopped:
-                    return
-                self._slot.put(index, frame)
-                self._wake()
-        except BaseException as exc:  # handed to the consumer, raised there
-            self._slot.close(exc)
-        else:
-            self._slot.close()
-        self._wake()
-
-    def _wake(self) -> None:
-        with self._lock:
-            if not self._stopped:
-                self.wakeup.set()
-
-    def stop(self) -> None:
-        """Stop reading at the next frame; never waits for the source (a camera read may block)."""
-        with self._lock:
-            if not self._stopped:
-                self._stopped = True
-                self.wakeup.close()
