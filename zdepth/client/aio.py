@@ -206,7 +206,7 @@ class AsyncClient(ClientBase):
                 self._pipeline.forget(exchange)
 
     async def wait_ready(self, timeout: float | None = None, *, model: str | None = None, workers: int = 1) -> dict[str, Any]:
-        until = self._ready_bound(timeout)
+        until = self._ready_bound(timeout, workers)
         started = time.monotonic()
         answered: dict[str, Any] | None = None
         failed: DeadlineExceeded | None = None

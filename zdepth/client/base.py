@@ -258,7 +258,9 @@ class ClientBase:
 
     # wait_ready, the parts that do not wait.
 
-    def _ready_bound(self, timeout: float | None) -> float:
+    def _ready_bound(self, timeout: float | None, workers: int) -> float:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an int >= 0, got {workers!r}")
         if timeout is None:
             timeout = self.timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < math.inf:

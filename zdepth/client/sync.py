@@ -299,7 +299,7 @@ class Client(ClientBase):
         answer, or not enough workers ready), saying which; other errors (a
         refused key) raise at once.
         """
-        until = self._ready_bound(timeout)
+        until = self._ready_bound(timeout, workers)
         started = time.monotonic()
         answered: dict[str, Any] | None = None
         failed: DeadlineExceeded | None = None
