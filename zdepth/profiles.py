@@ -33,6 +33,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from zdepth.config import read_key
@@ -50,6 +51,7 @@ __all__ = [
     "ADDRESS_FORMS",
     "CONFIG_ENV",
     "Profile",
+    "Target",
     "config_dir",
     "load_profile",
     "load_profiles",
@@ -57,6 +59,7 @@ __all__ = [
     "normalize_address",
     "profiles_path",
     "resolve_server",
+    "resolve_target",
 ]
 
 logger = logging.getLogger(__name__)
@@ -210,6 +213,68 @@ def resolve_server(text: str, *, default_port: int = 5555, path: str | os.PathLi
         raise ConfigError(f"no profile {name!r} in {file} (available profiles: {available}); {as_address}")
     profile = profiles[name]
     return profile.address, profile
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a client goes: the address, key, default model, timeout and CurveZMQ settings."""
+
+    address: str
+    key: str | None
+    model: str | None
+    timeout: float | None
+    curve: CurveClient | None
+
+
+def resolve_target(
+    server: str,
+    *,
+    key: str | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+    curve_secret: Path | None = None,
+    curve_server_key: Path | None = None,
+    timeout: float | None = None,
+    model: str | None = None,
+    from_environment: Collection[str] = (),
+    where: str | None = None,
+) -> Target:
+    """``server`` (an address or a profile name) with the key, model, timeout and CurveZMQ certificates that go with it.
+
+    Each setting: the one given, else the profile's, else the environment's. ``from_environment`` names the
+    settings given here that came from ZDEPTH_* variables: they lose to the profile, so that ``--server lab``
+    uses lab's key even where ZDEPTH_KEY holds another broker's. ``where`` prefixes errors about ``server``
+    itself (the option that named it). The certificates are read now: a wrong file is a ConfigError.
+    """
+    from zdepth.protocol.curve import client_curve
+
+    try:
+        address, profile = resolve_server(server)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
+
+    def pick(name: str, value: Any, from_profile: Any) -> Any:
+        if value is not None and name not in from_environment:
+            return value
+        return from_profile if from_profile is not None else value
+
+    typed = {name: value for name, value in (("key", key), ("key_file", key_file)) if value and name not in from_environment}
+    if typed:
+        secret = read_key(typed.get("key"), typed.get("key_file"))
+    elif profile is not None and profile.key:
+        secret = profile.key
+    else:
+        secret = read_key(key, key_file)
+    curve = client_curve(
+        pick("curve_secret", curve_secret, profile.curve_secret if profile else None),
+        pick("curve_server_key", curve_server_key, profile.curve_server_key if profile else None),
+    )
+    return Target(
+        address,
+        secret,
+        pick("model", model, profile.model if profile else None),
+        pick("timeout", timeout, profile.timeout if profile else None),
+        curve,
+    )
 
 
 def config_dir() -> Path:

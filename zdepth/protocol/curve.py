@@ -13,10 +13,12 @@ Certificates are the text files ZeroMQ's own tools write (``zdepth keygen``):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import zmq.auth
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
-from zdepth.errors import ConfigError
+from zdepth.errors import BrokerUnreachable, ConfigError, DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +144,111 @@ def apply_client(sock: zmq.Socket, client: CurveClient) -> None:
     sock.curve_publickey = public_key
     sock.curve_secretkey = secret_key
     sock.curve_serverkey = server_key
+
+
+# ----------------------------------------------------------------------------- from options to settings
+# The commands take certificate paths (options, profile fields, ZDEPTH_CURVE_* variables); these turn them
+# into settings and read the files at once, so that a wrong file is a ConfigError (exit 2) before anything starts.
+# Their messages name the command's options, which is where a person fixes them.
+
+
+def check_certificates(curve: CurveServer | CurveClient) -> None:
+    """Read the certificates now (ConfigError naming the file), on a throwaway socket."""
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as probe:
+        probe.linger = 0
+        if isinstance(curve, CurveServer):
+            apply_server(probe, curve)
+        else:
+            apply_client(probe, curve)
+
+
+def client_curve(secret: Path | None, server_key: Path | None) -> CurveClient | None:
+    """A worker's or client's settings, None without either file; ConfigError for half a pair."""
+    if secret is None and server_key is None:
+        return None
+    if secret is None or server_key is None:
+        raise ConfigError(
+            "CurveZMQ needs both --curve-secret (this machine's NAME.key_secret) and --curve-server-key (the broker's public NAME.key); "
+            f"got only {'--curve-secret' if secret is not None else '--curve-server-key'}"
+        )
+    curve = CurveClient(secret.expanduser(), server_key.expanduser())
+    check_certificates(curve)
+    return curve
+
+
+def server_curve(secret: Path | None, allow: Path | None) -> CurveServer | None:
+    """The broker's settings, or None; ConfigError for an allow folder without a certificate.
+
+    Logs what the allow folder means (nothing to allow, none allowed, how many), because a
+    wrong folder otherwise shows only as peers that cannot connect.
+    """
+    if secret is None:
+        if allow is not None:
+            raise ConfigError("--curve-allow needs --curve-secret (the broker's NAME.key_secret from `zdepth keygen`)")
+        return None
+    curve = CurveServer(secret.expanduser(), allow.expanduser() if allow is not None else None)
+    check_certificates(curve)
+    if curve.allow_dir is None:
+        log.warning("CurveZMQ without --curve-allow: traffic is encrypted, but any client or worker that knows the broker's public key may connect")
+    elif not curve.allow_dir.is_dir():
+        raise ConfigError(f"--curve-allow {curve.allow_dir} is not a folder; put the public NAME.key of each allowed client and worker there")
+    else:
+        allowed = sorted(p.name for p in curve.allow_dir.glob("*.key"))
+        if not allowed:
+            log.warning("CurveZMQ allow folder %s holds no NAME.key file: no client or worker can connect", curve.allow_dir)
+        else:
+            log.info("CurveZMQ on: %d allowed certificate(s) in %s", len(allowed), curve.allow_dir)
+    return curve
+
+
+def serve_curves(secret: Path | None, allow: Path | None, worker_secret: Path | None) -> tuple[CurveServer | None, CurveClient | None]:
+    """(broker, local workers) settings for ``zdepth serve``, or (None, None).
+
+    Paths are made absolute (children restart in the same folder, but logs read better). The workers'
+    certificate defaults to the broker's own; its public key must then be allowed, which is checked here
+    rather than found out from workers that cannot connect.
+    """
+    if secret is None:
+        if allow is not None or worker_secret is not None:
+            raise ConfigError("--curve-allow and --curve-worker-secret need --curve-secret (the broker's NAME.key_secret)")
+        return None, None
+    secret = secret.expanduser().absolute()
+    allow = allow.expanduser().absolute() if allow is not None else None
+    server = server_curve(secret, allow)
+    worker_file = worker_secret.expanduser().absolute() if worker_secret is not None else secret
+    # The workers need the broker's public key: its NAME.key beside the secret, else the secret file itself
+    # (a worker reads only the public half of a --curve-server-key file).
+    public = public_sibling(secret)
+    client = CurveClient(worker_file, public if public.is_file() else secret)
+    check_certificates(client)
+    if allow is not None:
+        worker_key, _ = zmq.auth.load_certificate(worker_file)
+        if worker_key not in zmq.auth.load_certificates(allow):
+            own = public_sibling(worker_file)
+            raise ConfigError(
+                f"serve's workers connect with {worker_file}, whose public key is not in --curve-allow {allow}: "
+                f"copy {own if own.is_file() else 'its NAME.key'} into {allow}, or pass --curve-worker-secret with an allowed certificate"
+            )
+    return server, client
+
+
+def public_sibling(secret_file: Path) -> Path:
+    """``NAME.key`` for ``NAME.key_secret``."""
+    name = secret_file.name
+    return secret_file.with_name(name[: -len("_secret")] if name.endswith(".key_secret") else name + ".key")
+
+
+@contextlib.contextmanager
+def explain_refusal(curve: CurveClient | None) -> Iterator[None]:
+    """With CurveZMQ a refused certificate looks exactly like no broker at all: a timeout says so."""
+    try:
+        yield
+    except DeadlineExceeded as exc:
+        if curve is None or isinstance(exc, BrokerUnreachable):  # an unreachable broker says so itself
+            raise
+        raise DeadlineExceeded(
+            f"{exc}. With CurveZMQ a refused certificate looks the same: check that {public_sibling(Path(curve.secret_file)).name} "
+            f"(the public half of {curve.secret_file}) is in the broker's --curve-allow folder (then restart the broker), "
+            f"and that {curve.server_public_file} is the broker's public certificate",
+            details=exc.details,
+        ) from None
