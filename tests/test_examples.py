@@ -56,7 +56,7 @@ def test_one_shot(live, photo: Path, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(150)
 def test_pointcloud_to_ply(live, photo: Path, tmp_path: Path) -> None:
-    from zdepth.pointcloud import read_ply
+    from conftest import read_ply
 
     out = tmp_path / "cloud.ply"
     args = [str(photo), "--fx", "80", "--fy", "80", "--cx", "47.5", "--cy", "31.5", "--input-size", "28", "--out", str(out), "--max-depth", "4"]
