@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from zdepth import ConfigError
-from zdepth.profiles import Profile, load_profile, load_profiles, profiles_path, resolve_server
+from zdepth.profiles import Profile, Target, load_profile, load_profiles, profiles_path, resolve_server, resolve_target
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -222,3 +222,32 @@ def test_several_addresses_on_one_line(text: str, expected: str) -> None:
 def test_several_addresses_refuse_what_is_not_one(text: str) -> None:
     with pytest.raises(ConfigError):
         resolve_server(text)
+
+
+def test_resolve_target_given_then_profile_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What --server resolves to: a setting given beats the profile's, which beats one from a ZDEPTH_* variable."""
+    from zdepth.protocol.curve import CurveClient, generate
+
+    for name in ("ZDEPTH_KEY", "ZDEPTH_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    _, laptop = generate(tmp_path / "certs", "laptop")
+    broker, _ = generate(tmp_path / "certs", "broker")
+    _, other = generate(tmp_path / "certs", "other")
+    (tmp_path / "lab.key").write_text("lab-secret\n")
+    path = tmp_path / "profiles.toml"
+    path.write_text(
+        '[lab]\naddress = "tcp://gpu-box:5555"\nkey_file = "lab.key"\nmodel = "vits-hypersim"\ntimeout = 7\n'
+        'curve_secret = "certs/laptop.key_secret"\ncurve_server_key = "certs/broker.key"\n'
+    )
+    monkeypatch.setenv("ZDEPTH_CONFIG", str(path))
+    lab = Target("tcp://gpu-box:5555", "lab-secret", "vits-hypersim", 7.0, CurveClient(laptop, broker))
+    assert resolve_target("lab") == lab
+    given = dict(key="typed", timeout=1.0, model="vits", curve_secret=other)
+    assert resolve_target("lab", **given) == Target("tcp://gpu-box:5555", "typed", "vits", 1.0, CurveClient(other, broker))
+    assert resolve_target("lab", **given, from_environment=set(given)) == lab
+    monkeypatch.setenv("ZDEPTH_KEY", "env-key")
+    assert resolve_target("gpu:5555") == Target("tcp://gpu:5555", "env-key", None, None, None)
+    with pytest.raises(ConfigError, match="^--server: no profile 'nope'"):
+        resolve_target("nope", where="--server")
+    with pytest.raises(ConfigError, match="got only --curve-server-key"):
+        resolve_target("gpu:5555", curve_server_key=broker)

@@ -27,15 +27,19 @@ from procs import (
     zdepth_argv,
 )
 
+from zdepth.config import BrokerConfig, Heartbeat, WorkerConfig
+from zdepth.protocol.curve import CurveClient, CurveServer, generate
 from zdepth.supervisor import (
     EXIT_ADDRESS,
     EXIT_FAILURE,
     PERMANENT_EXITS,
     ChildSpec,
     Supervisor,
+    broker_argv,
     connect_address,
     describe_exit,
     detect_devices,
+    worker_argv,
 )
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
@@ -278,6 +282,27 @@ def test_workers_stop_together_then_the_broker(tmp_path: Path) -> None:
     assert took < 3.5  # about 1 s for the workers, 1 s for the broker; one by one would take 4 s
 
 
+STUBBORN = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"]
+
+
+@pytest.mark.timeout(60)
+def test_slow_children_of_a_group_are_waited_for_together() -> None:
+    """Two workers that take their whole stop timeout (2 s) are stopped in about 2 s, not 4: SIGTERM to both, one wait."""
+    children = [ChildSpec(f"worker {i}", STUBBORN, stop_timeout_s=2.0, group=1) for i in range(2)]
+    procs: list[subprocess.Popen] = []
+    supervisor = Supervisor(children, on_start=lambda s, p: procs.append(p))
+    thread = threading.Thread(target=supervisor.run, daemon=True)
+    thread.start()
+    wait_until(lambda: len(procs) == 2, 20, "two children")
+    time.sleep(1.0)  # let them install their handlers
+    started = time.monotonic()
+    supervisor.stop()
+    thread.join(30)
+    took = time.monotonic() - started
+    assert [p.returncode for p in procs] == [-signal.SIGKILL, -signal.SIGKILL]  # both outlasted their timeout
+    assert 1.9 <= took < 3.5, took  # one stop timeout (plus a poll), not two
+
+
 @pytest.mark.timeout(60)
 def test_supervisor_kills_a_child_that_ignores_sigterm() -> None:
     stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"]
@@ -488,3 +513,76 @@ def test_serve_hands_the_engine_options_to_every_worker(monkeypatch: pytest.Monk
     argv = worker.argv({"broker": {"workers": "tcp://0.0.0.0:5556"}})
     assert {"--no-gpu-decode", "--no-compile"} <= set(argv)
     assert not {"--cuda-graphs", "--no-cuda-graphs"} & set(argv)  # the worker's own default: on for CUDA
+
+
+# ----------------------------------------------------------------------------- serve's children's command lines
+
+
+@pytest.fixture
+def curve_pair(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(secret, public, allow folder): a real certificate pair, its public half allowed."""
+    public, secret = generate(tmp_path / "certs", "peer")
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    (allow / public.name).write_bytes(public.read_bytes())
+    return secret, public, allow
+
+
+@pytest.mark.timeout(60)
+def test_worker_argv_parses_back_to_the_same_config(runner, monkeypatch: pytest.MonkeyPatch, weights_dir: Path, curve_pair) -> None:
+    """What serve runs a worker with is what serve was given: its command line, read by the real CLI, is the config again."""
+    from zdepth.cli import app
+
+    secret, public, _ = curve_pair
+    seen: list[WorkerConfig] = []
+    monkeypatch.setattr("zdepth.worker.run_worker", lambda config: seen.append(config) or 0)
+    everything = WorkerConfig(
+        broker="tcp://127.0.0.1:5556,tcp://10.0.0.2:6000", models=("vits", "vits-hypersim"), key="k", device="cpu", precision="fp32",
+        weights_dir=str(weights_dir), compile=True, cuda_graphs=False, gpu_decode=True, max_batch=3, max_wait_ms=2.5, capacity=5,
+        threads=2, pipeline=False, max_pixels=1_000_000, metrics_port=9100, heartbeat=Heartbeat(0.5, 4),
+        curve=CurveClient(secret, public), warmup_sizes=((64, 96), (32, 32)),
+    )  # fmt: skip
+    defaults = WorkerConfig(device="cpu", weights_dir=str(weights_dir), warmup_sizes=())
+    for config in (everything, defaults):
+        argv = worker_argv(config, log_level="warning")
+        assert argv[:4] == [sys.executable, "-m", "zdepth", "worker"]
+        assert "k" not in argv  # the key travels in ZDEPTH_KEY, never on a command line
+        result = runner.invoke(app, argv[3:], env={"ZDEPTH_KEY": config.key} if config.key else {})
+        assert result.exit_code == 0, result.output
+        assert seen[-1] == config
+    with pytest.raises(ValueError, match="summary_interval_s"):
+        worker_argv(WorkerConfig(summary_interval_s=1.0))
+
+
+@pytest.mark.timeout(60)
+def test_broker_argv_parses_back_to_the_same_config(runner, monkeypatch: pytest.MonkeyPatch, curve_pair) -> None:
+    from zdepth.cli import app
+
+    secret, _, allow = curve_pair
+    seen: list[BrokerConfig] = []
+
+    class FakeBroker:
+        def __init__(self, config: BrokerConfig) -> None:
+            seen.append(config)
+
+        def bind(self):
+            return "", ""
+
+        def run(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr("zdepth.broker.Broker", FakeBroker)
+    everything = BrokerConfig(
+        clients="tcp://127.0.0.1:7001", workers="tcp://*:*", key="k", heartbeat=Heartbeat(0.25, 5), max_queue=7, max_queue_bytes=1000,
+        max_client_bytes=500, client_reply_hwm=9, default_timeout_s=12.5, drain_timeout_s=0.5, reconnect_grace_s=3.0,
+        curve=CurveServer(secret, allow), metrics_port=9200,
+    )  # fmt: skip
+    for config in (everything, BrokerConfig()):
+        argv = broker_argv(config)
+        assert argv[:4] == [sys.executable, "-m", "zdepth", "broker"]
+        result = runner.invoke(app, argv[3:], env={"ZDEPTH_KEY": config.key} if config.key else {})
+        assert result.exit_code == 0, result.output
+        assert seen[-1] == config
