@@ -120,6 +120,26 @@ CurveAllow = Annotated[
     ),
 ]
 
+WorkerCurveSecret = Annotated[
+    Path | None,
+    typer.Option(
+        "--curve-secret",
+        envvar="ZDEPTH_CURVE_SECRET",
+        help="CurveZMQ: this worker's secret certificate (NAME.key_secret from `zdepth keygen`; its NAME.key must be in the "
+        "broker's --curve-allow folder). Needs --curve-server-key.",
+        show_default=False,
+    ),
+]
+WorkerCurveServerKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--curve-server-key",
+        envvar="ZDEPTH_CURVE_SERVER_KEY",
+        help="CurveZMQ: the broker's public certificate (its NAME.key). Needs --curve-secret.",
+        show_default=False,
+    ),
+]
+
 # ----------------------------------------------------------------------------- the engine: worker and serve
 
 Models = Annotated[

@@ -22,34 +22,15 @@ from .common import address, errors, log_level_name, setup_logging
 from .options import (
     DEVICE_METAVAR, BrokerCurveSecret, Clients, Compile, CudaGraphs, CurveAllow, Download, GpuDecode, Heartbeat, Key, KeyFile,
     Liveness, LogLevel, MaxBatch, MaxPixels, MaxWaitMs, MetricsPort, Models, Pipeline, Precision, Threads, Warmup, WeightsDir,
-    check_device, check_models, check_precision, parse_warmup, split,
+    WorkerCurveSecret, WorkerCurveServerKey, check_device, check_models, check_precision, parse_warmup, split,
 )  # fmt: skip
 from .root import command
 
 logger = logging.getLogger("zdepth.cli")
 
-WorkerCurveSecret = Annotated[
-    Path | None,
-    typer.Option(
-        "--curve-secret",
-        envvar="ZDEPTH_CURVE_SECRET",
-        help="CurveZMQ: this worker's secret certificate (NAME.key_secret from `zdepth keygen`; its NAME.key must be in the "
-        "broker's --curve-allow folder). Needs --curve-server-key.",
-        show_default=False,
-    ),
-]
-WorkerCurveServerKey = Annotated[
-    Path | None,
-    typer.Option(
-        "--curve-server-key",
-        envvar="ZDEPTH_CURVE_SERVER_KEY",
-        help="CurveZMQ: the broker's public certificate (its NAME.key). Needs --curve-secret.",
-        show_default=False,
-    ),
-]
-
 
 def _limit(option: str, help: str, minimum: float = 1) -> typer.models.OptionInfo:
+    """A numeric option whose variable follows the one rule (ZDEPTH_ and its name)."""
     return typer.Option(option, envvar="ZDEPTH_" + option[2:].upper().replace("-", "_"), min=minimum, help=help)
 
 
