@@ -141,7 +141,7 @@ def test_help_names_every_variable_shows_choices_and_no_bool_placeholder(runner:
 
 def test_colour_map_choices_are_cv2s() -> None:
     from zdepth.cli import Colormap
-    from zdepth.client.files import COLORMAPS
+    from zdepth.client.outputs import COLORMAPS
 
     assert {c.value for c in Colormap} == set(COLORMAPS)
 
@@ -597,7 +597,7 @@ def test_predict_options_from_environment(runner: CliRunner, images: Path, weigh
 
 
 def test_png16_and_colour_scaling() -> None:
-    from zdepth.client.files import colorize, depth_to_png16
+    from zdepth.client.outputs import colorize, depth_to_png16
 
     ramp = np.linspace(1.0, 5.0, 12, dtype=np.float32).reshape(3, 4)
     relative = depth_to_png16(ramp, metric=False)
@@ -846,7 +846,7 @@ def test_predict_images_by_url_against_a_server(live, images: Path, image_host: 
 
 @pytest.mark.timeout(120)
 def test_predict_image_by_url_in_process_and_names(runner: CliRunner, image_host: _ImageHost, weights_dir: Path, tmp_path: Path) -> None:
-    from zdepth.client.files import expand_inputs, url_name
+    from zdepth.client.inputs import expand_inputs, url_name
 
     assert url_name("https://example.org/a/b/cat.photo.jpg?w=640#x") == "cat.photo.jpg"
     assert url_name("https://example.org/") == "example.org"

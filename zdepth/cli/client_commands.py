@@ -230,7 +230,7 @@ def _progress(sources, every: int, *, enabled: bool):
         TimeRemainingColumn,
     )
 
-    from zdepth.client.files import count_frames
+    from zdepth.client.inputs import count_frames
 
     counts = [count_frames(s, every) for s in sources]
     total = None if any(c is None for c in counts) else sum(counts)
