@@ -8,13 +8,9 @@ test_aio.py imports it from here.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
-import types
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import cv2
@@ -705,7 +701,5 @@ def test_from_profile_reads_the_profile_file(monkeypatch, tmp_path):
     assert client._pipeline.key == "pk"
 
 
-def test_package_exports_and_imports_no_torch():
+def test_package_exports():
     assert {"Client", "AsyncClient", "DepthResult", "PointCloudResult"} <= set(zdepth.__all__)
-    code = "import zdepth, zdepth.client, zdepth.client.aio, sys; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1], timeout=60)

@@ -68,6 +68,9 @@ def test_the_client_and_the_broker_load_no_torch_and_no_worker():
 
 
 def test_the_command_line_and_the_wire_load_no_torch():
-    loaded = loaded_after("import zdepth.cli, zdepth.protocol.codec, zdepth.engine.weights, zdepth.engine.batching")
+    loaded = loaded_after(
+        "import zdepth.cli, zdepth.client.aio, zdepth.protocol.codec, zdepth.protocol.images, zdepth.pointcloud, zdepth.models,"
+        " zdepth.engine.weights, zdepth.engine.batching, zdepth.worker"
+    )
     assert not loaded & TORCH
     assert "zdepth.engine.inference" not in loaded
