@@ -46,7 +46,7 @@ def resolve_addresses(address: str | Sequence[str]) -> tuple[tuple[str, ...], An
     parts = [part.strip() for part in parts]
     if len(parts) == 1:
         endpoint, profile = resolve_server(parts[0])
-        several = getattr(profile, "addresses", None) if profile is not None else None
+        several = profile.addresses if profile is not None else None
         return (tuple(several) if several else tuple(endpoint.split(","))), profile
     endpoints: list[str] = []
     for part in parts:
