@@ -129,7 +129,7 @@ def cli_words(message: str) -> str:
 
 def address(text: str, option: str, *, bind: bool = False) -> str:
     """An address option as a ZeroMQ endpoint; ConfigError (exit 2) naming the option and the accepted forms."""
-    from zdepth.profiles import normalize_address
+    from zdepth.addresses import normalize_address
 
     try:
         return normalize_address(text, bind=bind)

@@ -33,7 +33,8 @@ def resolve_addresses(address: str | Sequence[str]) -> tuple[tuple[str, ...], An
     list names several brokers, each an address (a profile name there would
     leave open whose key and model apply). ConfigError, one line, otherwise.
     """
-    from zdepth.profiles import looks_like_address, normalize_address, resolve_server
+    from zdepth.addresses import looks_like_address, normalize_address
+    from zdepth.profiles import resolve_server
 
     if isinstance(address, str):
         parts = address.split(",")
