@@ -23,17 +23,17 @@ from zmq.utils.monitor import parse_monitor_message
 from zdepth.client.base import READY_POLL_S, ClientBase
 from zdepth.client.calls import Call
 from zdepth.client.exchanges import Exchange
-from zdepth.client.streams import END, LatestSlot, StreamState, aiter_frames, read_latest
 from zdepth.client.links import REOPEN
 from zdepth.client.options import ClientState
 from zdepth.client.replies import brokers_health
+from zdepth.client.results import DepthResult, PointCloudResult
 from zdepth.client.sockets import close_socket, open_dealer
+from zdepth.client.streams import END, LatestSlot, StreamState, aiter_frames, read_latest
 from zdepth.client.sync import Client, StreamItem
 from zdepth.client.urls import fetch_image, is_url
 from zdepth.errors import DeadlineExceeded
 from zdepth.pointcloud import Intrinsics
 from zdepth.protocol import OP_RELATIVE
-from zdepth.client.results import DepthResult, PointCloudResult
 
 log = logging.getLogger(__name__)
 

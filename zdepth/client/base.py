@@ -29,8 +29,8 @@ from zdepth.client.urls import fetch_image, is_url
 from zdepth.config import read_key
 from zdepth.errors import DeadlineExceeded
 from zdepth.pointcloud import Intrinsics
-from zdepth.protocol import OP_HEALTH, OP_METRIC, OP_POINTCLOUD, OP_RELATIVE
-from zdepth.protocol.codec import DEPTH_DTYPES, params_frame
+from zdepth.protocol import OP_HEALTH, OP_METRIC, OP_POINTCLOUD, OP_RELATIVE, compression
+from zdepth.protocol.codec import DEPTH_CODECS, DEPTH_DTYPES, params_frame
 from zdepth.protocol.curve import CurveClient
 
 READY_POLL_S = 0.1  # wait_ready asks the broker again this often
@@ -51,6 +51,7 @@ class ClientBase:
         input_size: int | None = None,
         max_depth: float | None = None,
         depth_dtype: str = "float32",
+        depth_codec: str = "none",
         wire_format: str = "raw",
         curve: CurveClient | None = None,
     ) -> None:
@@ -71,6 +72,10 @@ class ClientBase:
             raise ValueError(f"retries must be an int >= 0, got {retries!r}")
         if depth_dtype not in DEPTH_DTYPES:
             raise ValueError(f"depth_dtype must be one of {sorted(DEPTH_DTYPES)}, got {depth_dtype!r}")
+        if not isinstance(depth_codec, str) or depth_codec not in DEPTH_CODECS:
+            raise ValueError(f"depth_codec must be one of {list(DEPTH_CODECS)}, got {depth_codec!r}")
+        if depth_codec == compression.ZSTD:
+            compression.require_zstd()  # ImportError naming the extra to install, now rather than at the first reply
         if wire_format not in WIRE_FORMATS:
             raise ValueError(f"wire_format must be one of {list(WIRE_FORMATS)}, got {wire_format!r}")
         self.addresses = addresses  # in order of preference
@@ -83,6 +88,7 @@ class ClientBase:
         self.input_size = input_size
         self.max_depth = max_depth
         self.depth_dtype = depth_dtype
+        self.depth_codec = depth_codec
         self.wire_format = wire_format
         self.curve = curve
         self._state = ClientState.UNOPENED
@@ -148,6 +154,7 @@ class ClientBase:
             max_depth=None if op == OP_RELATIVE else (max_depth if max_depth is not None else self.max_depth),
             intrinsics=(intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy) if intrinsics is not None else None,
             depth_dtype=self.depth_dtype,
+            depth_codec=self.depth_codec,
         )
         model = model_id(op, encoder or self.encoder, dataset or self.dataset)
         return Call(op=op, model=model, body=(params, payload), finish=finish, created=created)

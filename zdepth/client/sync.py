@@ -28,15 +28,15 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zdepth.client.base import READY_POLL_S, ClientBase
 from zdepth.client.calls import Call
-from zdepth.client.streams import FrameReader, LatestSlot, StreamState
 from zdepth.client.links import REOPEN
 from zdepth.client.options import DEFAULT_ADDRESS, ClientState
 from zdepth.client.replies import brokers_health
+from zdepth.client.results import DepthResult, PointCloudResult
 from zdepth.client.sockets import close_socket, open_dealer
+from zdepth.client.streams import FrameReader, LatestSlot, StreamState
 from zdepth.errors import DeadlineExceeded
 from zdepth.pointcloud import Intrinsics
 from zdepth.protocol import OP_RELATIVE
-from zdepth.client.results import DepthResult, PointCloudResult
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,13 @@ class Client(ClientBase):
     ``encoder=None`` no model is named and the broker picks one it serves.
 
     ``depth_dtype="float16"`` halves the depth bytes on the wire (results are
-    still float32 arrays). ``wire_format="jpeg"`` sends numpy frames as JPEG
-    (quality 90): smaller, lossy, and costs an encode here and a decode there;
-    ``"raw"`` sends the pixels as they are. Encoded bytes and files are always
+    still float32 arrays). ``depth_codec="zstd"`` has the worker send the depth
+    map losslessly compressed (byte planes + zstd, about 1.8x smaller for
+    float16; needs ``pip install "zdepth[zstd]"``): it pays on a 1 GbE link or
+    slower, and costs more CPU than it saves on loopback or 10 GbE.
+    ``wire_format="jpeg"`` sends numpy frames as JPEG (quality 90): smaller,
+    lossy, and costs an encode here and a decode there; ``"raw"`` sends the
+    pixels as they are. Encoded bytes and files are always
     sent as they are. ``curve``: a ``zdepth.curve.CurveClient`` (this client's
     secret certificate and the broker's public one) for a broker that runs
     CurveZMQ; without it, calls to such a broker fail with ``Unauthorized``

@@ -2,7 +2,9 @@
 
 Arrays travel as one raw frame each, described in the header by
 ``{"name", "dtype", "shape"}`` (dtype in numpy's ``dtype.str`` spelling, for
-example ``"<f4"``), so they are sent and received without copies or base64.
+example ``"<f4"``), so they are sent and received without copies or base64. A reply array may
+also travel compressed (``"codec": "zstd"`` in its description, asked for by
+the request param ``depth_codec``: ``zdepth.protocol.compression``).
 Inside msgpack bodies, arrays in msgpack-numpy's encoding are also accepted,
 but only after their dtype is checked: msgpack-numpy would unpickle an object
 array, and nothing from the network is ever unpickled here.
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import msgpack
 import msgpack_numpy
@@ -20,7 +22,7 @@ import numpy as np
 
 from zdepth.errors import BadRequest
 from zdepth.models import input_size_problem
-from zdepth.protocol import OP_POINTCLOUD, OP_RELATIVE
+from zdepth.protocol import OP_POINTCLOUD, OP_RELATIVE, compression
 
 # Plain numeric dtypes only: no objects, no structured (void) records, no strings.
 ALLOWED_DTYPES = frozenset(
@@ -30,6 +32,7 @@ MAX_DIMS = 4
 MAX_PARAMS_BYTES = 64 * 1024
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 DEPTH_DTYPES = {"float32": np.float32, "float16": np.float16}
+DEPTH_CODECS = compression.CODECS  # "none" (default) or "zstd": how the depth array of a reply travels
 
 
 def check_dtype(dtype: Any) -> np.dtype:
@@ -55,10 +58,26 @@ def describe(name: str, array: np.ndarray) -> dict[str, Any]:
     return {"name": name, "dtype": array.dtype.str, "shape": list(array.shape)}
 
 
-def array_frames(arrays: Mapping[str, np.ndarray]) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """Descriptions for the header and C-contiguous arrays to send as frames (zero-copy)."""
-    contiguous = [np.ascontiguousarray(a) for a in arrays.values()]
-    return [describe(name, a) for name, a in zip(arrays, contiguous)], contiguous
+def array_frames(
+    arrays: Mapping[str, np.ndarray], *, compressed: Collection[str] = ()
+) -> tuple[list[dict[str, Any]], list[np.ndarray | bytes]]:
+    """Descriptions for the header and C-contiguous arrays to send as frames (zero-copy).
+
+    The arrays named in ``compressed`` go as zstd of their byte planes
+    instead, described with ``"codec": "zstd"`` (dtype and shape stay those
+    of the array).
+    """
+    descs, frames = [], []
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        desc = describe(name, array)
+        if name in compressed:
+            desc["codec"] = compression.ZSTD
+            frames.append(compression.compress(array))
+        else:
+            frames.append(array)
+        descs.append(desc)
+    return descs, frames
 
 
 def decode_array(desc: Any, frame: bytes | memoryview) -> np.ndarray:
@@ -74,9 +93,19 @@ def decode_array(desc: Any, frame: bytes | memoryview) -> np.ndarray:
 
 
 def decode_arrays(descs: Any, frames: Sequence[bytes | memoryview]) -> dict[str, np.ndarray]:
+    """A reply's arrays by name; a frame described with a ``codec`` is decompressed, to exactly its dtype and shape."""
     if not isinstance(descs, list) or len(descs) != len(frames):
         raise BadRequest(f"header describes {len(descs) if isinstance(descs, list) else 0} arrays but {len(frames)} frames came")
-    return {str(d.get("name")) if isinstance(d, dict) else str(i): decode_array(d, f) for i, (d, f) in enumerate(zip(descs, frames))}
+    return {str(d.get("name")) if isinstance(d, dict) else str(i): _decode_reply_array(d, f) for i, (d, f) in enumerate(zip(descs, frames))}
+
+
+def _decode_reply_array(desc: Any, frame: bytes | memoryview) -> np.ndarray:
+    if not isinstance(desc, dict) or "codec" not in desc:
+        return decode_array(desc, frame)
+    name = desc["codec"]
+    if name != compression.ZSTD:  # "none" is never sent: an uncompressed array has no codec field
+        raise BadRequest(f"array codec {name!r} is unknown; this side reads {compression.ZSTD!r} (or no codec)")
+    return compression.decompress(frame, check_dtype(desc.get("dtype")), check_shape(desc.get("shape")))
 
 
 def _safe_ndarray_hook(obj: dict) -> Any:
@@ -157,6 +186,7 @@ class DepthParams:
     max_depth: float | None = None
     intrinsics: tuple[float, float, float, float] | None = None
     depth_dtype: str = "float32"
+    depth_codec: str = compression.NONE
 
 
 def _positive_number(params: dict[str, Any], name: str) -> float | None:
@@ -200,7 +230,12 @@ def parse_params(op: str, frame: bytes | memoryview) -> DepthParams:
     depth_dtype = params.get("depth_dtype", "float32")
     if not isinstance(depth_dtype, str) or depth_dtype not in DEPTH_DTYPES:  # unhashable values must not raise TypeError
         raise BadRequest(f"'depth_dtype' must be one of {sorted(DEPTH_DTYPES)}, got {depth_dtype!r}")
-    return DepthParams(image=image, input_size=input_size, max_depth=max_depth, intrinsics=intrinsics, depth_dtype=depth_dtype)
+    depth_codec = params.get("depth_codec", compression.NONE)
+    if not isinstance(depth_codec, str) or depth_codec not in DEPTH_CODECS:
+        raise BadRequest(f"'depth_codec' must be one of {sorted(DEPTH_CODECS)}, got {depth_codec!r}")
+    return DepthParams(
+        image=image, input_size=input_size, max_depth=max_depth, intrinsics=intrinsics, depth_dtype=depth_dtype, depth_codec=depth_codec
+    )
 
 
 def params_frame(
@@ -210,8 +245,11 @@ def params_frame(
     max_depth: float | None = None,
     intrinsics: Sequence[float] | None = None,
     depth_dtype: str = "float32",
+    depth_codec: str = compression.NONE,
 ) -> bytes:
     params: dict[str, Any] = {"image": image_desc, "depth_dtype": depth_dtype}
+    if depth_codec != compression.NONE:  # absent means "none": the default frame stays as it was
+        params["depth_codec"] = depth_codec
     if input_size is not None:
         params["input_size"] = input_size
     if max_depth is not None:

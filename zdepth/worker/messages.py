@@ -12,7 +12,7 @@ import numpy as np
 from zdepth import __version__, protocol
 from zdepth.config import WorkerConfig
 from zdepth.pointcloud import Intrinsics, depth_to_points
-from zdepth.protocol import codec
+from zdepth.protocol import codec, compression
 from zdepth.worker.task import Task
 
 __all__ = ["error_frames", "ready_frame", "reply_frames"]
@@ -49,14 +49,17 @@ def reply_frames(
     ``depth``: HxW from the engine, float32 (or float16 already cast on the
     device); sent as float32 or float16 as the request asked. ``min``/``max``
     are taken before any cast: ``depth_range`` when the engine took them,
-    else here.
+    else here. With ``depth_codec="zstd"`` the depth frame goes compressed
+    (byte planes + zstd), here on the reply-building thread, off the compute
+    thread; ``points`` always go as they are (float32 XYZ gains little).
     """
     if depth.dtype != np.float16:
         depth = np.asarray(depth, dtype=np.float32)
     arrays = {"depth": depth.astype(codec.DEPTH_DTYPES[task.params.depth_dtype], copy=False)}
     if task.op == protocol.OP_POINTCLOUD:
         arrays["points"], _ = depth_to_points(depth.astype(np.float32, copy=False), Intrinsics(*task.params.intrinsics))
-    descs, buffers = codec.array_frames(arrays)
+    compressed = ("depth",) if task.params.depth_codec == compression.ZSTD else ()
+    descs, buffers = codec.array_frames(arrays, compressed=compressed)
     if depth_range is None and depth.dtype == np.float16:
         raise ValueError("a float16 depth map needs the min and max of its float32 values")
     low, high = depth_range if depth_range is not None else _nan_min_max(depth)

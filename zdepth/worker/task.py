@@ -19,7 +19,7 @@ import zmq
 from zdepth import protocol
 from zdepth.errors import BadRequest, UnknownModel
 from zdepth.models import DEFAULT_INPUT_SIZE
-from zdepth.protocol import codec
+from zdepth.protocol import codec, compression
 
 __all__ = ["Task", "parse_request"]
 
@@ -74,6 +74,10 @@ def parse_request(
     if len(body) != 2:
         raise BadRequest(f"a {op} request has two body frames (params, image), got {len(body)}")
     params = codec.parse_params(op, body[0].buffer)
+    if params.depth_codec == compression.ZSTD:  # refused now, not after the forward pass
+        missing = compression.zstd_missing()
+        if missing:
+            raise BadRequest(missing)
     image = codec.decode_image_frame(params.image, body[1].buffer, max_bytes=max_image_bytes)
     timeout_ms = header.get("timeout_ms")
     has_timeout = isinstance(timeout_ms, (int, float)) and not isinstance(timeout_ms, bool) and math.isfinite(timeout_ms)
