@@ -515,6 +515,39 @@ def test_serve_hands_the_engine_options_to_every_worker(monkeypatch: pytest.Monk
     assert not {"--cuda-graphs", "--no-cuda-graphs"} & set(argv)  # the worker's own default: on for CUDA
 
 
+def test_serve_on_a_cpu_only_box_shares_the_cores_among_several_workers(monkeypatch: pytest.MonkeyPatch, runner, weights_dir: Path) -> None:
+    from zdepth.worker.cpu import MAX_CPU_WORKERS, cpu_workers
+
+    assert [cpu_workers(cores) for cores in (1, 2, 3, 4, 8, 64)] == [(1, 1), (2, 1), (3, 1), (4, 1), (4, 2), (4, 16)]
+    assert MAX_CPU_WORKERS == 4
+    built: list[list[ChildSpec]] = []
+
+    class NotRunning:
+        def __init__(self, children, **options):
+            built.append(children)
+
+        def run(self):
+            return 0
+
+        def stop(self):
+            return None
+
+    monkeypatch.setattr("zdepth.supervisor.Supervisor", NotRunning)
+    monkeypatch.setattr("zdepth.supervisor.detect_devices", lambda: ["cpu"])  # as on a box without a GPU
+    monkeypatch.setattr("zdepth.worker.cpu.available_cores", lambda: 2)
+    monkeypatch.setenv("ZDEPTH_WEIGHTS_DIR", str(weights_dir))
+    from zdepth.cli import app
+
+    assert runner.invoke(app, ["serve"]).exit_code == 0
+    workers = [child for child in built[0] if child.name.startswith("worker")]
+    assert [child.name for child in workers] == ["worker cpu #1", "worker cpu #2"]
+    for child in workers:
+        argv = child.argv({"broker": {"workers": "tcp://0.0.0.0:5556"}})
+        assert argv[argv.index("--device") + 1] == "cpu" and argv[argv.index("--threads") + 1] == "1"
+    assert runner.invoke(app, ["serve", "--device", "cpu"]).exit_code == 0  # a device named: one worker, its own plan
+    assert [child.name for child in built[1] if child.name.startswith("worker")] == ["worker cpu"]
+
+
 # ----------------------------------------------------------------------------- serve's children's command lines
 
 

@@ -260,7 +260,7 @@ def test_cpu_plan_leaves_cores_to_the_worker_and_follows_explicit_choices(monkey
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     config = WorkerConfig()
-    assert [cpu_plan(config, cores).threads for cores in (1, 2, 4, 8, 16, 64)] == [1, 1, 3, 7, 14, 59]
+    assert [cpu_plan(config, cores).threads for cores in (1, 2, 4, 8, 16, 64)] == [1, 2, 4, 8, 15, 60]
     assert cpu_plan(config, 2).max_batch == CPU_MAX_BATCH
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cpu_plan(config, 16).threads == 3 and "OMP_NUM_THREADS" in cpu_plan(config, 16).why

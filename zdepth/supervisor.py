@@ -257,5 +257,7 @@ def serve_children(broker: BrokerConfig, worker: WorkerConfig, devices: Sequence
         return argv
 
     children = [ChildSpec("broker", broker_start, env, stop_timeout_s=15.0, group=0, ready=True)]
-    children += [ChildSpec(f"worker {dev}", worker_start(dev, i), env, stop_timeout_s=30.0, group=1) for i, dev in enumerate(devices)]
+    for i, dev in enumerate(devices):
+        name = f"worker {dev}" if devices.count(dev) == 1 else f"worker {dev} #{devices[:i].count(dev) + 1}"  # several CPU workers
+        children.append(ChildSpec(name, worker_start(dev, i), env, stop_timeout_s=30.0, group=1))
     return children

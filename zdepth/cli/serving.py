@@ -250,7 +250,7 @@ def serve(
             "--device",
             envvar="ZDEPTH_DEVICE",
             metavar=DEVICE_METAVAR,
-            help="Devices to start one worker each on (repeat, or a comma list). Default: every visible GPU, else one CPU worker.",
+            help="Devices to start one worker each on (repeat, or a comma list). Default: every visible GPU, else up to 4 CPU workers sharing the cores.",
             show_default=False,
         ),
     ] = None,
@@ -316,6 +316,7 @@ def serve(
     from zdepth.config import BrokerConfig, WorkerConfig
     from zdepth.protocol.curve import serve_curves
     from zdepth.supervisor import Supervisor, detect_devices, serve_children
+    from zdepth.worker.cpu import cpu_workers
 
     with errors():
         clients = address(clients, "--clients", bind=True)
@@ -324,6 +325,9 @@ def serve(
         broker_curve, worker_curve = serve_curves(curve_secret, curve_allow, curve_worker_secret)
         if not devices or devices == ["auto"]:
             devices = detect_devices()
+            if devices == ["cpu"]:  # a CPU-only box: several workers use its cores better than one
+                count, each = cpu_workers()
+                devices, threads = ["cpu"] * count, threads or each
         _require_torch()
         _fetch_weights(models, weights_dir, download)  # once, here, rather than in every worker at once
         beat = HeartbeatConfig(interval_s=heartbeat, liveness=liveness)

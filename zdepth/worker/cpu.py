@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 from zdepth.config import WorkerConfig
 
-__all__ = ["CPU_MAX_BATCH", "CpuPlan", "apply_cpu_plan", "available_cores", "cpu_plan"]
+__all__ = ["CPU_MAX_BATCH", "MAX_CPU_WORKERS", "CpuPlan", "apply_cpu_plan", "available_cores", "cpu_plan", "cpu_workers"]
 
 logger = logging.getLogger("zdepth.worker")
 
 CPU_MAX_BATCH = 4  # a CPU worker's largest batch unless set (see cpu_plan)
+MAX_CPU_WORKERS = 4  # the most workers serve starts on a CPU-only box (each holds its own models)
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,12 @@ def available_cores() -> int:
 def cpu_plan(config: WorkerConfig, cores: int | None = None) -> CpuPlan:
     """Threads and batching for a worker whose forward pass runs on the CPU.
 
-    The forward pass gets every core but those the worker's own threads
-    (decoding, preparing the next batch, I/O) and a broker on the same box
-    need: one, and one more per 16 cores. OpenMP threads wait for each other
-    at every operator, so one pushed off its core by another busy thread
-    stalls them all: on 2 shared cores, 2 threads ran a vits forward pass 3
-    to 17 times slower than 1 (measured with other work on the box). ``OMP_NUM_THREADS``,
+    The forward pass gets every core but one in 16 (left to decoding, I/O
+    and a broker on a big box): the worker's own threads sleep while they
+    wait, so they take little from it. On the 2-core build machine (vits at
+    input 140, 480x640 JPEG frames, client and broker on the same box) 2
+    threads served one stream at 54 ms a frame against 86 ms with 1, and two
+    streams at 19.1 against 13.1 frames/s. ``OMP_NUM_THREADS``,
     when set, is an operator's explicit choice and wins over the core count;
     ``config.threads`` wins over both. Batches: up to 4 (a batch of 4 costs
     about 10% less a frame than 4 batches of 1 on the CPU, and a bigger one
@@ -60,9 +61,25 @@ def cpu_plan(config: WorkerConfig, cores: int | None = None) -> CpuPlan:
     elif (env := os.environ.get("OMP_NUM_THREADS", "").strip()).isdigit() and int(env) > 0:
         threads, why = int(env), "from OMP_NUM_THREADS"
     else:
-        threads = max(1, cores - 1 - cores // 16)
-        why = f"{cores} cores, {cores - threads} left to decoding, I/O and the broker"
+        threads = max(1, cores - cores // 16)
+        why = f"{cores} cores" + (f", {cores - threads} left to decoding, I/O and the broker" if threads < cores else "")
     return CpuPlan(threads, config.max_batch or CPU_MAX_BATCH, why)
+
+
+def cpu_workers(cores: int | None = None) -> tuple[int, int]:
+    """How ``zdepth serve`` splits a CPU-only box: (workers, torch threads each).
+
+    One worker per core, up to ``MAX_CPU_WORKERS``, the cores shared out among
+    them. Independent workers scale with the cores where one worker's
+    intra-op threads do not (a ViT at camera input sizes has small matrices):
+    on 2 cores, two 1-thread workers served two streams at 22.6 frames/s
+    against 19.1 for one 2-thread worker, though one stream alone waits 85 ms
+    instead of 54 (vits, input 140). Each worker holds its own copy of the
+    models, hence the cap.
+    """
+    cores = cores or available_cores()
+    workers = max(1, min(cores, MAX_CPU_WORKERS))
+    return workers, max(1, cores // workers)
 
 
 def apply_cpu_plan(plan: CpuPlan, config: WorkerConfig) -> None:
