@@ -4,9 +4,9 @@ The old architecture is the HTTP server zdepth replaces: FastAPI + uvicorn, the
 image base64 in JSON, the official per-image path (``preprocess_cv2``, the fp32
 model, ``resize_depth``) run in FastAPI's thread pool with torch's default
 threads, the depth map base64 float32 in JSON (``_http_server.py --weights``).
-zdepth is what a user starts: ``zdepth broker`` and ``zdepth worker --device
-cpu`` as processes, with the worker's own CPU plan, and ``zdepth.Client``
-sending the JPEG bytes as they are. Both get 480x640 JPEG frames of the test
+zdepth is what ``zdepth serve`` starts on this box: ``zdepth broker`` and its
+CPU workers as processes (``zdepth.worker.cpu.cpu_workers``; ``--workers`` and
+``--threads`` to choose), and ``zdepth.Client`` sending the JPEG bytes as they are. Both get 480x640 JPEG frames of the test
 photos, from client threads in this process (one or ``--streams`` at once,
 each sending its next frame when its last reply is in).
 
@@ -62,20 +62,20 @@ def start_old_server(weights: Path, input_size: int) -> tuple[subprocess.Popen, 
     raise RuntimeError("the old server did not start (pip install fastapi uvicorn requests)")
 
 
-def start_zdepth(weights: Path, logs: Path) -> tuple[list[subprocess.Popen], str, dict[str, Any]]:
-    """``zdepth broker`` and one ``zdepth worker --device cpu`` as a user starts them; returns them, the client
-    address and the worker's health entry once it is ready."""
+def start_zdepth(weights: Path, logs: Path, workers_count: int = 1, threads: int | None = None) -> tuple[list[subprocess.Popen], str, dict[str, Any]]:
+    """``zdepth broker`` and ``zdepth worker --device cpu`` processes as a user starts them (the worker's own CPU
+    plan unless ``threads``); returns them, the client address and the first worker's health entry once all are ready."""
     clients, workers = f"tcp://127.0.0.1:{_common.free_port()}", f"tcp://127.0.0.1:{_common.free_port()}"
     env = {**os.environ, "ZDEPTH_KEY": KEY, "PYTHONPATH": os.pathsep.join(filter(None, [str(_common.ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("OMP_NUM_THREADS", None)  # the worker's own CPU plan, as a user gets it
     zdepth = [sys.executable, "-m", "zdepth"]
-    processes = [
-        subprocess.Popen([*zdepth, "broker", "--clients", clients, "--workers", workers], env=env, stderr=open(logs / "broker.log", "w")),
-        subprocess.Popen([*zdepth, "worker", "--broker", workers, "--device", "cpu", "-m", MODEL, "--weights-dir", str(weights)],
-                         env=env, stderr=open(logs / "worker.log", "w")),
-    ]
+    processes = [subprocess.Popen([*zdepth, "broker", "--clients", clients, "--workers", workers], env=env, stderr=open(logs / "broker.log", "w"))]
+    extra = ["--threads", str(threads)] if threads else []
+    for i in range(workers_count):
+        processes.append(subprocess.Popen([*zdepth, "worker", "--broker", workers, "--device", "cpu", "-m", MODEL, "--weights-dir", str(weights), *extra],
+                                          env=env, stderr=open(logs / f"worker{i}.log", "w")))
     try:
-        health = _common.wait_for_workers(clients, KEY, 1, timeout=300, model=MODEL)
+        health = _common.wait_for_workers(clients, KEY, workers_count, timeout=300, model=MODEL)
     except BaseException:
         stop(processes)
         raise
@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per configuration per round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, the configurations interleaved in each")
     parser.add_argument("--weights-dir", default=None, help="a folder with depth_anything_v2_vits.pth (generated there if missing)")
+    parser.add_argument("--workers", type=int, default=None, help="zdepth CPU workers (default: as many as zdepth serve starts on this box)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per zdepth worker (default: as zdepth serve gives them)")
     args = parser.parse_args()
     warmup = 3
     if args.quick:
@@ -234,10 +236,15 @@ def main() -> None:
         frame_files[-1].write_bytes(jpeg)
     assert all(cv2.imdecode(__import__("numpy").frombuffer(f, "uint8"), cv2.IMREAD_COLOR) is not None for f in frames)
 
+    from zdepth.worker.cpu import cpu_workers
+
+    if args.workers is None:  # what `zdepth serve` starts on a CPU-only box
+        args.workers, planned = cpu_workers()
+        args.threads = args.threads or (planned if args.workers > 1 else None)
     old_process, old_url = start_old_server(weights, args.input_size)
-    zdepth_processes, address, worker = start_zdepth(weights, scratch)
+    zdepth_processes, address, worker = start_zdepth(weights, scratch, args.workers, args.threads)
     threads = int(worker.get("info", {}).get("threads") or 1)
-    print(f"zdepth worker: {threads} torch thread(s), batches of up to {worker.get('info', {}).get('max_batch')}; logs in {scratch}")
+    print(f"zdepth: {args.workers} worker(s), {threads} torch thread(s) each; logs in {scratch}")
     stream_counts = sorted({1, args.streams})
     runs: dict[str, list[dict[str, Any]]] = {}
     try:
