@@ -20,7 +20,6 @@ trained model's, so real maps compress at least as well as measured here).
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import _common

@@ -30,9 +30,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 import _common
 import _peers
-import numpy as np
 
 NAME = "gateway"
 KEY = "bench-key"

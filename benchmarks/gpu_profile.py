@@ -34,7 +34,6 @@ def main() -> int:
     parser.add_argument("--weights-dir", default=None)
     args = parser.parse_args()
 
-    import numpy as np
     import torch
     import zmq
 

@@ -23,9 +23,9 @@ from test_client import (
 )
 from zdepth import AsyncClient
 from zdepth.client import ClientState
+from zdepth.client.results import DepthResult, PointCloudResult
 from zdepth.errors import DeadlineExceeded, Unauthorized, UnknownModel
 from zdepth.pointcloud import depth_to_points
-from zdepth.client.results import DepthResult, PointCloudResult
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -16,6 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
+from conftest import read_ply  # plyfile, not zdepth: an independent reader
 from procs import (
     child_env,
     free_port,
@@ -24,11 +27,8 @@ from procs import (
     start_live_server,
     zdepth_argv,
 )
-from typer.testing import CliRunner
-
 from zdepth.cli import app, format_health, resolve_server
 from zdepth.config import BrokerConfig, WorkerConfig
-from conftest import read_ply  # plyfile, not zdepth: an independent reader
 
 COMMANDS = ("broker", "worker", "serve", "predict", "health", "bench", "keygen")
 FX, FY, CX, CY = 80.0, 82.0, 47.5, 31.5

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq.auth
-from procs import Proc, Relay, child_env, free_port, small_image, spawn, zdepth_argv
 from typer.testing import CliRunner
 
+from procs import Proc, Relay, child_env, free_port, small_image, spawn, zdepth_argv
 from zdepth import Client, ConfigError
 from zdepth.cli import app
-from zdepth.protocol.curve import CurveClient
 from zdepth.errors import DeadlineExceeded, ZdepthError
+from zdepth.protocol.curve import CurveClient
 
 KEY = "cli-curve-shared-key-7f3a"
 MARKER = b"PLAINTEXT-PIXELS"  # 16 bytes; the test image is this, repeated

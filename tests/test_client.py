@@ -20,13 +20,13 @@ import zmq
 
 import zdepth
 from zdepth import protocol
-from zdepth.protocol import codec
 from zdepth.client import Client, ClientState
-from zdepth.protocol.curve import CurveClient, CurveServer, apply_server, generate
-from zdepth.errors import ERRORS_BY_CODE, BadRequest, BrokerUnreachable, ConfigError, DeadlineExceeded, InternalError, Overloaded, Unauthorized
-from zdepth.protocol.images import decode_image
-from zdepth.pointcloud import Intrinsics, depth_to_points
 from zdepth.client.results import DepthResult, PointCloudResult
+from zdepth.errors import ERRORS_BY_CODE, BadRequest, BrokerUnreachable, ConfigError, DeadlineExceeded, InternalError, Overloaded, Unauthorized
+from zdepth.pointcloud import Intrinsics, depth_to_points
+from zdepth.protocol import codec
+from zdepth.protocol.curve import CurveClient, CurveServer, apply_server, generate
+from zdepth.protocol.images import decode_image
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -18,9 +18,9 @@ import zmq
 from procs import child_env, free_port, spawn, wait_for_health, zdepth_argv
 from test_client import answer, frame
 from zdepth import AsyncClient, Client, protocol
+from zdepth.errors import Unauthorized
 from zdepth.protocol import auth
 from zdepth.protocol.curve import CurveClient, CurveServer, generate
-from zdepth.errors import Unauthorized
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,12 +19,10 @@ import numpy as np
 import pytest
 import zmq
 
-from test_client import answer, error_reply, fake_depth, frame, pixels
-from test_client import Received
-from zdepth import AsyncClient, Client
-from zdepth import protocol
-from zdepth.protocol import codec
+from test_client import Received, answer, error_reply, fake_depth, frame
+from zdepth import AsyncClient, Client, protocol
 from zdepth.errors import DeadlineExceeded
+from zdepth.protocol import codec
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,12 +16,12 @@ import pytest
 import zmq
 
 from zdepth import protocol
-from zdepth.protocol import codec
 from zdepth.client.calls import Call
 from zdepth.client.links import FIRST_CHOICE_GRACE_S
 from zdepth.client.pipeline import Pipeline
 from zdepth.client.replies import finish_depth
 from zdepth.errors import BrokerUnreachable, DeadlineExceeded, Unauthorized
+from zdepth.protocol import codec
 
 A, B = "tcp://a:5555", "tcp://b:5555"
 UP, DOWN, REFUSED = zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED, zmq.EVENT_HANDSHAKE_FAILED_AUTH

@@ -15,11 +15,10 @@ import pytest
 import zmq
 
 from procs import free_port
-from test_client import answer, fake_depth, frame, serve  # noqa: F401  (serve is a fixture)
-from test_client import Received
+from test_client import Received, answer, fake_depth, frame, serve  # noqa: F401  (serve is a fixture)
 from zdepth import AsyncClient, Client, protocol
-from zdepth.protocol import codec
 from zdepth.errors import BrokerUnreachable, ConfigError, DeadlineExceeded
+from zdepth.protocol import codec
 
 pytestmark = pytest.mark.timeout(60)
 

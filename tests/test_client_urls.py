@@ -18,8 +18,8 @@ from test_client import INTRINSICS, fake_depth, serve  # noqa: F401  (serve is a
 from zdepth import AsyncClient, Client
 from zdepth.client.urls import fetch_image
 from zdepth.errors import BadRequest
-from zdepth.protocol.images import decode_image
 from zdepth.pointcloud import depth_to_points
+from zdepth.protocol.images import decode_image
 
 pytestmark = pytest.mark.timeout(60)
 

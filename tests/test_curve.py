@@ -9,12 +9,11 @@ import pytest
 import zmq
 
 from procs import Relay
-
-from zdepth.protocol.auth import apply_peer_security
 from zdepth.broker import Broker
 from zdepth.config import BrokerConfig, Heartbeat
-from zdepth.protocol.curve import CurveClient, CurveServer, apply_client, generate
 from zdepth.protocol import command, request_header
+from zdepth.protocol.auth import apply_peer_security
+from zdepth.protocol.curve import CurveClient, CurveServer, apply_client, generate
 
 pytestmark = pytest.mark.timeout(30)
 

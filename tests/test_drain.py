@@ -23,9 +23,9 @@ import zmq
 
 from procs import Proc, child_env, free_port, spawn, wait_for_health, zdepth_argv
 from zdepth import Client, ZdepthError
+from zdepth.protocol import request_header
 from zdepth.protocol.auth import apply_peer_security
 from zdepth.protocol.codec import image_descriptor, params_frame
-from zdepth.protocol import request_header
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 

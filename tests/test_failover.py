@@ -28,9 +28,9 @@ import zmq
 from peers import KEY, BrokerProcess, dealer, start_broker, wait_until
 from procs import free_port
 from zdepth import AsyncClient, Client, protocol
-from zdepth.protocol import codec
-from zdepth.errors import BrokerUnreachable, ConfigError, DeadlineExceeded, ServiceError
 from zdepth.client.results import DepthResult
+from zdepth.errors import BrokerUnreachable, ConfigError, DeadlineExceeded, ServiceError
+from zdepth.protocol import codec
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from procs import REPO, free_port
 
 from conftest import data_file
+from procs import REPO, free_port
 
 README = REPO / "README.md"
 

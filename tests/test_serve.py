@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from procs import (
     alive,
     child_env,
@@ -26,7 +27,6 @@ from procs import (
     wait_for_health,
     zdepth_argv,
 )
-
 from zdepth.config import BrokerConfig, Heartbeat, WorkerConfig
 from zdepth.protocol.curve import CurveClient, CurveServer, generate
 from zdepth.supervisor import (

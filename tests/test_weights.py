@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from zdepth.engine import weights
-from zdepth.errors import UnknownModel, WeightsNotFound
 from zdepth.engine.weights import MODELS, default_weights_dir, find_checkpoint, get_spec
+from zdepth.errors import UnknownModel, WeightsNotFound
 
 
 def test_table():

@@ -25,13 +25,12 @@ import zmq
 
 import zdepth
 from zdepth import protocol
-from zdepth.protocol import auth
-from zdepth.protocol import codec
+from zdepth.backoff import backoff_delay
 from zdepth.config import Heartbeat, WorkerConfig
 from zdepth.errors import ConfigError, Unauthorized, WeightsNotFound
+from zdepth.protocol import auth, codec
 from zdepth.protocol.images import encode_jpeg
 from zdepth.supervisor import EXIT_CONFIG
-from zdepth.backoff import backoff_delay
 from zdepth.worker import Worker, run_worker
 
 pytestmark = pytest.mark.timeout(60)

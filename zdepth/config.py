@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zdepth.protocol.curve import CurveClient, CurveServer
 from zdepth.errors import ConfigError
+from zdepth.protocol.curve import CurveClient, CurveServer
 
 DEFAULT_CLIENT_PORT = 5555
 DEFAULT_WORKER_PORT = 5556

@@ -30,13 +30,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-from zdepth.config import read_key
 from zdepth.addresses import ADDRESS_FORMS, looks_like_address, normalize_address  # long imported from here
+from zdepth.config import read_key
 from zdepth.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -22,8 +22,25 @@ from zdepth.protocol.curve import explain_refusal
 
 from .common import errors, resolve_target, setup_logging
 from .options import (
-    DEVICE_METAVAR, MODELS_HELP, ClientCurveSecret, ClientCurveServerKey, Colormap, JsonOut, Key, KeyFile, LogLevel, PrecisionName,
-    Server, WireFormat, check_device, check_input_size, check_models, check_precision, client_timeout, parse_size, value,
+    DEVICE_METAVAR,
+    MODELS_HELP,
+    ClientCurveSecret,
+    ClientCurveServerKey,
+    Colormap,
+    JsonOut,
+    Key,
+    KeyFile,
+    LogLevel,
+    PrecisionName,
+    Server,
+    WireFormat,
+    check_device,
+    check_input_size,
+    check_models,
+    check_precision,
+    client_timeout,
+    parse_size,
+    value,
 )  # fmt: skip
 from .root import command
 from .tables import format_bench, format_health, format_predict_summary

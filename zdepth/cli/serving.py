@@ -13,16 +13,44 @@ from typing import Annotated
 
 import typer
 
-from zdepth.config import CLIENT_REPLY_HWM, MAX_CLIENT_BYTES, MAX_QUEUE_BYTES, Heartbeat as HeartbeatConfig, read_key
+from zdepth.config import CLIENT_REPLY_HWM, MAX_CLIENT_BYTES, MAX_QUEUE_BYTES, read_key
+from zdepth.config import Heartbeat as HeartbeatConfig
 from zdepth.errors import ConfigError
 from zdepth.signals import on_stop_signals
 from zdepth.supervisor import EXIT_ADDRESS, EXIT_INTERRUPTED, report_ready
 
 from .common import address, errors, log_level_name, setup_logging
 from .options import (
-    DEVICE_METAVAR, BrokerCurveSecret, Clients, Compile, CudaGraphs, CurveAllow, Download, GpuDecode, Heartbeat, Key, KeyFile,
-    Liveness, LogLevel, MaxBatch, MaxPixels, MaxWaitMs, MetricsPort, Models, Pipeline, Precision, Threads, Warmup, WeightsDir,
-    WorkerCurveSecret, WorkerCurveServerKey, check_device, check_models, check_precision, parse_warmup, split,
+    DEVICE_METAVAR,
+    BrokerCurveSecret,
+    Clients,
+    Compile,
+    CudaGraphs,
+    CurveAllow,
+    Download,
+    GpuDecode,
+    Heartbeat,
+    Key,
+    KeyFile,
+    Liveness,
+    LogLevel,
+    MaxBatch,
+    MaxPixels,
+    MaxWaitMs,
+    MetricsPort,
+    Models,
+    Pipeline,
+    Precision,
+    Threads,
+    Warmup,
+    WeightsDir,
+    WorkerCurveSecret,
+    WorkerCurveServerKey,
+    check_device,
+    check_models,
+    check_precision,
+    parse_warmup,
+    split,
 )  # fmt: skip
 from .root import command
 

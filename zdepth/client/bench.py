@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from zdepth.protocol.images import read_image
 from zdepth.models import is_metric_model, split_model_id
 from zdepth.protocol import OP_METRIC, OP_RELATIVE
+from zdepth.protocol.images import read_image
 
 __all__ = ["make_frames", "percentile_summary", "run_bench", "synthetic_frame"]
 

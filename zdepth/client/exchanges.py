@@ -13,6 +13,7 @@ from typing import Any
 
 from zdepth.client.calls import Call
 
+
 def new_attempt_id() -> str:
     """16 hex characters of a random uuid4: unique enough to match replies, short on the wire."""
     return uuid.uuid4().hex[:16]

@@ -45,10 +45,10 @@ from zdepth.engine.compile_cache import use_compile_cache
 from zdepth.engine.cudagraphs import GraphedForward
 from zdepth.engine.jpeg import DECODER_STRIKES, DeviceJpegDecoder, torchvision_jpeg_decoder
 from zdepth.engine.steps import Pending, Prepared, to_host
+from zdepth.engine.weights import ModelSpec, find_checkpoint, get_spec
 from zdepth.errors import BadRequest
 from zdepth.models import DEFAULT_INPUT_SIZE
 from zdepth.protocol.images import EncodedJpeg
-from zdepth.engine.weights import ModelSpec, find_checkpoint, get_spec
 
 __all__ = ["Engine", "Pending", "Prepared", "PRECISIONS", "PREPROCESSING", "JPEG_DECODERS", "DECODER_STRIKES"]
 

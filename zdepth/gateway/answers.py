@@ -20,7 +20,6 @@ from zdepth.errors import (
     WorkerLost,
 )
 
-
 # The first class an error is an instance of decides its status.
 _STATUS_BY_ERROR: tuple[tuple[type[ServiceError], int], ...] = (
     (Unauthorized, 401),

@@ -22,7 +22,8 @@ import zmq
 from zdepth import protocol
 from zdepth.config import DEFAULT_MAX_BATCH, WorkerConfig
 from zdepth.errors import BadRequest, ConfigError, ServiceError, Unauthorized
-from zdepth.metrics import WorkerMetrics, cuda_memory, serve as serve_metrics
+from zdepth.metrics import WorkerMetrics, cuda_memory
+from zdepth.metrics import serve as serve_metrics
 from zdepth.protocol.curve import apply_client
 from zdepth.wakeup import Wakeup
 from zdepth.worker.admission import admit, check_held, max_pixels
