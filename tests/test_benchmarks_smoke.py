@@ -97,3 +97,22 @@ def test_gpu_profile(tmp_path):
     result = run_quick("gpu_profile", tmp_path, "--encoders", "vits")
     assert {row["condition"] for row in result["rows"]} >= {"back to back, main thread"}
     assert any(row["stage (batch 1)"].startswith("forward") for row in result["stages"])
+
+
+@pytest.mark.skipif(not HTTP_DEPS, reason="the old architecture needs the bench extras (fastapi, uvicorn, requests)")
+def test_old_architecture(tmp_path):
+    result = run_quick("old_architecture", tmp_path)
+    assert {row["streams"] for row in result["rows"]} == {1, 2}
+    assert all(run["frames"] > 0 and run["error_count"] == 0 for runs in result["runs"].values() for run in runs if "error_count" in run)
+    assert [row["target"] for row in result["targets"]][0].startswith("zdepth >= 1.5x")
+
+
+def test_depth_codec(tmp_path):
+    result = run_quick("depth_codec", tmp_path)
+    assert [row["codec"] for row in result["rows"]][0] == "float16 as is"
+    assert all(row["ratio"] >= 1.0 for row in result["rows"])
+
+
+def test_compile_ready(tmp_path):
+    result = run_quick("compile_ready", tmp_path, "--device", "cpu")
+    assert [row["start"] for row in result["rows"]] == ["eager (no compile)", "compile, cold cache", "compile, warm cache"]

@@ -474,13 +474,14 @@ def test_a_second_serve_on_the_same_ports_exits_at_once(tmp_path: Path, weights_
         kill_quietly(sorted(known))
 
 
-def test_serve_hands_the_engine_options_to_every_worker(monkeypatch: pytest.MonkeyPatch, runner, weights_dir: Path) -> None:
-    """The worker command lines serve builds (the supervisor that would run them is replaced)."""
-    built: list[list[ChildSpec]] = []
+@pytest.fixture
+def built(monkeypatch: pytest.MonkeyPatch) -> list[list[ChildSpec]]:
+    """The children each ``zdepth serve`` run would start: its supervisor is replaced by one that only records them."""
+    runs: list[list[ChildSpec]] = []
 
     class NotRunning:
         def __init__(self, children, **options):
-            built.append(children)
+            runs.append(children)
 
         def run(self):
             return 0
@@ -489,6 +490,11 @@ def test_serve_hands_the_engine_options_to_every_worker(monkeypatch: pytest.Monk
             return None
 
     monkeypatch.setattr("zdepth.supervisor.Supervisor", NotRunning)
+    return runs
+
+
+def test_serve_hands_the_engine_options_to_every_worker(monkeypatch: pytest.MonkeyPatch, runner, weights_dir: Path, built) -> None:
+    """The worker command lines serve builds (the supervisor that would run them is replaced)."""
     from zdepth.cli import app
 
     monkeypatch.setenv("ZDEPTH_WEIGHTS_DIR", str(weights_dir))
@@ -515,24 +521,11 @@ def test_serve_hands_the_engine_options_to_every_worker(monkeypatch: pytest.Monk
     assert not {"--cuda-graphs", "--no-cuda-graphs"} & set(argv)  # the worker's own default: on for CUDA
 
 
-def test_serve_on_a_cpu_only_box_shares_the_cores_among_several_workers(monkeypatch: pytest.MonkeyPatch, runner, weights_dir: Path) -> None:
+def test_serve_on_a_cpu_only_box_shares_the_cores_among_several_workers(monkeypatch: pytest.MonkeyPatch, runner, weights_dir: Path, built) -> None:
     from zdepth.worker.cpu import MAX_CPU_WORKERS, cpu_workers
 
     assert [cpu_workers(cores) for cores in (1, 2, 3, 4, 8, 64)] == [(1, 1), (2, 1), (3, 1), (4, 1), (4, 2), (4, 16)]
     assert MAX_CPU_WORKERS == 4
-    built: list[list[ChildSpec]] = []
-
-    class NotRunning:
-        def __init__(self, children, **options):
-            built.append(children)
-
-        def run(self):
-            return 0
-
-        def stop(self):
-            return None
-
-    monkeypatch.setattr("zdepth.supervisor.Supervisor", NotRunning)
     monkeypatch.setattr("zdepth.supervisor.detect_devices", lambda: ["cpu"])  # as on a box without a GPU
     monkeypatch.setattr("zdepth.worker.cpu.available_cores", lambda: 2)
     monkeypatch.setenv("ZDEPTH_WEIGHTS_DIR", str(weights_dir))
