@@ -113,3 +113,25 @@ def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
             monkeypatch.delenv(name)
     monkeypatch.setenv("ZDEPTH_CONFIG", str(tmp_path / "no-profiles.toml"))
     return CliRunner()
+
+
+@pytest.fixture
+def broker_configs(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The BrokerConfig each ``zdepth broker`` run builds: ``zdepth.broker.Broker`` is replaced by one that only records it."""
+    seen: list = []
+
+    class RecordingBroker:
+        def __init__(self, config) -> None:
+            seen.append(config)
+
+        def bind(self):
+            return "", ""
+
+        def run(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr("zdepth.broker.Broker", RecordingBroker)
+    return seen

@@ -28,7 +28,7 @@ from procs import (
     zdepth_argv,
 )
 from zdepth.cli import app, format_health, resolve_server
-from zdepth.config import BrokerConfig, WorkerConfig
+from zdepth.config import WorkerConfig
 
 COMMANDS = ("broker", "worker", "serve", "predict", "health", "bench", "keygen")
 FX, FY, CX, CY = 80.0, 82.0, 47.5, 31.5
@@ -175,23 +175,8 @@ def test_version(runner: CliRunner) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_broker_options_map_onto_config(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    seen: list[BrokerConfig] = []
-
-    class FakeBroker:
-        def __init__(self, config: BrokerConfig) -> None:
-            seen.append(config)
-
-        def bind(self):
-            return "", ""
-
-        def run(self) -> None:
-            pass
-
-        def stop(self) -> None:
-            pass
-
-    monkeypatch.setattr("zdepth.broker.Broker", FakeBroker)
+def test_broker_options_map_onto_config(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, broker_configs: list) -> None:
+    seen = broker_configs
     key_file = tmp_path / "key"
     key_file.write_text("from-file\n")
     result = runner.invoke(

@@ -581,26 +581,11 @@ def test_worker_argv_parses_back_to_the_same_config(runner, monkeypatch: pytest.
 
 
 @pytest.mark.timeout(60)
-def test_broker_argv_parses_back_to_the_same_config(runner, monkeypatch: pytest.MonkeyPatch, curve_pair) -> None:
+def test_broker_argv_parses_back_to_the_same_config(runner, monkeypatch: pytest.MonkeyPatch, curve_pair, broker_configs: list) -> None:
     from zdepth.cli import app
 
     secret, _, allow = curve_pair
-    seen: list[BrokerConfig] = []
-
-    class FakeBroker:
-        def __init__(self, config: BrokerConfig) -> None:
-            seen.append(config)
-
-        def bind(self):
-            return "", ""
-
-        def run(self) -> None:
-            pass
-
-        def stop(self) -> None:
-            pass
-
-    monkeypatch.setattr("zdepth.broker.Broker", FakeBroker)
+    seen = broker_configs
     everything = BrokerConfig(
         clients="tcp://127.0.0.1:7001", workers="tcp://*:*", key="k", heartbeat=Heartbeat(0.25, 5), max_queue=7, max_queue_bytes=1000,
         max_client_bytes=500, client_reply_hwm=9, default_timeout_s=12.5, drain_timeout_s=0.5, reconnect_grace_s=3.0,
