@@ -8,6 +8,7 @@ import zdepth.engine.inference
 import zdepth.engine.jpeg
 from conftest import data_file
 from zdepth.engine import Engine
+from zdepth.engine.inference import resolve_device
 from zdepth.errors import BadRequest, UnknownModel, WeightsNotFound
 from zdepth.protocol.images import EncodedJpeg, decode_image, device_decodable_jpeg, encode_jpeg, read_image
 
@@ -340,3 +341,10 @@ def test_cuda_graphs_match_eager(weights_dir, model_id, max_depth):
         for a, b in zip(got, expected, strict=True):
             assert rel_l2(a, b) < 2e-3
     assert graphed.captured_graphs(model_id) == 3  # batches 1, 4 and 8
+
+
+def test_auto_is_the_first_gpu_or_the_cpu(weights_dir):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert Engine(device="auto", weights_dir=weights_dir).device.type == expected
+    assert resolve_device(None) == resolve_device("auto") == ("cuda:0" if expected == "cuda" else "cpu")
+    assert resolve_device("cpu") == "cpu"

@@ -400,8 +400,9 @@ def _resolve_device(device: str) -> str:
     """``auto`` made concrete; ConfigError (exit 2) in CLI words for a CUDA device this machine does not have."""
     import torch  # a worker imports torch anyway
 
-    if device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    from zdepth.engine.inference import resolve_device
+
+    device = resolve_device(device)
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")

@@ -102,10 +102,6 @@ def local_predictor(
     missing checkpoint fails once, up front, with the engine's message."""
     from zdepth.engine.inference import Engine
 
-    if device is None or device == "auto":
-        import torch
-
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
     engine = Engine(device=device, precision=precision, weights_dir=weights_dir, download=download)
     engine.load(model)
     metric = is_metric_model(model)

@@ -61,9 +61,17 @@ JPEG_DECODERS = ("cv2", "device")  # cv2 on the CPU before the engine, or torchv
 Image = np.ndarray | EncodedJpeg
 
 
+
+def resolve_device(device: str | torch.device | None) -> str | torch.device:
+    """The one rule for ``auto`` (or None): the first GPU when CUDA is available, else the CPU."""
+    if device is None or device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return device
+
 class Engine:
     """Loads Depth Anything V2 models on one device and runs batched inference.
 
+    ``device``: a torch device, or "auto" for the first GPU if there is one, else the CPU.
     ``precision``: "fp32", "fp16" or "bf16"; default fp16 on CUDA, fp32 elsewhere
     (half precision on the CPU is refused: slow, and not what the golden tests pin).
     ``weights_dir`` and ``download`` are passed to ``find_checkpoint``.
@@ -92,7 +100,7 @@ class Engine:
     def __init__(
         self,
         *,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = "cpu",
         precision: str | None = None,
         weights_dir: str | os.PathLike[str] | None = None,
         download: bool = False,
@@ -102,6 +110,7 @@ class Engine:
         preprocess: str | None = None,
         jpeg_decoder: str | None = None,
     ) -> None:
+        device = resolve_device(device)
         try:
             self.device = torch.device(device)
         except RuntimeError as exc:
