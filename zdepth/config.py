@@ -83,7 +83,7 @@ class BrokerConfig:
     # After the broker starts, or a model's last worker leaves, requests for it wait this long for a
     # worker to (re)register before failing with unknown_model; covers a worker's reconnect back-off.
     reconnect_grace_s: float = 10.0
-    curve: CurveServer | None = None  # encryption and an allow-list of peers; see zdepth.curve
+    curve: CurveServer | None = None  # encryption and an allow-list of peers; see zdepth.protocol.curve
     metrics_port: int | None = None  # serve Prometheus metrics at http://*:PORT/metrics; None: off. See zdepth.metrics
 
     def __post_init__(self) -> None:
@@ -107,7 +107,7 @@ class WorkerConfig:
     weights_dir: str | None = None
     download: bool = False
     compile: bool = False
-    cuda_graphs: bool | None = None  # replay forward passes as CUDA graphs; None: on CUDA devices. See zdepth.cudagraphs
+    cuda_graphs: bool | None = None  # replay forward passes as CUDA graphs; None: on CUDA devices. See zdepth.engine.cudagraphs
     gpu_decode: bool = False  # decode JPEGs with nvjpeg (CUDA only): faster, ~1e-2 from cv2's pixels; see Engine
     max_batch: int | None = None  # largest batch per forward pass; None: 8 on CUDA, chosen for a CPU (zdepth.worker.cpu_plan)
     max_wait_ms: float = 0.0  # extra wait for a partial batch; at 0 batches form from what queued during the last one

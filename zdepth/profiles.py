@@ -20,7 +20,7 @@ relative to the profile file. Prefer ``key_file`` over ``key``: the profile
 file can then be shared. ``curve_secret`` (this machine's secret certificate,
 from ``zdepth keygen``) and ``curve_server_key`` (the broker's public
 certificate) come together or not at all; they are for a broker that runs
-CurveZMQ (see ``zdepth.curve``). Used by ``Client.from_profile("lab")`` and
+CurveZMQ (see ``zdepth.protocol.curve``). Used by ``Client.from_profile("lab")`` and
 ``--server lab`` on the command line (where ``--timeout``, ``--curve-secret``
 and ``--curve-server-key`` win over the profile).
 """

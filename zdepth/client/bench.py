@@ -94,7 +94,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run the load and return a report: frames, fps, latency percentiles (ms), errors by code.
 
-    ``curve``: a ``zdepth.curve.CurveClient`` for a broker that runs CurveZMQ.
+    ``curve``: a ``zdepth.protocol.curve.CurveClient`` for a broker that runs CurveZMQ.
     """
     from zdepth.client.sync import Client
 

@@ -115,7 +115,7 @@ class Link:
     def _mismatch(self) -> tuple[type[ServiceError], str, dict[str, Any]]:
         details = {"address": self.address, "reason": "security_mismatch"}
         curve_hint = (
-            "pass curve=CurveClient(secret_file, server_public_file) (zdepth.curve; or the profile fields "
+            "pass curve=CurveClient(secret_file, server_public_file) (zdepth.protocol.curve; or the profile fields "
             "curve_secret and curve_server_key), with this client's secret certificate from `zdepth keygen` "
             "and the broker's public one"
         )

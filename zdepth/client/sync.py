@@ -110,7 +110,7 @@ class Client(ClientBase):
     ``wire_format="jpeg"`` sends numpy frames as JPEG (quality 90): smaller,
     lossy, and costs an encode here and a decode there; ``"raw"`` sends the
     pixels as they are. Encoded bytes and files are always
-    sent as they are. ``curve``: a ``zdepth.curve.CurveClient`` (this client's
+    sent as they are. ``curve``: a ``zdepth.protocol.curve.CurveClient`` (this client's
     secret certificate and the broker's public one) for a broker that runs
     CurveZMQ; without it, calls to such a broker fail with ``Unauthorized``
     saying so.

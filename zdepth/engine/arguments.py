@@ -32,7 +32,7 @@ def check_image(index: int, image: object) -> None:
         return
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         described = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise BadRequest(f"image {index}: expected an HxWx3 uint8 BGR array (see zdepth.imageio.decode_image), got {described}")
+        raise BadRequest(f"image {index}: expected an HxWx3 uint8 BGR array (see zdepth.protocol.images.decode_image), got {described}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise BadRequest(f"image {index} is empty, shape {image.shape}")
 

@@ -94,7 +94,7 @@ def _take_pending(pending: list[T], batch: list[T], batch_key: Hashable, key: Ca
 
 
 def padded_batch(size: int) -> int:
-    """``size`` rounded up to a power of two: the batch a CUDA graph is captured for (zdepth.cudagraphs)."""
+    """``size`` rounded up to a power of two: the batch a CUDA graph is captured for (zdepth.engine.cudagraphs)."""
     if size < 1:
         raise ValueError(f"batch size must be >= 1, got {size}")
     return 1 << (size - 1).bit_length()

@@ -81,7 +81,7 @@ class Engine:
     loads them instead of compiling again (vits at 140 on 2 CPU cores: ready in
     5 s instead of 40).
     ``cuda_graphs=True`` (CUDA only) replays each forward pass as a CUDA graph,
-    captured on the first batch of each padded size (see ``zdepth.cudagraphs``).
+    captured on the first batch of each padded size (see ``zdepth.engine.cudagraphs``).
     ``gpu_decode=True`` (CUDA only) decodes ``EncodedJpeg`` inputs with nvjpeg
     where torchvision has it: 0.3-0.4 ms on the GPU instead of 2-3 ms of CPU per
     480x640 frame, but nvjpeg upsamples 4:2:0 chroma differently from cv2

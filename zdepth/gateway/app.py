@@ -42,7 +42,7 @@ class GatewaySettings:
 
     broker: str = DEFAULT_BROKER
     key: Optional[str] = None
-    curve: Any = None  # zdepth.curve.CurveClient
+    curve: Any = None  # zdepth.protocol.curve.CurveClient
     timeout: float = DEFAULT_TIMEOUT_S
     retries: int = 1
     urls: UrlPolicy = field(default_factory=UrlPolicy)

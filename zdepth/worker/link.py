@@ -32,7 +32,7 @@ class BrokerLink:
     """The DEALER to one broker, with heartbeats, liveness and reconnect back-off (Paranoid Pirate).
 
     The connection proves the key at the ZeroMQ handshake (PLAIN, see
-    ``zdepth.auth``) or uses CurveZMQ. A monitor socket reports how each
+    ``zdepth.protocol.auth``) or uses CurveZMQ. A monitor socket reports how each
     handshake went: a refused key is final (``take_event`` raises
     Unauthorized), and a broker that turns out to take no key at the handshake
     gets a fresh connection without PLAIN (the key then travels in READY only).
