@@ -41,6 +41,18 @@ POLL_S = 0.1
 READY_FD_ENV = "ZDEPTH_READY_FD"
 
 
+def report_ready(info: Mapping[str, Any]) -> None:
+    """In a supervised child: tell the supervisor we are up (no-op when not started with ``ready=True``)."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if not fd:
+        return
+    try:
+        with os.fdopen(int(fd), "w") as pipe:
+            pipe.write(json.dumps(dict(info)) + "\n")
+    except (OSError, ValueError) as exc:
+        logger.warning("could not report readiness on fd %s: %s", fd, exc)
+
+
 Argv = Sequence[str] | Callable[[Mapping[str, Mapping[str, Any]]], Sequence[str]]
 
 

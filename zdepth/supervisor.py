@@ -32,7 +32,6 @@ files hold the keys). Nothing here imports torch.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -54,7 +53,7 @@ from zdepth.exits import (  # every command's exit statuses, long imported from 
     PERMANENT_EXITS,
     describe_exit,
 )
-from zdepth.processes import READY_FD_ENV, ChildSpec, Supervisor
+from zdepth.processes import READY_FD_ENV, ChildSpec, Supervisor, report_ready
 
 __all__ = [
     "EXIT_ADDRESS",
@@ -78,18 +77,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-
-
-def report_ready(info: Mapping[str, Any]) -> None:
-    """In a supervised child: tell the supervisor we are up (no-op when not started with ``ready=True``)."""
-    fd = os.environ.pop(READY_FD_ENV, None)
-    if not fd:
-        return
-    try:
-        with os.fdopen(int(fd), "w") as pipe:
-            pipe.write(json.dumps(dict(info)) + "\n")
-    except (OSError, ValueError) as exc:
-        logger.warning("could not report readiness on fd %s: %s", fd, exc)
 
 
 def detect_devices(*, timeout_s: float = 30.0) -> list[str]:

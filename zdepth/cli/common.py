@@ -18,8 +18,8 @@ from typing import Any
 import typer
 
 from zdepth.errors import ConfigError, ZdepthError
+from zdepth.exits import EXIT_MISSING
 from zdepth.profiles import Target
-from zdepth.supervisor import EXIT_MISSING
 
 from .options import DEFAULT_SERVER, LOG_LEVELS, value
 
@@ -79,7 +79,7 @@ def errors() -> Iterator[None]:
     (see zdepth.supervisor: ``serve`` restarts a child only after the last kind).
     """
     from zdepth.errors import WeightsNotFound
-    from zdepth.supervisor import EXIT_CONFIG, EXIT_FAILURE
+    from zdepth.exits import EXIT_CONFIG, EXIT_FAILURE
 
     try:
         yield

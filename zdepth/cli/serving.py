@@ -16,8 +16,9 @@ import typer
 from zdepth.config import CLIENT_REPLY_HWM, MAX_CLIENT_BYTES, MAX_QUEUE_BYTES, read_key
 from zdepth.config import Heartbeat as HeartbeatConfig
 from zdepth.errors import ConfigError
+from zdepth.exits import EXIT_ADDRESS, EXIT_INTERRUPTED
+from zdepth.processes import report_ready
 from zdepth.signals import on_stop_signals
-from zdepth.supervisor import EXIT_ADDRESS, EXIT_INTERRUPTED, report_ready
 
 from .common import address, errors, log_level_name, setup_logging
 from .options import (

@@ -143,7 +143,7 @@ def gateway_command(
 ) -> None:
     """Serve the old HTTP depth API (/pc, /metric_depth, /rel_depth, /health; Bearer key) in front of a broker."""
     from zdepth.cli import _errors, _resolve_target, setup_logging
-    from zdepth.supervisor import EXIT_ADDRESS, EXIT_MISSING
+    from zdepth.exits import EXIT_ADDRESS, EXIT_MISSING
 
     setup_logging(log_level)
     level = (log_level or "info").lower()

@@ -55,9 +55,9 @@ import logging
 
 from zdepth.config import WorkerConfig
 from zdepth.errors import ConfigError, Unauthorized, WeightsNotFound, ZdepthError
+from zdepth.exits import EXIT_ADDRESS, EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_MISSING, EXIT_OK
 from zdepth.metrics import MetricsBindError
 from zdepth.signals import on_stop_signals
-from zdepth.supervisor import EXIT_ADDRESS, EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_MISSING, EXIT_OK
 from zdepth.worker.admission import held_bytes, max_pixels
 from zdepth.worker.cpu import CPU_MAX_BATCH, CpuPlan, cpu_plan
 from zdepth.worker.serve import Worker
