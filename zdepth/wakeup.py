@@ -15,9 +15,9 @@ import zmq
 class Wakeup:
     """``set`` from anywhere; the polling thread ``register``s it and asks ``woken(events)`` after each poll.
 
-    A poll reports a plain descriptor by its number, not by the object registered for it, so the
-    check goes through ``woken``: a wake-up that is never cleared keeps every later poll returning
-    at once, and the loop spins.
+    A poll reports a plain descriptor by its number, not by an object registered for it, so the
+    descriptor is registered and checked here, never by the caller (no ``fileno``): a wake-up that is
+    never cleared keeps every later poll returning at once, and the loop spins.
     """
 
     def __init__(self) -> None:
@@ -25,9 +25,6 @@ class Wakeup:
         self._reader.setblocking(False)
         self._writer.setblocking(False)
         self._fd = self._reader.fileno()  # kept: unregister works after close
-
-    def fileno(self) -> int:
-        return self._fd
 
     def register(self, poller: zmq.Poller) -> None:
         poller.register(self._fd, zmq.POLLIN)
@@ -39,7 +36,7 @@ class Wakeup:
         """Whether a poll's ``dict(events)`` include this wake-up; clears it when they do."""
         if self._fd not in events:
             return False
-        self.clear()
+        self._clear()
         return True
 
     def set(self) -> None:
@@ -48,7 +45,7 @@ class Wakeup:
         except OSError:  # full: a wake-up is already pending; closed: the loop is gone
             pass
 
-    def clear(self) -> None:
+    def _clear(self) -> None:
         try:
             while self._reader.recv(4096):
                 pass
