@@ -389,6 +389,11 @@ def prepare_weights(directory: str | os.PathLike | None, encoders: Iterable[str]
 # ----------------------------------------------------------------------------- helper processes
 
 
+def checkout_pythonpath() -> str:
+    """PYTHONPATH for a child process that must import this checkout's zdepth first, whatever else is installed."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on now (zdepth.testing's, imported when first needed)."""
     from zdepth.testing import free_port
@@ -447,6 +452,23 @@ def stop_process(process, timeout: float = 10.0) -> None:
     if process.is_alive():
         process.kill()
         process.join(5)
+
+
+def wait_http(process: subprocess.Popen, port: int, timeout: float = 60.0) -> str:
+    """The endpoint URL once the HTTP baseline answers its health check."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                return f"http://127.0.0.1:{port}/rel_depth"
+        except requests.RequestException:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("the HTTP baseline server did not start (is fastapi/uvicorn installed? pip install fastapi uvicorn requests)")
+        time.sleep(0.1)
 
 
 def wait_for_workers(address: str, key: str | None, count: int, *, timeout: float = 300.0, model: str | None = None) -> dict:

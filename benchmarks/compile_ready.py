@@ -44,7 +44,7 @@ print(json.dumps({"load_s": loaded - began, "first_call_s": ready - loaded, "rea
 
 
 def start(device: str, encoder: str, weights: Path, input_size: int, compile_: bool, cache: Path) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": os.pathsep.join(filter(None, [str(_common.ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": _common.checkout_pythonpath()}
     out = subprocess.run(
         [sys.executable, "-c", START, device, encoder, str(weights), str(input_size), "1" if compile_ else "0"],
         env=env, capture_output=True, text=True, timeout=1800,

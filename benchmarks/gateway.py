@@ -47,21 +47,13 @@ DESCRIPTIONS = {
 }
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_gateway(broker: str, log: Path) -> tuple[subprocess.Popen, str]:
     """The gateway as a user starts it, on a free loopback port; returns once /health answers 200."""
     import requests
 
-    port = free_port()
+    port = _common.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZDEPTH_")}
-    env.update(ZDEPTH_KEY=KEY, PYTHONPATH=os.pathsep.join(filter(None, [str(_common.ROOT), os.environ.get("PYTHONPATH")])))
+    env.update(ZDEPTH_KEY=KEY, PYTHONPATH=_common.checkout_pythonpath())
     argv = [sys.executable, "-m", "zdepth.gateway", "--broker", broker, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -44,29 +44,19 @@ MODEL = "vits"
 
 def start_old_server(weights: Path, input_size: int) -> tuple[subprocess.Popen, str]:
     """The old architecture in its own process; returns it and its /rel_depth URL once /health answers."""
-    import requests
-
     port = _common.free_port()
     process = subprocess.Popen(
         [sys.executable, str(_common.HERE / "_http_server.py"), "--port", str(port), "--key", KEY,
          "--weights", str(weights / f"depth_anything_v2_{MODEL}.pth"), "--encoder", MODEL, "--input-size", str(input_size)],
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                return process, f"http://127.0.0.1:{port}/rel_depth"
-        except requests.RequestException:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the old server did not start (pip install fastapi uvicorn requests)")
+    return process, _common.wait_http(process, port, timeout=120.0)
 
 
 def start_zdepth(weights: Path, logs: Path, workers_count: int = 1, threads: int | None = None) -> tuple[list[subprocess.Popen], str, dict[str, Any]]:
     """``zdepth broker`` and ``zdepth worker --device cpu`` processes as a user starts them (the worker's own CPU
     plan unless ``threads``); returns them, the client address and the first worker's health entry once all are ready."""
     clients, workers = f"tcp://127.0.0.1:{_common.free_port()}", f"tcp://127.0.0.1:{_common.free_port()}"
-    env = {**os.environ, "ZDEPTH_KEY": KEY, "PYTHONPATH": os.pathsep.join(filter(None, [str(_common.ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "ZDEPTH_KEY": KEY, "PYTHONPATH": _common.checkout_pythonpath()}
     env.pop("OMP_NUM_THREADS", None)  # the worker's own CPU plan, as a user gets it
     zdepth = [sys.executable, "-m", "zdepth"]
     processes = [subprocess.Popen([*zdepth, "broker", "--clients", clients, "--workers", workers], env=env, stderr=open(logs / "broker.log", "w"))]
@@ -185,7 +175,7 @@ def engine_alone(weights: Path, threads: int, input_size: int, seconds: float, w
     """``Engine.infer`` from JPEG bytes (cv2 decode + infer) back to back, in a process of its own with ``threads``."""
     import json
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_common.ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": _common.checkout_pythonpath()}
     out = subprocess.run(
         [sys.executable, "-c", ENGINE_ALONE, str(weights), str(threads), str(input_size), str(seconds), str(warmup), *map(str, frame_files)],
         env=env, capture_output=True, text=True, timeout=seconds + 300, check=True,

@@ -68,7 +68,7 @@ ROOT = _common.ROOT
 def child_env(weights_dir: Path | str | None, key: str | None) -> dict[str, str]:
     """This checkout importable, no stray ZDEPTH_* settings or profiles, one torch thread, the key in the environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZDEPTH_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = _common.checkout_pythonpath()
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     env["ZDEPTH_CONFIG"] = str(Path(tempfile.gettempdir()) / "zdepth-no-profiles.toml")

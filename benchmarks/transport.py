@@ -32,7 +32,6 @@ import base64
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -135,35 +134,12 @@ class ZdepthClient:
 # ----------------------------------------------------------------------------- servers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_http_process(shape: tuple[int, int]) -> tuple[subprocess.Popen, int]:
-    port = free_port()
+    port = _common.free_port()
     process = subprocess.Popen(
         [sys.executable, str(_common.HERE / "_http_server.py"), "--port", str(port), "--key", KEY, "--height", str(shape[0]), "--width", str(shape[1])],
     )
     return process, port
-
-
-def wait_http(process: subprocess.Popen, port: int, timeout: float = 60.0) -> str:
-    """The endpoint URL once the HTTP baseline answers its health check."""
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                return f"http://127.0.0.1:{port}/rel_depth"
-        except requests.RequestException:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError("the HTTP baseline server did not start (is fastapi/uvicorn installed? pip install fastapi uvicorn requests)")
-        time.sleep(0.1)
 
 
 class Stack:
@@ -228,7 +204,7 @@ class Stack:
             self.endpoints[f"{name}:worker_pid"] = str(process.pid)
             _common.wait_for_workers(self.endpoints[name], KEY, 1, timeout=60)
         if http:
-            self.endpoints["http"] = wait_http(*http)
+            self.endpoints["http"] = _common.wait_http(*http)
 
     def __exit__(self, *exc: Any) -> None:
         for process in reversed(self.processes):
