@@ -153,6 +153,12 @@ def start_live_server(
     return server
 
 
+def stat_fields(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces): state, ppid, ... (Linux)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def children_of(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc)."""
     found = []
@@ -160,11 +166,9 @@ def children_of(pid: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            fields = stat_fields(entry.name)
         except OSError:
             continue
-        # Fields after the command name (which may hold spaces) start after the last ')'.
-        fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[1]) == pid:
             found.append(int(entry.name))
     return found
@@ -173,10 +177,9 @@ def children_of(pid: int) -> list[int]:
 def alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat_fields(pid)[0] != "Z"
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
 
 
 def kill_quietly(pids: Sequence[int]) -> None:

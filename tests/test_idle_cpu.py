@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from procs import start_live_server
+from procs import start_live_server, stat_fields
 from zdepth import Client
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -18,8 +18,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
+    fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
