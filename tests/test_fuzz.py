@@ -219,7 +219,7 @@ def test_oversized_frame_drops_the_connection_and_the_broker_serves_on(stacks):
 
 
 def test_every_socket_limits_message_size_and_queues(stacks):
-    from zdepth.client.pipeline import configure_socket
+    from zdepth.client.sockets import configure_socket
 
     stack = stacks(worker={})
     for sock in (stack.broker._clients, stack.broker._workers):

@@ -24,16 +24,12 @@ Layout: ``root`` (the group), ``options`` (options shared by several commands),
 from __future__ import annotations
 
 from .client_commands import bench, health, predict, resolve_server
-from .common import errors, resolve_target, setup_logging
+from .common import setup_logging
 from .keys import default_curve_dir, keygen
 from .options import Colormap
 from .root import app, main
 from .serving import broker, serve, worker  # registers them, in this order
 from .tables import format_bench, format_health
-
-# The names zdepth.gateway imported before they were public; kept until it uses the ones above.
-_errors = errors
-_resolve_target = resolve_target
 
 __all__ = [
     "Colormap",

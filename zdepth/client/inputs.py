@@ -14,7 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from zdepth.client.urls import URL_SCHEMES, _shown_url, fetch_image, is_url
+from zdepth.client.urls import URL_SCHEMES, fetch_image, is_url, shown_url
 from zdepth.errors import ZdepthError
 from zdepth.protocol.images import decode_image
 
@@ -41,7 +41,7 @@ class Source:
     @property
     def shown(self) -> str:
         """The input for messages: the path, or the URL without credentials or query."""
-        return _shown_url(self.url) if self.url is not None else os.fspath(self.path)
+        return shown_url(self.url) if self.url is not None else os.fspath(self.path)
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,9 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Source
             scheme = text.partition("://")[0].lower()
             name = url_name(text)
             if scheme not in URL_SCHEMES:
-                failures.append(Failure(_shown_url(text), f"only {' and '.join(f'{s}://' for s in URL_SCHEMES)} URLs are fetched; for a local file give its path"))
+                failures.append(Failure(shown_url(text), f"only {' and '.join(f'{s}://' for s in URL_SCHEMES)} URLs are fetched; for a local file give its path"))
             elif _kind(Path(name)):
-                failures.append(Failure(_shown_url(text), "videos are not fetched by URL; download the file and give its path"))
+                failures.append(Failure(shown_url(text), "videos are not fetched by URL; download the file and give its path"))
             elif text not in seen:
                 seen.add(text)
                 sources.append(Source(Path(name), False, url=text))

@@ -20,13 +20,12 @@ from zdepth.client.calls import Call
 from zdepth.client.exchanges import Exchange, new_attempt_id
 from zdepth.client.links import FIRST_CHOICE_GRACE_S, REFUSED_RETRY_S, UNREACHABLE_AFTER_S, Link
 from zdepth.client.replies import MAX_REPLY_HEADER_BYTES, from_broker
-from zdepth.client.sockets import configure_socket
 from zdepth.errors import BadRequest, BrokerUnreachable, DeadlineExceeded, InternalError, ServiceError, error_from_code
 from zdepth.protocol import MAX_TIMEOUT_MS, OP_HEALTH, STATUS_OK, VERSION, request_header, unpack_map
 from zdepth.protocol.codec import decode_arrays
 from zdepth.protocol.curve import CurveClient
 
-__all__ = ["Pipeline", "SEND_RETRY_S", "configure_socket"]  # configure_socket: its old home (tests/test_fuzz.py imports it here)
+__all__ = ["Pipeline", "SEND_RETRY_S"]
 
 log = logging.getLogger(__name__)
 

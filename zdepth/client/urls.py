@@ -38,7 +38,6 @@ def shown_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}" + ("?..." if parts.query else "")
 
 
-_shown_url = shown_url  # the name zdepth.client.files and older code import
 
 
 def url_host(url: str, shown: str, *, schemes: tuple[str, ...] | None = None) -> tuple[Any, str, int | None]:

@@ -142,14 +142,14 @@ def gateway_command(
     ] = None,
 ) -> None:
     """Serve the old HTTP depth API (/pc, /metric_depth, /rel_depth, /health; Bearer key) in front of a broker."""
-    from zdepth.cli import _errors, _resolve_target, setup_logging
+    from zdepth.cli.common import errors, resolve_target, setup_logging
     from zdepth.exits import EXIT_ADDRESS, EXIT_MISSING
 
     setup_logging(log_level)
     level = (log_level or "info").lower()
-    with _errors():
+    with errors():
         try:
-            target = _resolve_target(ctx, broker, key=key, key_file=key_file, curve_secret=curve_secret, curve_server_key=curve_server_key, timeout=timeout)
+            target = resolve_target(ctx, broker, key=key, key_file=key_file, curve_secret=curve_secret, curve_server_key=curve_server_key, timeout=timeout)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("--server", "--broker")) from None
         networks = UrlPolicy.parse_networks(allow_url_network or [])
