@@ -197,7 +197,7 @@ class BrokerCore:
             kind = "a relative model such as 'vits'" if header.op == OP_RELATIVE else "a metric model such as 'vits-hypersim'"
             self.out.error(client, header.id, "bad_request", f"op {header.op!r} needs {kind}, got {model!r}", now, now, peer=peer)
             return
-        size = sum(len(frame) for frame in body)
+        size = sum(map(len, body))
         refusal = self.held.refusal(client, size)
         if refusal:
             self.out.error(client, header.id, "overloaded", refusal, now, now, peer=peer)
@@ -247,7 +247,8 @@ class BrokerCore:
         self.out.to_worker(worker.identity, [header, *request.body], rid=request.rid)
 
     def _dispatch_all(self, models: Iterable[str], now: float) -> None:
-        for model in sorted(set(models)):
+        queues = self.held.queues
+        for model in sorted({m for m in models if queues.get(m)}):
             self._dispatch(model, now)
 
     def _expire_queued(self, now: float) -> None:
@@ -381,7 +382,8 @@ class BrokerCore:
             self.held.release(request)
             self.out.to_client(request.client, body)
             self.stats.answered(request.op, request.model, str(status), now - request.received, worker.name)
-            log.debug("%s op=%s model=%s status=%s latency_ms=%.2f worker=%s", request.peer, request.op, request.model, status, 1000 * (now - request.received), worker.name)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s op=%s model=%s status=%s latency_ms=%.2f worker=%s", request.peer, request.op, request.model, status, 1000 * (now - request.received), worker.name)
         self._after_capacity_change(worker, now)
 
     def _remove_workers(self, workers: list[WorkerState], now: float, *, reason: str) -> None:

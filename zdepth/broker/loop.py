@@ -28,17 +28,45 @@ from zdepth.protocol.auth import apply_broker_security, start_broker_auth
 
 log = logging.getLogger("zdepth.broker")
 
-TICK_S = 0.05  # longest the loop sleeps: bounds stop() latency and timer drift
+TICK_MS = 50  # longest the loop sleeps: bounds stop() latency and timer drift when idle
+TICK_EVERY_S = 0.005  # under traffic, timers are checked this often, not after every message
 FLUSH_LINGER_MS = 1000  # on exit, how long unsent replies may take to leave
 BATCH = 256  # messages read from one socket before the other gets a turn
 SUMMARY_PERIOD_S = 10.0  # one INFO line of traffic per period
 
 
-def _peer_address(frame: zmq.Frame) -> str:
-    try:
-        return frame.get("Peer-Address")
-    except (zmq.ZMQError, AttributeError):
-        return "local"
+PEERS_REMEMBERED = 65_536  # routing ids whose address is kept; past this the table starts again
+
+
+class PeerAddresses:
+    """The network address behind each routing id, asked of libzmq once per id, not on every message.
+
+    A ROUTER gives each connection a routing id of its own, so the address of
+    an id does not change; only the table's size needs a bound.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[bytes, str] = {}
+
+    def __call__(self, identity: bytes, frame: zmq.Frame) -> str:
+        address = self._known.get(identity)
+        if address is None:
+            if len(self._known) >= PEERS_REMEMBERED:
+                self._known.clear()
+            try:
+                address = frame.get("Peer-Address")
+            except (zmq.ZMQError, AttributeError):
+                address = "local"
+            self._known[identity] = address
+        return address
+
+
+def _recv_message(sock: zmq.Socket) -> list[zmq.Frame]:
+    """One whole multipart message, without blocking (it is known to be there)."""
+    frames = [sock.recv(zmq.NOBLOCK, copy=False)]
+    while frames[-1].more:
+        frames.append(sock.recv(zmq.NOBLOCK, copy=False))
+    return frames
 
 
 class Broker:
@@ -59,6 +87,7 @@ class Broker:
             self.close()
             raise
         self._stop = threading.Event()
+        self._peers = PeerAddresses()
         self.core = BrokerCore(config, time.monotonic())
         self.client_endpoint = ""
         self.worker_endpoint = ""
@@ -137,21 +166,20 @@ class Broker:
         """Serve until ``stop()``, then drain: answer what arrives, await what is in flight, tell workers."""
         if not self.client_endpoint:
             self.bind()
-        poller = zmq.Poller()
-        poller.register(self._clients, zmq.POLLIN)
-        poller.register(self._workers, zmq.POLLIN)
+        sockets = [(self._workers, zmq.POLLIN), (self._clients, zmq.POLLIN)]
         core, metrics = self.core, self._metrics
+        next_tick = 0.0
         next_summary = time.monotonic() + SUMMARY_PERIOD_S
         try:
             while not core.finished:
                 if self._stop.is_set() and not core.stopping:
                     self._send(core.stop(time.monotonic()))
-                events = dict(poller.poll(TICK_S * 1000))
-                if events.get(self._workers):
-                    self._read(self._workers, core.worker_message)
-                if events.get(self._clients):
-                    self._read(self._clients, core.client_message)
+                for sock, _ in zmq.zmq_poll(sockets, TICK_MS):
+                    self._read(sock, core.worker_message if sock is self._workers else core.client_message)
                 now = time.monotonic()
+                if now < next_tick:
+                    continue  # messages come faster than timers need checking: serve them first
+                next_tick = now + TICK_EVERY_S
                 self._send(core.tick(now))
                 if metrics is not None:
                     metrics.serve_snapshot(now)
@@ -166,18 +194,17 @@ class Broker:
     def _read(self, sock: zmq.Socket, handler) -> None:
         """Handle what is waiting now, a bounded number at a time so neither side starves."""
         for _ in range(BATCH):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            if len(frames) < 2:
-                continue  # an identity alone: nothing to answer
-            try:
-                out = handler(frames[0].bytes, frames[1:], time.monotonic(), _peer_address(frames[1]))
-            except Exception:  # one bad message must never take the broker down
-                log.exception("unexpected error handling a message; dropped it")
-                continue
-            self._send(out)
+            frames = _recv_message(sock)
+            if len(frames) >= 2:  # an identity alone has nothing to answer
+                identity = frames[0].bytes
+                try:
+                    out = handler(identity, frames[1:], time.monotonic(), self._peers(identity, frames[1]))
+                except Exception:  # one bad message must never take the broker down
+                    log.exception("unexpected error handling a message; dropped it")
+                else:
+                    self._send(out)
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return  # asked after sending, so a reply never waits on this check
 
     def _send(self, out: list[Outgoing]) -> None:
         """Send the core's messages in order; report failed sends back to it (which may add more)."""

@@ -21,7 +21,7 @@ CLIENT = "client"
 WORKER = "worker"
 
 
-@dataclass
+@dataclass(slots=True)
 class Outgoing:
     """One message for the loop to send: ``to`` is CLIENT or WORKER, ``rid`` marks a dispatch."""
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 from zdepth.config import BrokerConfig
 
 
-@dataclass
+@dataclass(slots=True)
 class HeldRequest:
     """A client request as the broker holds it, queued or at a worker; ``body`` is never read."""
 
@@ -105,7 +105,7 @@ class Holdings:
         self.queued = 0
         self.queued_bytes = 0
         self.dispatched: dict[int, HeldRequest] = {}  # by rid
-        self.client_bytes: collections.Counter[bytes] = collections.Counter()  # queued + in flight, per client
+        self.client_bytes: dict[bytes, int] = {}  # queued + in flight, per client
         self.total_bytes = 0  # body bytes of every request held, queued or in flight
         self.pending_ids: set[tuple[bytes, str]] = set()  # (client, id) of every request held
 
@@ -118,7 +118,7 @@ class Holdings:
             return f"{held} requests are waiting or at workers (limit {config.max_queue}); retry later or add workers"
         if held and self.total_bytes + size > config.max_queue_bytes:
             return f"{self.total_bytes} bytes of requests are waiting or at workers (limit {config.max_queue_bytes}); retry later or add workers"
-        held = self.client_bytes[client]
+        held = self.client_bytes.get(client, 0)
         if held and held + size > config.max_client_bytes:
             return f"this connection already has {held} bytes of requests at the broker (limit {config.max_client_bytes}); wait for replies"
         return None
@@ -126,15 +126,17 @@ class Holdings:
     def hold(self, request: HeldRequest) -> None:
         """A new request is admitted: its id and bytes count until ``release``."""
         self.pending_ids.add((request.client, request.id))
-        self.client_bytes[request.client] += request.size
+        self.client_bytes[request.client] = self.client_bytes.get(request.client, 0) + request.size
         self.total_bytes += request.size
 
     def release(self, request: HeldRequest) -> None:
         """The request is answered: what the broker held for its client is freed."""
         self.pending_ids.discard((request.client, request.id))
-        self.client_bytes[request.client] -= request.size
         self.total_bytes -= request.size
-        if self.client_bytes[request.client] <= 0:
+        left = self.client_bytes[request.client] - request.size
+        if left > 0:
+            self.client_bytes[request.client] = left
+        else:
             del self.client_bytes[request.client]
 
     def enqueue(self, request: HeldRequest, *, front: bool = False) -> None:

@@ -23,7 +23,7 @@ SERVICE_EWMA = 0.3  # weight of the newest dispatch-to-reply time in a worker's 
 HEALTH_INFO = ("name", "host", "pid", "device", "precision", "version", "max_batch", "threads", "peer")
 
 
-@dataclass
+@dataclass(slots=True)
 class WorkerState:
     identity: bytes
     models: frozenset[str]
@@ -37,10 +37,10 @@ class WorkerState:
     service_s: float | None = None  # smoothed dispatch-to-reply time
     served: int = 0
     failed: int = 0
+    name: str = field(init=False)  # what logs and health call it: its own name, else its identity
 
-    @property
-    def name(self) -> str:
-        return str(self.info.get("name") or self.identity.hex())
+    def __post_init__(self) -> None:
+        self.name = str(self.info.get("name") or self.identity.hex())
 
     @property
     def unhealthy(self) -> bool:
