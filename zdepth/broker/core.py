@@ -205,8 +205,11 @@ class BrokerCore:
         timeout_s = header.timeout_ms / 1000 if header.timeout_ms else self.config.default_timeout_s
         request = HeldRequest(client, header.id, header.op, model, body, size, peer, received=now, deadline=now + timeout_s)
         self.held.hold(request)
-        self.held.enqueue(request)
-        self._dispatch(model, now)
+        candidates = None if self.held.queues.get(model) else self.workers.with_room(model, now)
+        if candidates:  # nothing waits ahead of it: straight to a worker
+            self._place(request, candidates, now)
+        else:
+            self.held.enqueue(request)
 
     def _dispatch(self, model: str, now: float) -> None:
         """Send queued requests for ``model`` to the least-loaded live workers with room."""
@@ -215,20 +218,23 @@ class BrokerCore:
             candidates = self.workers.with_room(model, now)
             if not candidates:
                 return
-            request = self.held.pop(queue)
-            left = request.deadline - now
-            if left <= 0:
-                self._fail(request, "timeout", "the deadline passed while the request waited for a worker", now)
-                continue
-            # An idle worker always gets work (that is how its estimate stays fresh); a busy one only
-            # what it can finish in time, so no GPU computes a reply nobody will read.
-            fits = [w for w in candidates if not w.in_flight or w.service_s is None or w.service_s <= left]
-            if not fits:
-                quickest = min(w.service_s for w in candidates if w.service_s is not None)
-                self._fail(request, "timeout", self._too_slow(model, quickest, left), now)
-                continue
-            worker = min(fits, key=lambda w: (w.load, w.service_s or 0.0))
-            self._send_request(worker, request, now)
+            self._place(self.held.pop(queue), candidates, now)
+
+    def _place(self, request: HeldRequest, candidates: list[WorkerState], now: float) -> None:
+        """Send ``request`` to the least-loaded of ``candidates`` (live, with room) that can finish it in time, or fail it."""
+        left = request.deadline - now
+        if left <= 0:
+            self._fail(request, "timeout", "the deadline passed while the request waited for a worker", now)
+            return
+        # An idle worker always gets work (that is how its estimate stays fresh); a busy one only
+        # what it can finish in time, so no GPU computes a reply nobody will read.
+        fits = [w for w in candidates if not w.in_flight or w.service_s is None or w.service_s <= left]
+        if not fits:
+            quickest = min(w.service_s for w in candidates if w.service_s is not None)
+            self._fail(request, "timeout", self._too_slow(request.model, quickest, left), now)
+            return
+        worker = fits[0] if len(fits) == 1 else min(fits, key=lambda w: (w.load, w.service_s or 0.0))
+        self._send_request(worker, request, now)
 
     def _send_request(self, worker: WorkerState, request: HeldRequest, now: float) -> None:
         request.rid, request.worker, request.dispatched = next(self._rids), worker.identity, now
