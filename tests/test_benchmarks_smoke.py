@@ -47,10 +47,11 @@ def test_transport(tmp_path):
     modes = "http,zmq-direct,zmq-proxy,broker-dealer,broker-client,broker-worker"
     if not HTTP_DEPS:
         modes = modes.removeprefix("http,")
-    result = run_quick("transport", tmp_path, "--modes", modes)
-    assert set(result["modes"]) == set(modes.split(","))
+    result = run_quick("transport", tmp_path, "--modes", modes, "--baseline-source", str(ROOT))  # this tree against itself
+    assert set(result["modes"]) == set(modes.split(",")) | {"broker-dealer-baseline"}
     assert all(stats["n"] > 0 and stats["p50"] > 0 for stats in result["modes"].values())
     assert result["components"]
+    assert any(goal.startswith("broker hop <= 1.3x") for goal in result["targets"])
 
 
 def test_wire_format(tmp_path):
