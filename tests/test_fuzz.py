@@ -1,9 +1,10 @@
 """Bad input: the short fuzz run, and the limits that keep bad input from hurting the broker or a worker.
 
 ``test_fuzz_short`` runs ``benchmarks/fuzz.py`` (a real broker and worker,
-random and mutated messages at both ports) in a 3,000-message version with
-the same checks as the long run. The other tests pin each limit, in-process:
-the broker with a real Worker whose engine is a stub, so no model runs:
+random and mutated messages at both ports, good and bad ``depth_codec``
+values among them) in a 3,000-message version with the same checks as the
+long run. The other tests pin each limit, in-process: the broker with a
+real Worker whose engine is a stub, so no model runs:
 
 - message size: a frame over MAXMSGSIZE drops that connection, the broker serves on;
 - image pixels: a decompression bomb hidden behind a stray byte is refused unallocated;
@@ -71,6 +72,9 @@ def test_fuzz_short(tmp_path, weights_dir):
     assert result["oversize"] == {"client port": [True], "worker port": [True]}
     replies = result["replies_client_port"]
     assert replies["bad_request"] > 1000 and replies["unauthorized"] > 100 and replies["ok (depth)"] > 0
+    # depth_codec: "zstd" came back compressed and decoded, each bad value (unknown name, wrong type) as one bad_request naming it
+    assert set(result["depth_codec"]) == {"zstd: ok, depth compressed", "bad value: bad_request naming depth_codec"}, result["depth_codec"]
+    assert min(result["depth_codec"].values()) >= 10
     assert result["replies_worker_port"]["disconnect unknown_worker"] > 0 and result["replies_worker_port"]["disconnect unauthorized"] > 0
 
 

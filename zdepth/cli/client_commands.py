@@ -16,8 +16,10 @@ from typing import Annotated, Any
 import typer
 
 from zdepth.errors import ConfigError, ZdepthError
+from zdepth.exits import EXIT_MISSING
 from zdepth.models import DEFAULT_INPUT_SIZE, split_model_id
 from zdepth.profiles import Target
+from zdepth.protocol import compression
 from zdepth.protocol.curve import explain_refusal
 
 from .common import errors, resolve_target, setup_logging
@@ -27,6 +29,8 @@ from .options import (
     ClientCurveSecret,
     ClientCurveServerKey,
     Colormap,
+    DepthCodec,
+    DepthCodecName,
     JsonOut,
     Key,
     KeyFile,
@@ -119,6 +123,7 @@ def predict(
         float, typer.Option("--depth-scale", envvar="ZDEPTH_DEPTH_SCALE", help="png16 of metric depth: units per metre (1000 = mm).")
     ] = 1000.0,
     in_flight: Annotated[int, typer.Option("--in-flight", envvar="ZDEPTH_IN_FLIGHT", min=1, help="Server only: requests in flight at once.")] = 4,
+    depth_codec: DepthCodec = DepthCodecName.none,
     timeout: PredictTimeout = None,
     key: Key = None,
     key_file: KeyFile = None,
@@ -147,6 +152,7 @@ def predict(
                 ctx, server, key=key, key_file=key_file, curve_secret=curve_secret, curve_server_key=curve_server_key, timeout=timeout, model=model
             )
             model = target.model
+            depth_codec = _depth_codec(depth_codec)
         elif model is None:
             model = "vits"
         if model is not None:
@@ -175,7 +181,7 @@ def predict(
             else:
                 wait = target.timeout or 30.0
                 _probe(target, wait, model)
-                client = stack.enter_context(_client(target, wait, model))
+                client = stack.enter_context(_client(target, wait, model, depth_codec=depth_codec))
                 predictor = runner.remote_predictor(client, model, metric=metric, input_size=input_size, max_depth=max_depth, max_in_flight=in_flight)
             advance = stack.enter_context(_progress(sources, every, enabled=progress and not json_out))
             # Images by URL are downloaded here, within the client's timeout (--timeout) with a server.
@@ -220,12 +226,24 @@ def _probe(target: Target, timeout: float, model: str | None) -> dict[str, Any]:
     return health
 
 
-def _client(target: Target, timeout: float, model: str | None):
+def _depth_codec(choice: Any) -> str:
+    """``--depth-codec`` as the Client takes it. zstd without zstandard here ends the command with the Client's
+    own reason (which names the package to install) as one line, exit 3, before anything is sent."""
+    codec = value(choice)
+    missing = compression.zstd_missing() if codec == compression.ZSTD else None
+    if missing:
+        message = missing.replace("depth_codec 'zstd'", "--depth-codec zstd")  # the CLI names its option
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(EXIT_MISSING)
+    return codec
+
+
+def _client(target: Target, timeout: float, model: str | None, *, depth_codec: str = compression.NONE):
     """A client whose default model is ``model`` (None: the broker picks)."""
     from zdepth.client.sync import Client
 
     encoder, dataset = split_model_id(model)
-    kwargs: dict[str, Any] = {"encoder": encoder}
+    kwargs: dict[str, Any] = {"encoder": encoder, "depth_codec": depth_codec}
     if dataset:
         kwargs["dataset"] = dataset
     return Client(target.address, key=target.key, timeout=timeout, curve=target.curve, **kwargs)
@@ -318,6 +336,7 @@ def bench(
     input_size: Annotated[int | None, typer.Option("--input-size", envvar="ZDEPTH_INPUT_SIZE", help="Network input side, a multiple of 14.", show_default=False)] = None,
     in_flight: Annotated[int, typer.Option("--in-flight", envvar="ZDEPTH_IN_FLIGHT", min=1, help="Requests each stream keeps in flight (pipelining).")] = 1,
     wire_format: Annotated[WireFormat, typer.Option("--wire-format", envvar="ZDEPTH_WIRE_FORMAT", help="How frames travel: raw pixels or jpeg.")] = WireFormat.raw,
+    depth_codec: DepthCodec = DepthCodecName.none,
     timeout: BenchTimeout = None,
     key: Key = None,
     key_file: KeyFile = None,
@@ -330,6 +349,7 @@ def bench(
     setup_logging(log_level)
     check_input_size(input_size)
     wire_format = value(wire_format)
+    depth_codec = _depth_codec(depth_codec)
     from zdepth.client.bench import make_frames, run_bench
 
     with errors():
@@ -354,6 +374,7 @@ def bench(
             input_size=input_size,
             in_flight=in_flight,
             wire_format=wire_format,
+            depth_codec=depth_codec,
             timeout=timeout,
         )
     if json_out:

@@ -17,6 +17,7 @@ import typer
 
 from zdepth.errors import ZdepthError
 from zdepth.models import input_size_problem
+from zdepth.protocol import compression
 
 DEFAULT_SERVER = "tcp://localhost:5555"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -46,6 +47,10 @@ class PrecisionName(str, enum.Enum):
 class WireFormat(str, enum.Enum):
     raw = "raw"
     jpeg = "jpeg"
+
+
+# The request param depth_codec's values, from the protocol, so a new codec shows here by itself.
+DepthCodecName = enum.Enum("DepthCodecName", {c: c for c in compression.CODECS}, type=str)
 
 
 # cv2's colour maps (cv2.COLORMAP_*), for --colormap.
@@ -215,6 +220,16 @@ Server = Annotated[
         envvar="ZDEPTH_SERVER",
         help="Broker address (tcp://host:5555, or host:port), several as a:5555,b:5555 (the client fails over), or a profile name from the profiles file (ZDEPTH_CONFIG).",
         show_default=False,
+    ),
+]
+DepthCodec = Annotated[
+    DepthCodecName,
+    typer.Option(
+        "--depth-codec",
+        envvar="ZDEPTH_DEPTH_CODEC",
+        help="How a server sends depth maps back. zstd: losslessly compressed, fewer bytes for a little CPU on both ends; "
+        "worth it on a 1 GbE link, not on loopback or 10 GbE. Needs the zstandard package, here and on the workers "
+        "(the zstd extra of zdepth). predict in-process ignores it.",
     ),
 ]
 JsonOut = Annotated[bool, typer.Option("--json", envvar="ZDEPTH_JSON", help="Print JSON for scripts instead of text.")]

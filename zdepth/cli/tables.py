@@ -70,7 +70,9 @@ def format_bench(address: str, report: dict[str, Any]) -> str:
     lines = [
         (
             f"bench: {report['clients']} client(s) x {report['in_flight']} in flight, {report['seconds']:.1f} s, "
-            f"{report['size']} frames, model {report['model'] or '(server default)'}, against {address}"
+            f"{report['size']} frames, model {report['model'] or '(server default)'}"
+            + (f", depth maps as {report['depth_codec']}" if report.get("depth_codec", "none") != "none" else "")
+            + f", against {address}"
         ),
         f"frames      {report['frames']}  ({report['fps']:.1f} frames/s)",
     ]

@@ -89,19 +89,23 @@ def run_bench(
     input_size: int | None = None,
     in_flight: int = 1,
     wire_format: str = "raw",
+    depth_codec: str = "none",
     timeout: float = 30.0,
     curve: Any = None,
 ) -> dict[str, Any]:
     """Run the load and return a report: frames, fps, latency percentiles (ms), errors by code.
 
     ``curve``: a ``zdepth.protocol.curve.CurveClient`` for a broker that runs CurveZMQ.
+    ``depth_codec``: as ``Client``'s, so a slow link's gain (and the worker's compression cost) can be measured.
     """
     from zdepth.client.sync import Client
 
     metric = model is not None and is_metric_model(model)
     op = OP_METRIC if metric else OP_RELATIVE
     encoder, dataset = split_model_id(model)
-    client_kwargs: dict[str, Any] = {"encoder": encoder, "input_size": input_size, "wire_format": wire_format, "curve": curve}
+    client_kwargs: dict[str, Any] = {
+        "encoder": encoder, "input_size": input_size, "wire_format": wire_format, "depth_codec": depth_codec, "curve": curve,
+    }  # fmt: skip
     if dataset:
         client_kwargs["dataset"] = dataset
     tally = _Tally()
@@ -148,6 +152,7 @@ def run_bench(
     return {
         "clients": clients,
         "in_flight": in_flight,
+        "depth_codec": depth_codec,
         "seconds": elapsed,
         "size": f"{height}x{width}",
         "model": model,
