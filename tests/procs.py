@@ -200,6 +200,13 @@ def small_image(path: Path, source: str = "demo01.jpg", size: tuple[int, int] = 
     return path
 
 
+def two_small_photos(folder: Path) -> Path:
+    """``folder`` with a street (JPEG) and a room (PNG), 96x64 each: a folder for predict to read."""
+    small_image(folder / "street.jpg", "demo01.jpg")
+    small_image(folder / "room.png", "demo04.jpg")
+    return folder
+
+
 def small_video(path: Path, frames: int = 12, size: tuple[int, int] = (96, 64), fps: float = 10.0) -> Path:
     """An MJPG .avi of the demo photo drifting sideways (cv2.VideoWriter), ``frames`` long."""
     import cv2

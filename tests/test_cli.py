@@ -22,9 +22,9 @@ from conftest import read_ply  # plyfile, not zdepth: an independent reader
 from procs import (
     child_env,
     free_port,
-    small_image,
     small_video,
     start_live_server,
+    two_small_photos,
     zdepth_argv,
 )
 from zdepth.cli import app, format_health, resolve_server
@@ -37,10 +37,7 @@ FX, FY, CX, CY = 80.0, 82.0, 47.5, 31.5
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with two small photos (64x96)."""
-    folder = tmp_path_factory.mktemp("images")
-    small_image(folder / "street.jpg", "demo01.jpg")
-    small_image(folder / "room.png", "demo04.jpg")
-    return folder
+    return two_small_photos(tmp_path_factory.mktemp("images"))
 
 
 def parse_ply(path: Path) -> np.ndarray:

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from procs import small_image, start_live_server
+from procs import start_live_server, two_small_photos
 from zdepth.cli import app
 from zdepth.cli.tables import format_bench
 from zdepth.protocol import compression
 
-IMAGE_SHAPE = (64, 96)  # small_image's (height, width)
+IMAGE_SHAPE = (64, 96)  # two_small_photos: (height, width)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("codec_images")
-    small_image(folder / "street.jpg", "demo01.jpg")
-    small_image(folder / "room.png", "demo04.jpg")
-    return folder
+    return two_small_photos(tmp_path_factory.mktemp("codec_images"))
 
 
 @pytest.fixture
