@@ -98,7 +98,7 @@ class AsyncClient(ClientBase):
         sock, monitor = open_dealer(zmq.asyncio.Context.instance(), link, key=self._pipeline.key, curve=self.curve)
         self._sockets[index], self._monitors[index] = sock, monitor
         link.reset(time.monotonic())
-        self._receivers[index] = loop.create_task(self._receive(sock, index))
+        self._receivers[index] = loop.create_task(self._receive(sock))
         self._watchers[index] = loop.create_task(self._watch(monitor))
 
     async def aclose(self) -> None:
@@ -296,14 +296,14 @@ class AsyncClient(ClientBase):
             await asyncio.sleep(timeout)
         self._tick()
 
-    async def _receive(self, sock: zmq.asyncio.Socket, index: int) -> None:
-        """Match every reply on broker ``index``'s socket to its waiter, until the socket is replaced or closed."""
+    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+        """Read the replies as they come on a broker's socket, until it is replaced or closed. It awaits only that
+        there are some and reads them in ``_read_replies``, which ``_expire`` calls too: a reply that came in is
+        never held in a future, unread, while a deadline is judged."""
         try:
             while True:
-                frames = await sock.recv_multipart(copy=False)
-                exchange = self._pipeline.receive(frames, time.monotonic(), index)
-                if exchange is not None:
-                    _wake(exchange)
+                await sock.poll(None, zmq.POLLIN)
+                self._read_replies()
         except asyncio.CancelledError:
             raise
         except zmq.ZMQError as exc:  # the socket was closed under us
@@ -321,6 +321,20 @@ class AsyncClient(ClientBase):
             raise
         except zmq.ZMQError as exc:  # the socket was closed under us
             log.debug("monitor for %s stopped: %s", self.address, exc)
+
+    def _read_replies(self) -> None:
+        """Feed every waiting reply of every socket to the pipeline; wake what they settle."""
+        for index, sock in enumerate(self._sockets or ()):
+            while sock is not None:
+                received = sock.recv_multipart(zmq.NOBLOCK, copy=False)  # settled at once: never awaits
+                error = received.exception()
+                if isinstance(error, zmq.Again):
+                    break
+                if error is not None:
+                    raise error
+                exchange = self._pipeline.receive(received.result(), time.monotonic(), index)
+                if exchange is not None:
+                    _wake(exchange)
 
     def _read_monitors(self) -> None:
         """Feed every waiting connection event of every socket to the pipeline; wake what they settle; reopen a
@@ -344,11 +358,12 @@ class AsyncClient(ClientBase):
                     self._reopen(index)
 
     def _tick(self) -> None:
-        """Settle expired deadlines, wake their callers, and send what waits."""
-        for exchange in self._pipeline.expire(time.monotonic()):
+        """Settle replies, events and expired deadlines, in that order (``_expire``), wake their callers, and
+        send what waits."""
+        for exchange in self._expire():
             _wake(exchange)
         if self._sockets is not None and not self.closed:
-            self._flush()
+            self._send_waiting()
             self._arm()
 
     def _arm(self) -> None:

@@ -204,7 +204,7 @@ class ClientBase:
         return lambda frame: self._build_depth(op, frame, **kwargs)
 
     # Driving the sockets: what Client and AsyncClient share. Each driver supplies the socket I/O:
-    # _ensure_open, _open_socket, _close_socket_at, _read_monitors and _put.
+    # _ensure_open, _open_socket, _close_socket_at, _read_replies, _read_monitors and _put.
 
     def _begin(self) -> None:
         """Before a new call: usable, connected, and a broker that refused the handshake tried afresh
@@ -223,9 +223,29 @@ class ClientBase:
 
     def _flush(self) -> None:
         """Hand each attempt waiting to go out to the socket of the broker the pipeline routes it to, in order,
-        until that socket would block. Connection events are read first, so the pipeline knows which
-        connections are up and which connection a request goes out on."""
+        until that socket would block. What came in is read first, so the pipeline knows which connections are
+        up and which connection a request goes out on."""
+        self._read_events()
+        self._send_waiting()
+
+    def _read_events(self) -> None:
+        """Feed the pipeline every waiting reply, then every waiting connection event. Replies first: a reply
+        waiting in the socket came in before the drop that follows it, so it counts, and the drop does not
+        resend (or fail, with no retry left) a request that has its answer."""
+        self._read_replies()
         self._read_monitors()
+
+    def _expire(self) -> list[Exchange]:
+        """Settle what is past its deadline now, having read first every reply and connection event that came in
+        before now; returns what failed. A driver may get to its sockets late (a stream's consumer held a
+        result, a coroutine blocked the loop, the host was busy): a reply that came in time still counts, and a
+        connection that dropped in time is still a lost connection, not a timeout."""
+        now = time.monotonic()
+        self._read_events()
+        return self._pipeline.expire(now)
+
+    def _send_waiting(self) -> None:
+        """``_flush`` without the reading: for a driver that has just read (``_expire``)."""
         blocked: set[int] = set()
         for exchange in self._pipeline.unsent():
             target = self._pipeline.route(exchange, time.monotonic())
@@ -258,6 +278,9 @@ class ClientBase:
         raise NotImplementedError
 
     def _close_socket_at(self, index: int) -> None:
+        raise NotImplementedError
+
+    def _read_replies(self) -> None:
         raise NotImplementedError
 
     def _read_monitors(self) -> None:

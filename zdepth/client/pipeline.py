@@ -41,7 +41,12 @@ class Pipeline:
     each the socket took (one that would block stays, and ``send_blocked``
     says when to try again); it feeds every reply to ``receive`` and every
     monitor event to ``link_event``, each with the index of its socket, and
-    calls ``expire`` whenever ``next_deadline`` passes. Any of these calls may
+    calls ``expire`` whenever ``next_deadline`` passes. Order matters: before
+    ``expire(now)`` it feeds every reply and event that came in before ``now``,
+    and every waiting reply before the waiting events; otherwise a reply that
+    came in time, or a drop before the deadline, reads as a timeout, and a
+    drop read before the reply that preceded it fails (or resends) a request
+    that had its answer. Any of these calls may
     move ``next_deadline`` earlier (a blocked send to try again, a grace
     period), so the driver reads it again after each, whichever task made it.
 

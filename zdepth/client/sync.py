@@ -393,10 +393,10 @@ class Client(ClientBase):
 
     def _pump(self, reader: FrameReader | None = None) -> None:
         """Wait for a reply, a connection event (or a new frame from ``reader``) until the next deadline; then
-        settle replies, events and expired deadlines, and send what waits."""
+        settle replies, events and expired deadlines, in that order (``_expire``), and send what waits."""
         self._ensure_open()
-        sockets, poller = self._sockets, self._poller
-        assert sockets is not None and poller is not None
+        poller = self._poller
+        assert poller is not None
         wait_s = min(self._pipeline.next_deadline() - time.monotonic(), IDLE_POLL_S)
         if reader is not None:
             reader.wakeup.register(poller)
@@ -405,19 +405,20 @@ class Client(ClientBase):
         finally:
             if reader is not None:
                 reader.wakeup.unregister(poller)
-        for index, sock in enumerate(sockets):
-            if sock is None or sock not in events:
-                continue
-            while True:
+        if reader is not None:
+            reader.wakeup.woken(events)
+        self._expire()
+        self._send_waiting()
+
+    def _read_replies(self) -> None:
+        """Feed every waiting reply of every socket to the pipeline."""
+        for index, sock in enumerate(self._sockets or ()):
+            while sock is not None:
                 try:
                     frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
                 self._pipeline.receive(frames, time.monotonic(), index)
-        if reader is not None:
-            reader.wakeup.woken(events)
-        self._pipeline.expire(time.monotonic())
-        self._flush()
 
     def _read_monitors(self) -> None:
         """Feed every waiting connection event of every socket to the pipeline; reopen a socket when asked."""
