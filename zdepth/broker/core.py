@@ -233,7 +233,7 @@ class BrokerCore:
             quickest = min(w.service_s for w in candidates if w.service_s is not None)
             self._fail(request, "timeout", self._too_slow(request.model, quickest, left), now)
             return
-        worker = fits[0] if len(fits) == 1 else min(fits, key=lambda w: (w.load, w.service_s or 0.0))
+        worker = min(fits, key=lambda w: (w.load, w.service_s or 0.0))
         self._send_request(worker, request, now)
 
     def _send_request(self, worker: WorkerState, request: HeldRequest, now: float) -> None:

@@ -116,11 +116,7 @@ class WorkerRegistry(dict[bytes, WorkerState]):
 
     def with_room(self, model: str, now: float) -> list[WorkerState]:
         """The live workers for ``model`` that have room for one more request."""
-        recent_s = self.recent_s  # the test of live(), inlined: this runs for every request
-        return [
-            w for w in self.values()
-            if model in w.models and len(w.in_flight) < w.capacity and not w.draining and not w.unhealthy and now - w.heard <= recent_s
-        ]
+        return [w for w in self.values() if model in w.models and len(w.in_flight) < w.capacity and self.live(w, now)]
 
     def quickest(self, model: str, now: float) -> float:
         """The shortest time any live worker for ``model`` is measured to take per request (0 when unknown)."""
